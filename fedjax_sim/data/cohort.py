@@ -1,0 +1,253 @@
+"""Cohort packing (host side, numpy): from a population and the sampled clients to a `Cohort`.
+
+A `Cohort` holds no feature data. It is an `order` of example rows (client after client, each
+client's epochs back to back, every epoch a fresh permutation) plus per-client `start`,
+`length` and `num_steps`. Inside the compiled round, step s of a client reads rows
+`order[start + s*B : start + (s+1)*B]` of a *pool* of examples and masks the entries past
+`length`. The pool is either the whole population, resident on the device (nothing but the
+small `order` crosses from the host each round), or the round's clients' rows gathered on the
+host. Every array has a fixed shape for a given population, batching and cohort size, so every
+round reuses one compiled program whatever the sizes of the sampled clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from fedjax_sim.data.federated import FederatedData, rows_of
+
+
+class Cohort(NamedTuple):
+    """One round's clients, sorted by step count and padded to a fixed size.
+
+    Attributes:
+      order: i32[L], pool rows, client after client.
+      start: i32[C], where each client's rows begin in `order`.
+      length: i32[C], how many entries of `order` the client consumes this round.
+      num_steps: i32[C], local steps (`ceil(length / B)`, or floor with drop_remainder).
+      num_examples: i32[C], distinct examples the client trains on (after any cap).
+      weights: f32[C], aggregation weights; 0 for padding clients.
+      client_ids: i32[C], positions in the population; padding clients get ids
+        `>= num_clients` (out of range, so a scatter with `mode='drop'` ignores them).
+    """
+
+    order: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    num_steps: np.ndarray
+    num_examples: np.ndarray
+    weights: np.ndarray
+    client_ids: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How a client walks through its data in one round.
+
+    Attributes:
+      batch_size: examples per local step; None for one full batch of the whole client.
+      num_epochs: passes over the client's data; epochs run back to back, so a batch may span
+        the end of one epoch and the start of the next (as `repeat().batch()` does).
+      max_steps: optional cap on local steps per round.
+      drop_remainder: drop a last partial batch instead of masking it.
+      max_examples_per_client: optional cap; a larger client uses its first this-many examples.
+      shuffle: a fresh permutation of the client's examples each epoch, seeded by
+        (seed, round, client id, epoch).
+    """
+
+    batch_size: int | None = 10
+    num_epochs: int = 1
+    max_steps: int | None = None
+    drop_remainder: bool = False
+    max_examples_per_client: int | None = None
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, int | np.integer) or self.batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be an integer >= 1 (or None), got {self.batch_size!r}")
+        if self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_examples_per_client is not None and self.max_examples_per_client < 1:
+            raise ValueError(
+                f"max_examples_per_client must be >= 1, got {self.max_examples_per_client}"
+            )
+
+    def examples_used(self, num_examples: np.ndarray) -> np.ndarray:
+        n = np.asarray(num_examples, dtype=np.int64)
+        if self.max_examples_per_client is not None:
+            n = np.minimum(n, self.max_examples_per_client)
+        return n
+
+    def resolve_batch_size(self, data: FederatedData) -> int:
+        """The static batch size: `batch_size`, or the largest client for full batches."""
+        if self.batch_size is not None:
+            return int(self.batch_size)
+        return max(1, int(self.examples_used(data.num_examples).max()))
+
+    def steps_and_length(self, n: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        length = n * self.num_epochs
+        if self.max_steps is not None:
+            length = np.minimum(length, self.max_steps * batch_size)
+        if self.drop_remainder:
+            steps = length // batch_size
+            length = steps * batch_size
+        else:
+            steps = -(-length // batch_size)
+        return steps, length
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortShape:
+    """The fixed shapes of a population's cohorts: one compiled program serves every round."""
+
+    size: int  # C, clients per cohort after padding
+    batch_size: int  # B
+    order_capacity: int  # L, entries of `order`
+    pool_capacity: int  # rows of a host-packed pool
+
+    @staticmethod
+    def for_population(
+        data: FederatedData, batching: Batching, cohort_size: int, multiple: int = 1
+    ) -> CohortShape:
+        """Shapes that fit any `cohort_size` clients of `data`, padded to `multiple` clients."""
+        if cohort_size < 1:
+            raise ValueError(f"cohort_size must be >= 1, got {cohort_size}")
+        batch_size = batching.resolve_batch_size(data)
+        n = batching.examples_used(data.num_examples)
+        _, length = batching.steps_and_length(n, batch_size)
+        take = min(cohort_size, data.num_clients)
+        largest = np.sort(length)[::-1][:take].sum()
+        largest_rows = np.sort(n)[::-1][:take].sum()
+        size = -(-cohort_size // multiple) * multiple
+        return CohortShape(size, batch_size, _round_up(largest + batch_size), _round_up(largest_rows))
+
+
+def _round_up(n: int, to: int = 256) -> int:
+    return int(-(-max(int(n), 1) // to) * to)
+
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a counter-based hash, so shuffles need no per-client RNG object."""
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def pack_cohort(
+    data: FederatedData,
+    indices: np.ndarray,
+    batching: Batching,
+    shape: CohortShape,
+    *,
+    seed: int,
+    round_num: int,
+    weighting: Literal["num_examples", "uniform"] = "num_examples",
+) -> tuple[Cohort, np.ndarray]:
+    """Packs the clients at population positions `indices` into a `Cohort`.
+
+    Returns the cohort and `rows`: the population rows of the cohort's clients, concatenated in
+    cohort order. `cohort.order` indexes `rows` (a host-packed pool is `features[rows]`); for a
+    population resident on the device, use `resident_order(cohort, rows)`.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    c = len(indices)
+    if c > shape.size:
+        raise ValueError(f"cohort of {c} clients does not fit the padded size {shape.size}")
+    n = batching.examples_used(data.num_examples[indices])
+    if np.any(n == 0):
+        raise ValueError(
+            f"client(s) {data.client_ids[indices[n == 0]][:5].tolist()} have zero examples"
+        )
+    b = shape.batch_size
+    steps, length = batching.steps_and_length(n, b)
+
+    # Largest clients first: chunks of similar step counts waste fewer masked steps.
+    by_steps = np.lexsort((indices, -steps))
+    indices, n, steps, length = indices[by_steps], n[by_steps], steps[by_steps], length[by_steps]
+
+    # Pool rows: each client's first n examples (the cap keeps the first ones).
+    full_counts = data.num_examples[indices]
+    rows_all = rows_of(data.offsets, indices)
+    keep = np.arange(len(rows_all)) - np.repeat(np.cumsum(full_counts) - full_counts, full_counts)
+    rows = rows_all[keep < np.repeat(n, full_counts)]
+    pool_start = np.cumsum(n) - n
+
+    # Order: for each client, epoch after epoch, a permutation of its examples, cut at length.
+    epochs_needed = -(-length // n)
+    seg_len = np.repeat(n, epochs_needed)  # one segment per (client, epoch)
+    seg_client = np.repeat(np.arange(c), epochs_needed)
+    seg_epoch = np.arange(len(seg_len)) - np.repeat(np.cumsum(epochs_needed) - epochs_needed,
+                                                    epochs_needed)
+    total = int(seg_len.sum())
+    seg_of = np.repeat(np.arange(len(seg_len)), seg_len)
+    j = np.arange(total) - np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
+    if batching.shuffle:
+        base = _mix(_mix(np.uint64(seed) ^ (np.uint64(round_num) << np.uint64(32))) ^
+                    indices[seg_client].astype(np.uint64))
+        key = _mix(_mix(base ^ (seg_epoch.astype(np.uint64) << np.uint64(40)))[seg_of] ^
+                   j.astype(np.uint64))
+        perm = np.lexsort((key, seg_of))
+        j = j[perm]
+    local = pool_start[seg_client[seg_of]] + j
+    # Cut each client's run of epochs at its length.
+    client_run = n * epochs_needed
+    within = np.arange(total) - np.repeat(np.cumsum(client_run) - client_run, client_run)
+    local = local[within < np.repeat(length, client_run)]
+
+    if len(local) > shape.order_capacity:
+        raise ValueError(f"cohort needs {len(local)} order entries, capacity {shape.order_capacity}")
+    order = np.zeros(shape.order_capacity, dtype=np.int32)
+    order[: len(local)] = local
+    start = np.cumsum(length) - length
+
+    if weighting == "num_examples":
+        weights = n.astype(np.float32)
+    elif weighting == "uniform":
+        weights = np.ones(c, dtype=np.float32)
+    else:
+        raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
+
+    pad = shape.size - c
+
+    def padded(x, fill, dtype):
+        return np.concatenate([x, np.full(pad, fill)]).astype(dtype)
+
+    cohort = Cohort(
+        order=order,
+        start=padded(start, 0, np.int32),
+        length=padded(length, 0, np.int32),
+        num_steps=padded(steps, 0, np.int32),
+        num_examples=padded(n, 0, np.int32),
+        weights=padded(weights, 0, np.float32),
+        client_ids=np.concatenate(
+            [indices, data.num_clients + np.arange(pad)]
+        ).astype(np.int32),
+    )
+    return cohort, rows
+
+
+def resident_order(cohort: Cohort, rows: np.ndarray) -> Cohort:
+    """The cohort re-indexed to population rows, for a population resident on the device."""
+    return cohort._replace(order=rows[cohort.order].astype(np.int32) if len(rows) else cohort.order)
+
+
+def host_pool(data: FederatedData, rows: np.ndarray, shape: CohortShape) -> dict[str, np.ndarray]:
+    """The cohort's examples gathered on the host, zero-padded to the fixed pool capacity."""
+    pool = {}
+    for k, v in data.features.items():
+        out = np.zeros((shape.pool_capacity,) + v.shape[1:], dtype=v.dtype)
+        out[: len(rows)] = v[rows]
+        pool[k] = out
+    return pool

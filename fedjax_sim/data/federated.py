@@ -1,0 +1,204 @@
+"""`FederatedData`: a population of clients stored column by column.
+
+Every feature is one flat array whose rows are grouped by client; `offsets[i]:offsets[i + 1]`
+are client i's rows. There are no per-client Python objects, so a population of millions of
+clients costs a few arrays, and a cohort's examples are found by arithmetic on `offsets`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+Features = dict[str, np.ndarray]
+
+
+class FederatedData:
+    """A federated data set: named feature columns plus per-client row offsets.
+
+    Args:
+      client_ids: str[N], the clients' names.
+      features: dict of arrays with a common first dimension (all examples, grouped by client).
+      offsets: int64[N + 1], client i's examples are rows `offsets[i]:offsets[i + 1]`.
+
+    Use `from_arrays` or `from_client_dict` to build one; they validate the input.
+    """
+
+    def __init__(self, client_ids: np.ndarray, features: Features, offsets: np.ndarray):
+        self.client_ids = np.asarray(client_ids)
+        self.features = dict(features)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    # -- size -------------------------------------------------------------------------------
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_ids)
+
+    @property
+    def num_examples(self) -> np.ndarray:
+        """int64[N], the number of examples each client holds."""
+        return np.diff(self.offsets)
+
+    @property
+    def total_examples(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.features.values())
+
+    def __len__(self) -> int:
+        return self.num_clients
+
+    def __repr__(self) -> str:
+        cols = ", ".join(f"{k}: {v.dtype}{list(v.shape[1:])}" for k, v in self.features.items())
+        return (
+            f"FederatedData({self.num_clients} clients, {self.total_examples} examples; {cols})"
+        )
+
+    # -- access -----------------------------------------------------------------------------
+    def index_of(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Positions of the named clients; raises KeyError naming any unknown id."""
+        lookup = {cid: i for i, cid in enumerate(self.client_ids.tolist())}
+        missing = [c for c in ids if c not in lookup]
+        if missing:
+            raise KeyError(f"unknown client id(s): {missing[:5]}")
+        return np.array([lookup[c] for c in ids], dtype=np.int64)
+
+    def client(self, index: int) -> Features:
+        """One client's examples, by position."""
+        lo, hi = self.offsets[index], self.offsets[index + 1]
+        return {k: v[lo:hi] for k, v in self.features.items()}
+
+    def get_clients(self, ids: Sequence[str]) -> dict[str, Features]:
+        """Examples of the named clients, as {client id: features}."""
+        return {cid: self.client(int(i)) for cid, i in zip(ids, self.index_of(ids), strict=True)}
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> FederatedData:
+        """A new population holding the clients at `indices`, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        rows = rows_of(self.offsets, indices)
+        counts = self.num_examples[indices]
+        return FederatedData(
+            self.client_ids[indices],
+            {k: v[rows] for k, v in self.features.items()},
+            np.concatenate([[0], np.cumsum(counts)]),
+        )
+
+    def pooled(self) -> Features:
+        """All examples of all clients, as one centralized data set."""
+        return dict(self.features)
+
+
+def rows_of(offsets: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The example rows of the clients at `indices`, concatenated in that order (vectorized)."""
+    starts, counts = offsets[indices], offsets[indices + 1] - offsets[indices]
+    total = int(counts.sum())
+    within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + within
+
+
+def _check_features(features: Mapping[str, np.ndarray], where: str) -> Features:
+    if not features:
+        raise ValueError(f"{where}: no features given")
+    out = {k: np.asarray(v) for k, v in features.items()}
+    lengths = {k: v.shape[0] if v.ndim else None for k, v in out.items()}
+    if None in lengths.values() or len(set(lengths.values())) != 1:
+        raise ValueError(
+            f"{where}: features have mismatched lengths {lengths}; every feature needs one row "
+            "per example"
+        )
+    for k, v in out.items():
+        if v.dtype == object:
+            raise ValueError(f"{where}: feature {k!r} has dtype object; use numeric arrays")
+        if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+            bad = np.unique(np.nonzero(~np.isfinite(v.reshape(len(v), -1)))[0])
+            raise ValueError(
+                f"{where}: feature {k!r} has non-finite values (NaN or inf) in "
+                f"{len(bad)} example(s), first at example {int(bad[0])}"
+            )
+    return out
+
+
+def from_arrays(
+    client_ids: Sequence | np.ndarray, features: Mapping[str, np.ndarray]
+) -> FederatedData:
+    """Builds a population from flat arrays plus the client id of every example.
+
+    Example:
+      >>> data = from_arrays(["a", "b", "a"], {"x": np.zeros((3, 2)), "y": np.array([0, 1, 2])})
+      >>> data.num_examples.tolist()
+      [2, 1]
+
+    Clients are ordered by first appearance; each client's examples keep their input order.
+    """
+    features = _check_features(features, "from_arrays")
+    client_ids = np.asarray(client_ids)
+    n = next(iter(features.values())).shape[0]
+    if client_ids.shape != (n,):
+        raise ValueError(
+            f"from_arrays: client_ids has shape {client_ids.shape}, expected ({n},): one client "
+            "id per example"
+        )
+    if n == 0:
+        raise ValueError("from_arrays: no examples given")
+    uniq, first, inverse = np.unique(client_ids, return_index=True, return_inverse=True)
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    client_of_row = rank[inverse]
+    order = np.argsort(client_of_row, kind="stable")
+    counts = np.bincount(client_of_row, minlength=len(uniq))
+    ids = uniq[np.argsort(first, kind="stable")].astype(str)
+    return FederatedData(
+        ids, {k: v[order] for k, v in features.items()}, np.concatenate([[0], np.cumsum(counts)])
+    )
+
+
+def from_client_dict(clients: Mapping[str, Mapping[str, np.ndarray]]) -> FederatedData:
+    """Builds a population from {client id: {feature: array}}.
+
+    Clients with zero examples are dropped with a warning; if every client is empty this is an
+    error.
+    """
+    if not clients:
+        raise ValueError("from_client_dict: no clients given")
+    keys = None
+    kept, empty = [], []
+    for cid, feats in clients.items():
+        feats = _check_features(feats, f"client {cid!r}")
+        if keys is None:
+            keys = sorted(feats)
+        elif sorted(feats) != keys:
+            raise ValueError(f"client {cid!r} has features {sorted(feats)}, expected {keys}")
+        n = next(iter(feats.values())).shape[0]
+        (kept if n else empty).append((str(cid), feats, n))
+    if not kept:
+        raise ValueError(f"from_client_dict: all {len(empty)} clients have zero examples")
+    if empty:
+        names = [c for c, _, _ in empty]
+        warnings.warn(
+            f"skipping {len(empty)} client(s) with zero examples: {names[:5]}",
+            stacklevel=2,
+        )
+    columns = {k: np.concatenate([f[k] for _, f, _ in kept]) for k in keys}
+    counts = np.array([n for _, _, n in kept], dtype=np.int64)
+    return FederatedData(
+        np.array([c for c, _, _ in kept]), columns, np.concatenate([[0], np.cumsum(counts)])
+    )
+
+
+def check_labels(data: FederatedData, key: str, num_classes: int) -> None:
+    """Raises if `data[key]` holds labels outside [0, num_classes)."""
+    if key not in data.features:
+        raise ValueError(f"data has no label feature {key!r}; features: {sorted(data.features)}")
+    y = data.features[key]
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        bad = np.nonzero((y < 0) | (y >= num_classes))[0]
+        client = int(np.searchsorted(data.offsets, bad[0], side="right") - 1)
+        raise ValueError(
+            f"labels out of range: feature {key!r} has {len(bad)} value(s) outside "
+            f"[0, {num_classes}) (e.g. {int(y[bad[0]])} for client "
+            f"{data.client_ids[client]!r}); the model has {num_classes} classes"
+        )

@@ -1,0 +1,66 @@
+"""`Model`: what the simulator needs of a model, as pure functions.
+
+A model enters as a per-example loss plus per-example metrics. The library owns every
+reduction over a batch, so padded examples never reach user code's reductions: a loss returns
+one value per example and the engine masks and averages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+Batch = dict[str, jax.Array]
+
+
+class Model(NamedTuple):
+    """A model as pure functions.
+
+    Attributes:
+      init: `(key) -> params`.
+      loss: `(params, batch, key) -> f32[B]`, the per-example training loss (dropout on).
+      metrics: `(params, batch) -> {name: f32[B]}`, per-example evaluation metrics (dropout
+        off); must include "loss".
+      label: `(feature name, number of classes)` for label range checks, or None.
+    """
+
+    init: Callable[[jax.Array], Params]
+    loss: Callable[[Params, Batch, jax.Array], jax.Array]
+    metrics: Callable[[Params, Batch], dict[str, jax.Array]]
+    label: tuple[str, int] | None = None
+
+
+ApplyFn = Callable[..., jax.Array]  # (params, x, *, train: bool, key) -> logits
+
+
+def classifier(
+    init: Callable[[jax.Array], Params],
+    apply: ApplyFn,
+    num_classes: int,
+    *,
+    x: str = "x",
+    y: str = "y",
+) -> Model:
+    """A softmax classifier from `apply(params, inputs, train=..., key=...) -> logits`.
+
+    Loss is softmax cross-entropy; metrics are loss and accuracy.
+    """
+
+    def loss(params, batch, key):
+        logits = apply(params, batch[x], train=True, key=key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[y])
+
+    def metrics(params, batch):
+        logits = apply(params, batch[x], train=False, key=None)
+        labels = batch[y]
+        return {
+            "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+            "accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+        }
+
+    return Model(init=init, loss=loss, metrics=metrics, label=(y, num_classes))
