@@ -1,1 +1,29 @@
-"""fedjax_sim."""
+"""fedjax_sim: federated-learning simulation with a whole cohort as one compiled XLA program.
+
+Example:
+  >>> import optax, fedjax_sim as fs
+  >>> train, test = fs.data.synthetic(1.0, 1.0, num_clients=100, seed=0)
+  >>> model = fs.models.logistic_regression(num_features=60, num_classes=10)
+  >>> algo = fs.algorithms.fedavg(model, optax.sgd(0.01), batch_size=10)
+  >>> result = fs.simulate(algo, train, rounds=2, cohort_size=10, progress=False)
+"""
+
+from fedjax_sim import aggregators, algorithms, data, models
+from fedjax_sim.client import ClientUpdate, Engine, client_mesh
+from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
+from fedjax_sim.simulate import SimulationResult, simulate
+
+__all__ = [
+    "ClientUpdate",
+    "Engine",
+    "Evaluation",
+    "SimulationResult",
+    "aggregators",
+    "algorithms",
+    "client_mesh",
+    "data",
+    "evaluate",
+    "evaluate_pooled",
+    "models",
+    "simulate",
+]

@@ -83,9 +83,12 @@ class ClientResults(NamedTuple):
     finite: jax.Array  # bool[C], False where a client's output had a NaN or inf
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+def _finite_rows(tree, n: int) -> jax.Array:
+    """bool[n]: whether every value in row i of every leaf is finite."""
+    ok = jnp.ones((n,), bool)
+    for x in jax.tree.leaves(tree):
+        ok &= jnp.all(jnp.isfinite(x.reshape(n, -1)), axis=1)
+    return ok
 
 
 def run_clients(
@@ -134,7 +137,7 @@ def run_clients(
         else:
             outputs, metrics = jax.vmap(one_client, in_axes=(None, 0, 0, 0, 0))(
                 bcast, start, length, num_steps, keys)
-        finite = jax.vmap(_all_finite)(outputs)
+        finite = _finite_rows(outputs, ids.shape[0])
         weights = jnp.where(finite, weights, 0.0)
         outputs = jax.tree.map(
             lambda o: jnp.where(finite.reshape((-1,) + (1,) * (o.ndim - 1)), o, 0), outputs)
@@ -193,14 +196,24 @@ def place_cohort(cohort: Cohort, engine: Engine) -> Cohort:
 
 
 def replicate(tree: Any, engine: Engine) -> Any:
-    """Puts a host pytree on every device of the engine's mesh (or the default device)."""
+    """Puts a host pytree on every device of the engine's mesh (or the default device).
+
+    Multi-process, every process passes the same values and supplies its own devices' copies
+    from the host (`jax.device_put` refuses a process-local array for a global sharding, or
+    checks it is equal on every process with a collective per leaf); typed PRNG keys travel
+    as their raw key data. A global array (a previous round's output) is resharded in place.
+    """
     if engine.mesh is None:
         return jax.tree.map(jnp.asarray, tree)
     sharding = NamedSharding(engine.mesh, P())
 
     def put(x):
         if isinstance(x, jax.Array):
-            return jax.device_put(x, sharding)
+            if jax.process_count() == 1 or not x.is_fully_addressable:
+                return jax.device_put(x, sharding)
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                                impl=jax.random.key_impl(x))
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 

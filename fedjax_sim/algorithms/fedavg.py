@@ -85,6 +85,17 @@ def optimizer_client_update(model: Model, client_optimizer: ClientOptimizer) -> 
     return ClientUpdate(init=init, step=step, finalize=finalize)
 
 
+def check_optimizer(opt: optax.GradientTransformation, name: str) -> None:
+    """Raises if `opt` turns a unit gradient into a non-finite update (a NaN or inf learning
+    rate, say), which would otherwise surface rounds later as a NaN model."""
+    params = jnp.ones((), jnp.float32)
+    updates, _ = opt.update(jnp.ones((), jnp.float32), opt.init(params), params)
+    if not bool(jnp.isfinite(updates)):
+        raise ValueError(
+            f"{name} gives a non-finite update ({float(updates)}) for a unit gradient: is its "
+            "learning rate finite?")
+
+
 def fedopt(
     model: Model,
     client_optimizer: ClientOptimizer,
@@ -121,6 +132,8 @@ def fedopt(
         raise ValueError(
             f"client_weighting must be 'num_examples' or 'uniform', got {client_weighting!r}")
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+    check_optimizer(resolve_optimizer(client_optimizer, jnp.int32(0)), "client_optimizer")
+    check_optimizer(server_optimizer, "server_optimizer")
     aggregator = aggregators_lib.mean() if aggregator is None else aggregator
     update = optimizer_client_update(model, client_optimizer)
     batching = Batching(batch_size, num_epochs, max_steps, drop_remainder,
