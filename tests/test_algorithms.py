@@ -88,7 +88,8 @@ def test_fedavg_server_sgd_1_is_weighted_mean_of_client_params(weighting):
         np.ones(data.num_clients)
     state, metrics = _one_round(algo, data, params)
     for k in params:
-        expected = sum(wi * np.asarray(a[k], np.float64) for wi, a in zip(w, alone)) / w.sum()
+        expected = sum(wi * np.asarray(a[k], np.float64) for wi, a in zip(w, alone, strict=True))
+        expected = expected / w.sum()
         np.testing.assert_allclose(state.params[k], expected, rtol=1e-5, atol=1e-6)
     assert int(metrics.num_included) == data.num_clients and int(metrics.num_excluded) == 0
 
