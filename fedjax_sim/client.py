@@ -91,6 +91,22 @@ def _finite_rows(tree, n: int) -> jax.Array:
     return ok
 
 
+def _varying(tree: Any, engine: Engine) -> Any:
+    """Marks the leaves of `tree` as varying over the clients axis (inside shard_map).
+
+    Loop carries that start from constants (a zero loss sum, a zero aggregate) must be varying
+    already, since the loop body mixes in per-client (varying) values.
+    """
+    if engine.mesh is None:
+        return tree
+
+    def cast(x):
+        varying = CLIENTS in jax.typeof(x).mat.varying
+        return x if varying else lax.pcast(x, CLIENTS, to="varying")
+
+    return jax.tree.map(cast, tree)
+
+
 def run_clients(
     update: ClientUpdate,
     aggregator: Aggregator,
@@ -111,11 +127,11 @@ def run_clients(
     """
     b = batch_size
     arange_b = jnp.arange(b, dtype=jnp.int32)
-    order = cohort.order
-    last = order.shape[0] - 1
+    last = cohort.order.shape[0] - 1
 
-    def one_client(bcast, start, length, num_steps, client_key):
-        state = update.init(bcast, jax.random.fold_in(client_key, 0))
+    def one_client(bcast, rows, start, length, num_steps, client_key):
+        order, pool = rows
+        state = _varying(update.init(bcast, jax.random.fold_in(client_key, 0)), engine)
 
         def body(carry):
             s, st = carry
@@ -127,16 +143,16 @@ def run_clients(
         _, state = lax.while_loop(lambda c: c[0] < num_steps, body, (jnp.int32(0), state))
         return update.finalize(bcast, state)
 
-    def chunk(bcast, xs):
+    def chunk(bcast, rows, xs):
         start, length, num_steps, weights, ids = xs
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
         if ids.shape[0] == 1:
             # K=1: no vmap, so matmuls stay unbatched (faster on XLA:CPU than a batch of one).
-            out = one_client(bcast, start[0], length[0], num_steps[0], keys[0])
+            out = one_client(bcast, rows, start[0], length[0], num_steps[0], keys[0])
             outputs, metrics = jax.tree.map(lambda a: a[None], out)
         else:
-            outputs, metrics = jax.vmap(one_client, in_axes=(None, 0, 0, 0, 0))(
-                bcast, start, length, num_steps, keys)
+            outputs, metrics = jax.vmap(one_client, in_axes=(None, None, 0, 0, 0, 0))(
+                bcast, rows, start, length, num_steps, keys)
         finite = _finite_rows(outputs, ids.shape[0])
         weights = jnp.where(finite, weights, 0.0)
         outputs = jax.tree.map(
@@ -145,18 +161,19 @@ def run_clients(
         partial = aggregator.contribution(outputs, weights, agg_keys, agg_state)
         return partial, (metrics, finite)
 
-    def local(bcast, start, length, num_steps, weights, ids):
+    def local(bcast, rows, start, length, num_steps, weights, ids):
         if engine.mesh is not None:
             # Replicated inputs must be marked varying, or the gradient with respect to them is
             # silently summed across devices inside shard_map.
             bcast = jax.tree.map(lambda x: lax.pcast(x, CLIENTS, to="varying"), bcast)
         k = engine.chunk_size
         xs = tuple(a.reshape((-1, k)) for a in (start, length, num_steps, weights, ids))
-        partial_shape = jax.eval_shape(lambda: chunk(bcast, tuple(a[0] for a in xs))[0])
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), partial_shape)
+        partial_shape = jax.eval_shape(lambda: chunk(bcast, rows, tuple(a[0] for a in xs))[0])
+        zeros = _varying(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), partial_shape),
+                         engine)
 
         def body(acc, x):
-            partial, per_client = chunk(bcast, x)
+            partial, per_client = chunk(bcast, rows, x)
             return jax.tree.map(jnp.add, acc, partial), per_client
 
         total, (metrics, finite) = lax.scan(body, zeros, xs)
@@ -165,17 +182,20 @@ def run_clients(
             total = lax.psum(total, CLIENTS)
         return total, jax.tree.map(flat, metrics), flat(finite)
 
+    # The order and the pool are explicit (replicated) shard_map inputs: gathering from a
+    # closed-over array whose sharding names the Auto mesh fails inside the Manual body.
+    rows = (cohort.order, pool)
     per_client = (cohort.start, cohort.length, cohort.num_steps, cohort.weights,
                   cohort.client_ids)
     if engine.mesh is None:
-        total, metrics, finite = local(broadcast, *per_client)
+        total, metrics, finite = local(broadcast, rows, *per_client)
     else:
         total, metrics, finite = jax.shard_map(
             local,
             mesh=engine.mesh,
-            in_specs=(P(),) + (P(CLIENTS),) * 5,
+            in_specs=(P(), P()) + (P(CLIENTS),) * 5,
             out_specs=(P(), P(CLIENTS), P(CLIENTS)),
-        )(broadcast, *per_client)
+        )(broadcast, rows, *per_client)
     return ClientResults(total, metrics, finite)
 
 

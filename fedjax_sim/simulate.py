@@ -140,7 +140,7 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
 
 
 def _memory_budget() -> int:
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # memory_stats() fails on another process's device
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] * 0.6)
@@ -223,6 +223,8 @@ def simulate(
         chunk_size = choose_chunk_size(algorithm, train, cohort_size, state,
                                        sample_cohort(train.num_clients, cohort_size, seed, 0),
                                        seed=seed, mesh=mesh, resident=resident)
+        if jax.process_count() > 1:  # timings differ: every process must run the same program
+            chunk_size = int(multihost_utils.broadcast_one_to_all(np.int32(chunk_size)))
     runner = _RoundRunner(algorithm, train, cohort_size, Engine(chunk_size, mesh), seed, resident)
     evaluator = (Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
                            num_clients=eval_clients, engine=Engine(1, mesh), seed=seed)
