@@ -29,7 +29,8 @@ class Evaluation(NamedTuple):
     """Per-client metrics and their distribution.
 
     Attributes:
-      clients: per-client arrays: "client_id" (str), "num_examples", and every model metric.
+      clients: per-client arrays, in population order: "client_id" (str), "num_examples",
+        and every model metric.
       summary: {metric: {"weighted_mean", "mean", "p10", "p50", "p90", "worst10"}}, where
         weighted_mean weighs clients by example count (the pooled mean), mean weighs clients
         equally, and worst10 is the mean over the worst decile of clients (lowest accuracy,
@@ -86,7 +87,11 @@ def _run(update, params, cohort, pool, *, batch_size, engine):
 
 def metric_names(model: Model, data: FederatedData, params: Any) -> list[str]:
     sample = {k: v[:1] for k, v in data.features.items()}
-    shapes = jax.eval_shape(model.metrics, params, sample)
+    try:
+        shapes = jax.eval_shape(model.metrics, params, sample)
+    except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
+        raise ValueError(f"model.metrics failed on one example with features "
+                         f"{ {k: v.shape for k, v in sample.items()} }: {e!r}") from e
     if "loss" not in shapes:
         raise ValueError(f"model.metrics must return a 'loss' entry, got {sorted(shapes)}")
     for k, s in shapes.items():
@@ -123,8 +128,9 @@ class Evaluator:
         cohort, rows = pack_cohort(data, self.indices, batching, shape, seed=0, round_num=0)
         # Clients come back sorted by size: remember the order to report them by population index.
         self.cohort = place_cohort(resident_order(cohort, rows), self.engine)
-        self.positions = np.asarray(cohort.client_ids)[: n]
-        self.num_examples = np.asarray(cohort.num_examples)[: n]
+        self._by_position = np.argsort(np.asarray(cohort.client_ids)[:n], kind="stable")
+        self.positions = np.asarray(cohort.client_ids)[:n][self._by_position]
+        self.num_examples = np.asarray(cohort.num_examples)[:n][self._by_position]
         self.batch_size = shape.batch_size
         self.pool = replicate(data.features, self.engine)
         self._names: list[str] | None = None
@@ -145,7 +151,7 @@ class Evaluator:
         clients = {"client_id": self.data.client_ids[self.positions],
                    "num_examples": self.num_examples}
         for k in self._names:
-            clients[k] = np.asarray(sums[k], np.float64)[:n] / count
+            clients[k] = np.asarray(sums[k], np.float64)[:n][self._by_position] / count
         summary = {k: summarize(clients[k], count, lower_is_better(k)) for k in self._names}
         return Evaluation(clients, summary)
 

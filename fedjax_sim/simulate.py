@@ -202,6 +202,8 @@ def simulate(
     """
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if cohort_size < 1:
         raise ValueError(f"cohort_size must be >= 1, got {cohort_size}")
     if cohort_size > train.num_clients:

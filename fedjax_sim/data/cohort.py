@@ -69,7 +69,8 @@ class Batching:
         if self.batch_size is not None and (
             not isinstance(self.batch_size, int | np.integer) or self.batch_size < 1
         ):
-            raise ValueError(f"batch_size must be an integer >= 1 (or None), got {self.batch_size!r}")
+            raise ValueError(
+                f"batch_size must be an integer >= 1 (or None), got {self.batch_size!r}")
         if self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -126,7 +127,8 @@ class CohortShape:
         largest = np.sort(length)[::-1][:take].sum()
         largest_rows = np.sort(n)[::-1][:take].sum()
         size = -(-cohort_size // multiple) * multiple
-        return CohortShape(size, batch_size, _round_up(largest + batch_size), _round_up(largest_rows))
+        return CohortShape(size, batch_size, _round_up(largest + batch_size),
+                           _round_up(largest_rows))
 
 
 def _round_up(n: int, to: int = 256) -> int:
@@ -207,7 +209,8 @@ def pack_cohort(
     local = local[within < np.repeat(length, client_run)]
 
     if len(local) > shape.order_capacity:
-        raise ValueError(f"cohort needs {len(local)} order entries, capacity {shape.order_capacity}")
+        raise ValueError(
+            f"cohort needs {len(local)} order entries, capacity {shape.order_capacity}")
     order = np.zeros(shape.order_capacity, dtype=np.int32)
     order[: len(local)] = local
     start = np.cumsum(length) - length
@@ -218,6 +221,10 @@ def pack_cohort(
         weights = np.ones(c, dtype=np.float32)
     else:
         raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
+
+    # A client too small for one full batch (drop_remainder) trains no step: its zero update
+    # must not pull the average toward no change.
+    weights = np.where(steps > 0, weights, 0).astype(np.float32)
 
     pad = shape.size - c
 

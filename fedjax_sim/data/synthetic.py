@@ -42,6 +42,10 @@ def synthetic(
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if max_examples_per_client is not None and max_examples_per_client < 2:
+        raise ValueError(
+            f"max_examples_per_client must be >= 2 (every client needs a train and a test "
+            f"example), got {max_examples_per_client}")
     rng = np.random.default_rng(seed)
     sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
     if max_examples_per_client is not None:

@@ -50,6 +50,14 @@ def from_nnx(module: nnx.Module, num_classes: int, *, x: str = "x", y: str = "y"
     pattern for speed, and vmap-friendly). Evaluation and training both call the module as is:
     modules that need their own RNG state (NNX dropout) are not supported here.
     """
+    _, _, other = nnx.split(module, nnx.Param, ...)
+    found = [f"{'/'.join(map(str, path))} ({type(v).__name__})"
+             for path, v in nnx.to_flat_state(other)]
+    if found:
+        raise ValueError(
+            f"from_nnx supports modules whose state is all nnx.Param; {type(module).__name__} "
+            f"also holds {found[:5]}: RNG state (NNX dropout) and batch statistics are not "
+            "supported; use from_linen for dropout, and group or layer norm")
     graphdef, params = nnx.split(module)
 
     def init(key):

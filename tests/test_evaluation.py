@@ -1,0 +1,158 @@
+"""Per-client evaluation against a plain per-client loop, and the distribution summary."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim.data import from_client_dict
+from fedjax_sim.evaluation import Evaluator, lower_is_better, summarize
+
+NUM_FEATURES, NUM_CLASSES = 6, 4
+RAGGED = (3, 17, 40, 1, 25, 9, 2, 11)
+
+
+def ragged_data(sizes=RAGGED, seed=0):
+    rng = np.random.default_rng(seed)
+    return from_client_dict({
+        f"c{i}": {"x": rng.normal(size=(n, NUM_FEATURES)).astype(np.float32),
+                  "y": rng.integers(0, NUM_CLASSES, n).astype(np.int32)}
+        for i, n in enumerate(sizes)})
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = fs.models.mlp(NUM_FEATURES, NUM_CLASSES, hidden=(8,))
+    params = jax.jit(model.init)(jax.random.key(1))
+    data = ragged_data()
+    return model, params, data
+
+
+def reference(model, params, data):
+    """Per-client mean of each metric, one client at a time, on the whole client at once."""
+    metrics = jax.jit(model.metrics)  # one small program per client size: fast to compile
+    out = {}
+    for i in range(data.num_clients):
+        out[data.client_ids[i]] = {k: float(np.mean(np.asarray(v, np.float64)))
+                                   for k, v in metrics(params, data.client(i)).items()}
+    return out
+
+
+# -- summarize -------------------------------------------------------------------------------
+def test_summarize_by_hand():
+    values = np.array([0.9, 0.2, 0.5, 0.7, 0.1, 0.8, 0.3, 0.6, 0.4, 1.0,
+                       0.55, 0.65, 0.15, 0.35, 0.45, 0.25, 0.75, 0.85, 0.95, 0.05])
+    weights = np.arange(1, 21, dtype=np.float64)
+    s = summarize(values, weights, lower_better=False)
+    assert s["weighted_mean"] == pytest.approx(np.dot(values, weights) / weights.sum())
+    assert s["mean"] == pytest.approx(values.sum() / 20)
+    ranked = np.sort(values)
+    for q in (10, 50, 90):
+        # Linear interpolation between order statistics (numpy's default).
+        pos = q / 100 * (len(values) - 1)
+        lo = int(np.floor(pos))
+        expected = ranked[lo] + (pos - lo) * (ranked[lo + 1] - ranked[lo])
+        assert s[f"p{q}"] == pytest.approx(expected)
+        assert s[f"p{q}"] == pytest.approx(np.percentile(values, q))
+    # Worst decile of an accuracy: the two lowest values.
+    assert s["worst10"] == pytest.approx((0.05 + 0.1) / 2)
+
+    loss = summarize(values, weights, lower_better=True)
+    # Worst decile of a loss: the two highest values.
+    assert loss["worst10"] == pytest.approx((1.0 + 0.95) / 2)
+    assert loss["mean"] == s["mean"] and loss["p50"] == s["p50"]
+
+
+def test_summarize_few_clients_worst_is_single_worst():
+    values = np.array([0.3, 0.9, 0.6])
+    assert summarize(values, np.ones(3), False)["worst10"] == pytest.approx(0.3)
+    assert summarize(values, np.ones(3), True)["worst10"] == pytest.approx(0.9)
+    s = summarize(values, np.array([1.0, 0.0, 3.0]), False)
+    assert s["weighted_mean"] == pytest.approx((0.3 + 1.8) / 4)
+
+
+def test_lower_is_better():
+    assert lower_is_better("loss") and lower_is_better("train_loss")
+    assert not lower_is_better("accuracy")
+
+
+# -- per-client evaluation -------------------------------------------------------------------
+def check_against_reference(ev, ref, data, indices=None):
+    indices = np.arange(data.num_clients) if indices is None else np.asarray(indices)
+    ids = ev.clients["client_id"].tolist()
+    assert ids == data.client_ids[indices].tolist()  # population order
+    np.testing.assert_array_equal(ev.clients["num_examples"], data.num_examples[indices])
+    for k in ("loss", "accuracy"):
+        got = np.asarray(ev.clients[k])
+        want = np.array([ref[c][k] for c in ids])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=k)
+        counts = data.num_examples[indices].astype(np.float64)
+        assert ev.summary[k] == pytest.approx(summarize(want, counts, lower_is_better(k)),
+                                              rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, len(RAGGED)])
+def test_evaluator_matches_per_client_loop(setup, chunk_size):
+    model, params, data = setup
+    ref = reference(model, params, data)
+    ev = Evaluator(model, data, batch_size=4, chunk_size=chunk_size)(params)
+    assert set(ev.summary) == {"loss", "accuracy"}
+    assert set(ev.summary["loss"]) == {"weighted_mean", "mean", "p10", "p50", "p90", "worst10"}
+    check_against_reference(ev, ref, data)
+    acc = ev.clients["accuracy"]
+    # Accuracy is a fraction of each client's examples.
+    np.testing.assert_allclose(acc * data.num_examples, np.round(acc * data.num_examples),
+                               atol=1e-4)
+
+
+def test_evaluate_default_and_reuse(setup):
+    model, params, data = setup
+    ev = fs.evaluate(model, params, data, batch_size=5)
+    check_against_reference(ev, reference(model, params, data), data)
+    # The same Evaluator with new params gives the new params' metrics.
+    evaluator = Evaluator(model, data, batch_size=7, chunk_size=2)
+    other = jax.tree.map(lambda p: p * 0.5, params)
+    check_against_reference(evaluator(params), reference(model, params, data), data)
+    check_against_reference(evaluator(other), reference(model, other, data), data)
+
+
+def test_evaluate_pooled_is_example_weighted_mean(setup):
+    model, params, data = setup
+    ev = fs.evaluate(model, params, data)
+    pooled = fs.evaluate_pooled(model, params, data, batch_size=7)  # last batch is partial
+    assert set(pooled) == {"loss", "accuracy"}
+    for k in pooled:
+        want = np.sum(ev.clients[k] * ev.clients["num_examples"]) / data.total_examples
+        assert pooled[k] == pytest.approx(want, rel=1e-5)
+        assert pooled[k] == pytest.approx(ev.summary[k]["weighted_mean"], rel=1e-5)
+    # And against all examples at once.
+    allx = {k: jax.numpy.asarray(v) for k, v in data.features.items()}
+    direct = {k: float(np.mean(v)) for k, v in model.metrics(params, allx).items()}
+    pooled = fs.evaluate_pooled(model, params, data)  # one batch of all examples
+    for k in direct:
+        assert pooled[k] == pytest.approx(direct[k], rel=1e-5)
+
+
+def test_num_clients_sampling(setup):
+    model, params, data = setup
+    ref = reference(model, params, data)
+    a = Evaluator(model, data, batch_size=4, num_clients=3, seed=1)
+    b = Evaluator(model, data, batch_size=4, num_clients=3, seed=1)
+    assert len(a.positions) == 3 and len(set(a.positions.tolist())) == 3
+    np.testing.assert_array_equal(a.positions, b.positions)
+    ev = a(params)
+    assert len(ev.clients["client_id"]) == 3
+    assert len(set(ev.clients["client_id"].tolist())) == 3
+    check_against_reference(ev, ref, data, np.sort(a.positions))
+    # Another seed samples another set (for some seed).
+    others = {tuple(Evaluator(model, data, num_clients=3, seed=s).positions.tolist())
+              for s in range(2, 6)}
+    assert others - {tuple(a.positions.tolist())}
+    # More clients than the population: all of them.
+    ev_all = fs.evaluate(model, params, data, num_clients=100)
+    assert ev_all.clients["client_id"].tolist() == data.client_ids.tolist()
+    with pytest.raises(ValueError, match="num_clients must be >= 1"):
+        Evaluator(model, data, num_clients=0)
+
