@@ -1,0 +1,176 @@
+"""Test helpers: a plain, unvectorized reference of one FedOpt round, and tree assertions.
+
+The reference is written to be obviously right rather than fast: Python loops over clients and
+local steps, one `jax.grad` per step, and none of the engine's machinery (no vmap, scan,
+while_loop or shard_map). Tests compare the compiled round against it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim.algorithms.base import ClientOptimizer, resolve_optimizer
+from fedjax_sim.data.cohort import Cohort
+from fedjax_sim.models.core import Model
+
+
+@functools.lru_cache(maxsize=64)
+def _local_step(model: Model, optimizer: optax.GradientTransformation):
+    """One jitted local step; cached so repeated reference rounds do not recompile it."""
+
+    @jax.jit
+    def step(params, opt_state, batch, mask, key):
+        def batch_loss(p):
+            per_example = model.loss(p, batch, key)
+            total = jnp.sum(jnp.where(mask, per_example, 0.0))
+            return total / jnp.maximum(jnp.sum(mask), 1), total
+
+        (_, total), grads = jax.value_and_grad(batch_loss, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, total
+
+    return step
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def reference_round(
+    model: Model,
+    client_optimizer: ClientOptimizer,
+    server_optimizer: optax.GradientTransformation,
+    params: Any,
+    server_opt_state: Any,
+    cohort: Cohort,
+    pool: dict[str, np.ndarray],
+    key: jax.Array,
+    batch_size: int,
+    round_num: int = 0,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """One FedOpt round, one client and one step at a time.
+
+    Args:
+      model: the model trained.
+      client_optimizer: an optax transformation (or `round -> transformation`).
+      server_optimizer: applied to the weighted mean of `server_params - client_params`.
+      params: the server params.
+      server_opt_state: the server optimizer's state.
+      cohort: a host (numpy) cohort; `order` indexes the rows of `pool`.
+      pool: the feature arrays the cohort's `order` points into.
+      key: the round key.
+      batch_size: B, examples per local step (padded entries are masked).
+      round_num: the server round, for client optimizers that depend on it.
+
+    Returns:
+      `(new_params, new_server_opt_state, per_client)`. `per_client` holds, in cohort order,
+      "delta" (list of pytrees), "opt_state" (list), and numpy arrays "train_loss",
+      "num_steps", "finite" and "weight" (the weight actually used: 0 when excluded).
+    """
+    optimizer = resolve_optimizer(client_optimizer, jnp.int32(round_num))
+    step_fn = _local_step(model, optimizer)
+    order = np.asarray(cohort.order)
+    last = len(order) - 1
+    client_keys_root = jax.random.fold_in(key, 0)  # fold_in(key, 1) is the server's
+
+    deltas, opt_states, losses, finite, weights = [], [], [], [], []
+    for c in range(len(cohort.client_ids)):
+        start, length = int(cohort.start[c]), int(cohort.length[c])
+        num_steps = int(cohort.num_steps[c])
+        client_key = jax.random.fold_in(client_keys_root, int(cohort.client_ids[c]))
+        train_key = jax.random.fold_in(client_key, 0)
+
+        local, opt_state = params, optimizer.init(params)
+        loss_sum, count = 0.0, 0.0
+        for s in range(num_steps):
+            offset = s * batch_size + np.arange(batch_size)
+            rows = order[np.minimum(start + offset, last)]
+            batch = {k: jnp.asarray(v[rows]) for k, v in pool.items()}
+            mask = jnp.asarray(offset < length)
+            local, opt_state, total = step_fn(local, opt_state, batch, mask,
+                                              jax.random.fold_in(train_key, s))
+            loss_sum += float(total)
+            count += float(np.sum(offset < length))
+
+        delta = jax.tree.map(jnp.subtract, params, local)
+        ok = _all_finite(delta)
+        deltas.append(delta)
+        opt_states.append(opt_state)
+        losses.append(loss_sum / max(count, 1.0))
+        finite.append(ok)
+        # A non-finite update would poison the mean, so it is left out (weight 0).
+        weights.append(float(cohort.weights[c]) if ok else 0.0)
+
+    per_client = {
+        "delta": deltas,
+        "opt_state": opt_states,
+        "train_loss": np.array(losses, np.float32),
+        "num_steps": np.asarray(cohort.num_steps),
+        "finite": np.array(finite),
+        "weight": np.array(weights, np.float32),
+    }
+    total_weight = sum(weights)
+    if total_weight == 0:
+        return params, server_opt_state, per_client  # nobody to learn from
+
+    aggregate = jax.tree.map(jnp.zeros_like, params)
+    for w, d in zip(weights, deltas, strict=True):
+        if w > 0:
+            aggregate = jax.tree.map(lambda a, x, w=w: a + w * x, aggregate, d)
+    aggregate = jax.tree.map(lambda a: a / total_weight, aggregate)
+    updates, server_opt_state = server_optimizer.update(aggregate, server_opt_state, params)
+    return optax.apply_updates(params, updates), server_opt_state, per_client
+
+
+def assert_trees_close(actual: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
+                       what: str = "") -> None:
+    """Asserts two pytrees have the same structure and leaves equal to tolerance.
+
+    Raises:
+      AssertionError: naming the first mismatching leaf path, its max absolute difference and
+        where it occurs.
+    """
+    prefix = f"{what}: " if what else ""
+    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
+    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    if a_def != e_def:
+        raise AssertionError(f"{prefix}tree structures differ:\n  {a_def}\n  {e_def}")
+    for (path, a), (_, e) in zip(a_leaves, e_leaves, strict=True):
+        name = jax.tree_util.keystr(path) or "<root>"
+        a, e = np.asarray(a), np.asarray(e)
+        if a.shape != e.shape:
+            raise AssertionError(f"{prefix}leaf {name}: shape {a.shape} != {e.shape}")
+        if np.allclose(a, e, rtol=rtol, atol=atol, equal_nan=True):
+            continue
+        diff = np.abs(a.astype(np.float64) - e.astype(np.float64))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        worst = np.unravel_index(np.argmax(diff), diff.shape) if diff.ndim else ()
+        raise AssertionError(
+            f"{prefix}leaf {name} differs (rtol={rtol}, atol={atol}): max |diff| "
+            f"{diff[worst]:.3g} at {tuple(int(i) for i in worst)} (actual {a[worst]!r}, "
+            f"expected {e[worst]!r}); {int(np.sum(~np.isclose(a, e, rtol, atol)))} of "
+            f"{a.size} entries differ"
+        )
+
+
+def assert_trees_equal(actual: Any, expected: Any, what: str = "") -> None:
+    """Asserts two pytrees are bitwise identical (same structure, dtypes and values)."""
+    prefix = f"{what}: " if what else ""
+    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
+    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    if a_def != e_def:
+        raise AssertionError(f"{prefix}tree structures differ:\n  {a_def}\n  {e_def}")
+    for (path, a), (_, e) in zip(a_leaves, e_leaves, strict=True):
+        name = jax.tree_util.keystr(path) or "<root>"
+        a, e = np.asarray(a), np.asarray(e)
+        if a.dtype != e.dtype or a.shape != e.shape:
+            raise AssertionError(f"{prefix}leaf {name}: {a.dtype}{a.shape} != {e.dtype}{e.shape}")
+        if not np.array_equal(a, e, equal_nan=True):
+            n = int(np.sum(a != e))
+            raise AssertionError(f"{prefix}leaf {name}: {n} of {a.size} entries differ bitwise")
