@@ -81,3 +81,12 @@ def test_memory_budget_skips_candidates_that_do_not_fit(population):
                           seed=0, mesh=None, resident=True, candidates=[1, 12],
                           memory_budget=1)
     assert k == 1  # nothing fits a 1-byte budget: the plain scan is the fallback
+
+
+def test_step_efficiency_counts_steps_a_chunk_runs_for_its_longest_client():
+    from fedjax_sim.simulate import step_efficiency
+    steps = np.array([9, 7, 3, 1, 0, 0])
+    assert step_efficiency(steps, 1) == 1.0
+    assert step_efficiency(steps, 2) == pytest.approx(20 / (2 * (9 + 3 + 0)))
+    assert step_efficiency(steps, 6) == pytest.approx(20 / (6 * 9))
+    assert step_efficiency(np.zeros(4, int), 2) == 1.0
