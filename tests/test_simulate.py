@@ -90,3 +90,10 @@ def test_step_efficiency_counts_steps_a_chunk_runs_for_its_longest_client():
     assert step_efficiency(steps, 2) == pytest.approx(20 / (2 * (9 + 3 + 0)))
     assert step_efficiency(steps, 6) == pytest.approx(20 / (6 * 9))
     assert step_efficiency(np.zeros(4, int), 2) == 1.0
+
+
+def test_chunk_candidates_are_powers_of_two_then_the_whole_device_cohort():
+    from fedjax_sim.simulate import chunk_candidates
+    assert chunk_candidates(1) == [1]
+    assert chunk_candidates(8) == [1, 2, 4, 8]
+    assert chunk_candidates(100) == [1, 2, 4, 8, 16, 32, 64, 100]
