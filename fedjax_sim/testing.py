@@ -128,6 +128,16 @@ def reference_round(
     return optax.apply_updates(params, updates), server_opt_state, per_client
 
 
+def _paired_leaves(actual: Any, expected: Any, prefix: str):
+    """Yields (path name, actual leaf, expected leaf) as numpy arrays; structures must match."""
+    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
+    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    if a_def != e_def:
+        raise AssertionError(f"{prefix}tree structures differ:\n  {a_def}\n  {e_def}")
+    for (path, a), (_, e) in zip(a_leaves, e_leaves, strict=True):
+        yield jax.tree_util.keystr(path) or "<root>", np.asarray(a), np.asarray(e)
+
+
 def assert_trees_close(actual: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6,
                        what: str = "") -> None:
     """Asserts two pytrees have the same structure and leaves equal to tolerance.
@@ -137,13 +147,7 @@ def assert_trees_close(actual: Any, expected: Any, rtol: float = 1e-5, atol: flo
         where it occurs.
     """
     prefix = f"{what}: " if what else ""
-    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
-    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
-    if a_def != e_def:
-        raise AssertionError(f"{prefix}tree structures differ:\n  {a_def}\n  {e_def}")
-    for (path, a), (_, e) in zip(a_leaves, e_leaves, strict=True):
-        name = jax.tree_util.keystr(path) or "<root>"
-        a, e = np.asarray(a), np.asarray(e)
+    for name, a, e in _paired_leaves(actual, expected, prefix):
         if a.shape != e.shape:
             raise AssertionError(f"{prefix}leaf {name}: shape {a.shape} != {e.shape}")
         if np.allclose(a, e, rtol=rtol, atol=atol, equal_nan=True):
@@ -162,13 +166,7 @@ def assert_trees_close(actual: Any, expected: Any, rtol: float = 1e-5, atol: flo
 def assert_trees_equal(actual: Any, expected: Any, what: str = "") -> None:
     """Asserts two pytrees are bitwise identical (same structure, dtypes and values)."""
     prefix = f"{what}: " if what else ""
-    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
-    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
-    if a_def != e_def:
-        raise AssertionError(f"{prefix}tree structures differ:\n  {a_def}\n  {e_def}")
-    for (path, a), (_, e) in zip(a_leaves, e_leaves, strict=True):
-        name = jax.tree_util.keystr(path) or "<root>"
-        a, e = np.asarray(a), np.asarray(e)
+    for name, a, e in _paired_leaves(actual, expected, prefix):
         if a.dtype != e.dtype or a.shape != e.shape:
             raise AssertionError(f"{prefix}leaf {name}: {a.dtype}{a.shape} != {e.dtype}{e.shape}")
         if not np.array_equal(a, e, equal_nan=True):

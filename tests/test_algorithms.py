@@ -130,3 +130,20 @@ def test_fedsgd_takes_one_full_batch_step_per_client():
     steps = np.asarray(metrics.clients["num_steps"])[np.asarray(metrics.clients["client_ids"])
                                                      < data.num_clients]
     np.testing.assert_array_equal(steps, 1)
+
+
+def test_client_schedule_runs_over_local_steps_and_restarts_each_round():
+    # Learning rate 0.3 for the first local step and 0 after it: the same as one step of 0.3.
+    data = _population()
+    model = fs.models.logistic_regression(5, 3)
+    params = model.init(jax.random.key(0))
+    schedule = optax.piecewise_constant_schedule(0.3, {1: 0.0})
+    scheduled = fs.algorithms.fedavg(model, optax.sgd(schedule), batch_size=4)
+    one_step = fs.algorithms.fedavg(model, optax.sgd(0.3), batch_size=4, max_steps=1)
+    many_steps = fs.algorithms.fedavg(model, optax.sgd(0.3), batch_size=4)
+    for round_num in (0, 1):  # each round's clients start a fresh optimizer state
+        a, _ = _one_round(scheduled, data, params, round_num=round_num)
+        b, _ = _one_round(one_step, data, params, round_num=round_num)
+        c, _ = _one_round(many_steps, data, params, round_num=round_num)
+        np.testing.assert_allclose(a.params["w"], b.params["w"], rtol=1e-6, atol=1e-7)
+        assert not np.allclose(a.params["w"], c.params["w"])
