@@ -284,7 +284,7 @@ def simulate(
             postfix = {"loss": f"{record['train_loss']:.4f}"}
             if "eval" in record and "accuracy" in record["eval"]:
                 postfix["acc"] = f"{record['eval']['accuracy']['weighted_mean']:.3f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(postfix, refresh=False)
     finally:
         if sink is not None:
             sink.close()
