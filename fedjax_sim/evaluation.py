@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fedjax_sim import aggregators
 from fedjax_sim.client import ClientUpdate, Engine, place_cohort, replicate, run_clients
@@ -23,6 +24,7 @@ from fedjax_sim.data.federated import FederatedData, check_labels
 from fedjax_sim.models.core import Model
 
 QUANTILES = (10, 50, 90)
+SUMMARY_KEYS = ("weighted_mean", "mean", *(f"p{q}" for q in QUANTILES), "worst10")
 
 
 class Evaluation(NamedTuple):
@@ -60,18 +62,32 @@ def summarize(values: np.ndarray, weights: np.ndarray, lower_better: bool) -> di
     return out
 
 
+def as_ratio(value) -> tuple[jax.Array, jax.Array]:
+    """A per-example metric as (numerator, denominator): a plain value counts 1 per example."""
+    if isinstance(value, tuple | list):
+        num, den = value
+        return num, den
+    return value, jnp.ones_like(value)
+
+
 def metric_update(model: Model, metric_names: Sequence[str]) -> ClientUpdate:
-    """A client update that sums the model's per-example metrics over the client's examples."""
+    """A client update that sums the model's per-example metrics (numerators and denominators)
+    over the client's examples."""
 
     def init(params, key):
         del key
-        return params, {name: jnp.zeros((), jnp.float32) for name in metric_names}
+        zero = jnp.zeros((), jnp.float32)
+        return params, {name: (zero, zero) for name in metric_names}
 
     def step(state, batch, mask):
         params, sums = state
         per_example = model.metrics(params, batch)
-        return params, {k: sums[k] + jnp.sum(jnp.where(mask, per_example[k], 0.0))
-                        for k in metric_names}
+        new = {}
+        for k in metric_names:
+            num, den = as_ratio(per_example[k])
+            new[k] = (sums[k][0] + jnp.sum(jnp.where(mask, num, 0.0)),
+                      sums[k][1] + jnp.sum(jnp.where(mask, den, 0.0)))
+        return params, new
 
     def finalize(params, state):
         return (), state[1]
@@ -95,10 +111,12 @@ def metric_names(model: Model, data: FederatedData, params: Any) -> list[str]:
     if "loss" not in shapes:
         raise ValueError(f"model.metrics must return a 'loss' entry, got {sorted(shapes)}")
     for k, s in shapes.items():
-        if s.shape != (1,):
+        parts = s if isinstance(s, tuple | list) else (s,)
+        if len(parts) > 2 or any(p.shape != (1,) for p in parts):
             raise ValueError(
-                f"model.metrics[{k!r}] must give one value per example: shape (1,) for a batch "
-                f"of 1, got {s.shape}")
+                f"model.metrics[{k!r}] must give one value per example (or a (numerator, "
+                f"denominator) pair of them): shape (1,) for a batch of 1, got "
+                f"{[p.shape for p in parts]}")
     return sorted(shapes)
 
 
@@ -144,15 +162,20 @@ class Evaluator:
                     batch_size=self.batch_size, engine=self.engine)
         if not all(x.is_fully_addressable for x in jax.tree.leaves(sums)):
             # Multi-process: the per-client sums are split over every process's devices.
-            from jax.experimental import multihost_utils
             sums = multihost_utils.process_allgather(sums, tiled=True)
         n = len(self.positions)
-        count = self.num_examples.astype(np.float64)
         clients = {"client_id": self.data.client_ids[self.positions],
                    "num_examples": self.num_examples}
+        summary = {}
         for k in self._names:
-            clients[k] = np.asarray(sums[k], np.float64)[:n][self._by_position] / count
-        summary = {k: summarize(clients[k], count, lower_is_better(k)) for k in self._names}
+            num, den = (np.asarray(x, np.float64)[:n][self._by_position] for x in sums[k])
+            # A client with nothing to average over (no valid token, say) has no value.
+            clients[k] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+            # Weighted by the metric's own denominator (examples, or e.g. valid tokens): the
+            # weighted mean is then the pooled value.
+            has = den > 0
+            summary[k] = (summarize(clients[k][has], den[has], lower_is_better(k)) if has.any()
+                          else dict.fromkeys(SUMMARY_KEYS, float("nan")))
         return Evaluation(clients, summary)
 
 
@@ -180,11 +203,12 @@ def evaluate_pooled(model: Model, params: Any, data: FederatedData, *,
     if model.label is not None:
         check_labels(data, *model.label)
     names = metric_names(model, data, params)
-    fn = jax.jit(lambda p, b: {k: jnp.sum(v) for k, v in model.metrics(p, b).items()})
-    totals = dict.fromkeys(names, 0.0)
-    n = data.total_examples
-    for lo in range(0, n, batch_size):
+    fn = jax.jit(lambda p, b: {k: tuple(jnp.sum(x) for x in as_ratio(v))
+                               for k, v in model.metrics(p, b).items()})
+    totals = {k: [0.0, 0.0] for k in names}
+    for lo in range(0, data.total_examples, batch_size):
         batch = {k: jnp.asarray(v[lo:lo + batch_size]) for k, v in data.features.items()}
-        for k, v in fn(params, batch).items():
-            totals[k] += float(v)
-    return {k: totals[k] / n for k in names}
+        for k, (num, den) in fn(params, batch).items():
+            totals[k][0] += float(num)
+            totals[k][1] += float(den)
+    return {k: num / den if den else float("nan") for k, (num, den) in totals.items()}

@@ -143,18 +143,28 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
         compiled = runner.fn.lower(state, *packed, key, batch_size=runner.shape.batch_size,
                                    engine=runner.engine).compile()
         mem = compiled.memory_analysis()
-        if mem is not None and mem.temp_size_in_bytes > memory_budget:
+        if not process0_decides(mem is None or mem.temp_size_in_bytes <= memory_budget):
             break
         elapsed = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
             jax.block_until_ready(compiled(state, *packed, key))
             elapsed = min(elapsed, time.perf_counter() - t)
+        slower = elapsed > 1.5 * best_time
         if elapsed < best_time:
             best, best_time = k, elapsed
-        elif elapsed > 1.5 * best_time:
+        if process0_decides(slower):
             break
-    return best
+    return process0_decides(best)
+
+
+def process0_decides(value: int) -> int:
+    """Process 0's value on every process. Every choice of which programs run (and so which
+    collectives) must agree across processes, or their collectives mismatch and hang; local
+    timings and memory budgets differ between processes."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def _memory_budget() -> int:
@@ -243,8 +253,6 @@ def simulate(
         chunk_size = choose_chunk_size(algorithm, train, cohort_size, state,
                                        sample_cohort(train.num_clients, cohort_size, seed, 0),
                                        seed=seed, mesh=mesh, resident=resident)
-        if jax.process_count() > 1:  # timings differ: every process must run the same program
-            chunk_size = int(multihost_utils.broadcast_one_to_all(np.int32(chunk_size)))
     runner = RoundRunner(algorithm, train, cohort_size, Engine(chunk_size, mesh), seed, resident)
     evaluator = (Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
                            num_clients=eval_clients, engine=Engine(1, mesh), seed=seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -156,3 +157,34 @@ def test_num_clients_sampling(setup):
     with pytest.raises(ValueError, match="num_clients must be >= 1"):
         Evaluator(model, data, num_clients=0)
 
+
+
+def test_ratio_metrics_are_summed_then_divided():
+    """A metric given as (numerator, denominator) per example, like next-token accuracy over
+    each sequence's valid tokens, is pooled by tokens, not averaged per example."""
+    rng = np.random.default_rng(0)
+    sizes = [3, 5, 1, 4]
+    ids = np.repeat(np.arange(len(sizes)), sizes)
+    valid = rng.integers(0, 4, len(ids)).astype(np.float32)   # valid tokens per example
+    valid[ids == 2] = 0.0                                        # client 2 has none at all
+    correct = np.floor(valid * rng.uniform(size=len(ids))).astype(np.float32)
+    data = fs.data.from_arrays(ids.astype(str), {"correct": correct, "valid": valid})
+
+    def metrics(params, batch):
+        return {"loss": batch["valid"] * 0.0 + params,
+                "accuracy": (batch["correct"], batch["valid"])}
+
+    model = fs.models.Model(init=lambda key: jnp.float32(0.0), loss=None, metrics=metrics)
+    ev = fs.evaluate(model, jnp.float32(0.5), data, batch_size=2)
+    for i in range(len(sizes)):
+        m = ids == i
+        expected = correct[m].sum() / valid[m].sum() if valid[m].sum() else np.nan
+        np.testing.assert_allclose(ev.clients["accuracy"][i], expected, rtol=1e-6)
+    has = np.array([valid[ids == i].sum() > 0 for i in range(len(sizes))])
+    assert np.isnan(ev.clients["accuracy"][2]) and has.sum() == 3
+    pooled = correct.sum() / valid.sum()
+    np.testing.assert_allclose(ev.summary["accuracy"]["weighted_mean"], pooled, rtol=1e-6)
+    np.testing.assert_allclose(fs.evaluate_pooled(model, jnp.float32(0.5), data)["accuracy"],
+                               pooled, rtol=1e-6)
+    np.testing.assert_allclose(ev.summary["accuracy"]["mean"],
+                               np.mean(ev.clients["accuracy"][has]), rtol=1e-6)

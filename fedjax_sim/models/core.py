@@ -24,8 +24,10 @@ class Model(NamedTuple):
     Attributes:
       init: `(key) -> params`.
       loss: `(params, batch, key) -> f32[B]`, the per-example training loss (dropout on).
-      metrics: `(params, batch) -> {name: f32[B]}`, per-example evaluation metrics (dropout
-        off); must include "loss".
+      metrics: `(params, batch) -> {name: f32[B] | (f32[B], f32[B])}`, per-example evaluation
+        metrics (dropout off); must include "loss". A pair is (numerator, denominator), for
+        metrics averaged over something other than examples (next-token accuracy over the
+        valid tokens of each sequence): evaluation sums both and divides.
       label: `(feature name, number of classes)` for label range checks, or None.
     """
 
