@@ -12,6 +12,7 @@ import json
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from tqdm.auto import tqdm
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
 from fedjax_sim.client import Engine, place_cohort, replicate
 from fedjax_sim.data.cohort import Cohort, CohortShape, host_pool, pack_cohort, resident_order
-from fedjax_sim.data.federated import FederatedData, check_labels
+from fedjax_sim.data.federated import FederatedData, check_labels, check_rows
+from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.evaluation import Evaluator
 
 # A population up to this size stays on the device and cohorts are gathered there.
@@ -97,8 +99,10 @@ class RoundRunner:
                                    weighting=self.algorithm.client_weighting)
         if self.resident:
             return place_cohort(resident_order(cohort, rows), self.engine), self.pool
-        return (place_cohort(cohort, self.engine),
-                replicate(host_pool(self.data, rows, self.shape), self.engine))
+        pool = host_pool(self.data, rows, self.shape)
+        # A streamed population may be too large to check up front: check what is read.
+        check_rows(self.data, rows, pool, self.algorithm.model.label)
+        return place_cohort(cohort, self.engine), replicate(pool, self.engine)
 
     def __call__(self, state, packed, round_num: int):
         cohort, pool = packed
@@ -221,7 +225,9 @@ def simulate(
       eval_clients: evaluate on this many clients of `eval_data` (a fixed seeded sample).
       chunk_size: the vectorization width K; None times a few on the first round.
       mesh: a mesh with a "clients" axis (`fs.client_mesh()`) to split cohorts over devices.
-      resident: keep `train` on the device; default when it is under 2 GiB.
+      resident: keep `train` on the device; default when it is in memory and under 2 GiB.
+        Otherwise each round reads its cohort's rows (from memory, a memory-mapped file or
+        SQLite), on a background thread while the previous round runs.
       output_dir: where `history.jsonl` (one line per round, written as the run goes) goes.
       progress: show a tqdm progress bar with rounds/s and the latest metrics.
 
@@ -244,7 +250,7 @@ def simulate(
         params = algorithm.model.init(jax.random.key(seed))
     check_model(algorithm, train, params, algorithm.batching.resolve_batch_size(train))
     if resident is None:
-        resident = train.nbytes <= RESIDENT_BYTES
+        resident = is_in_memory(train) and train.nbytes <= RESIDENT_BYTES
     state = algorithm.init(params)
 
     base_engine = Engine(1, mesh)
@@ -266,14 +272,19 @@ def simulate(
     history: list[dict] = []
     bar = tqdm(range(rounds), desc="rounds", unit="round", disable=not progress)
     start = time.perf_counter()
+    # Round r+1's cohort is sampled, read and packed on a background thread while round r runs.
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjax_sim-prefetch")
+
+    def pack(r):
+        return runner.pack(sample_cohort(train.num_clients, cohort_size, seed, r), r)
+
     try:
-        packed = runner.pack(sample_cohort(train.num_clients, cohort_size, seed, 0), 0) \
-            if rounds else None
+        upcoming = prefetch.submit(pack, 0) if rounds else None
         for r in bar:
+            packed = upcoming.result()
+            if r + 1 < rounds:
+                upcoming = prefetch.submit(pack, r + 1)
             state, metrics = runner(state, packed, r)
-            if r + 1 < rounds:  # pack the next cohort while the device works on this one
-                packed = runner.pack(sample_cohort(train.num_clients, cohort_size, seed, r + 1),
-                                     r + 1)
             record = _round_record(r, metrics, train, time.perf_counter() - start, chunk_size)
             if record["num_excluded"]:
                 msg = (f"round {r}: excluded {record['num_excluded']} client(s) with non-finite "
@@ -294,6 +305,7 @@ def simulate(
                 postfix["acc"] = f"{record['eval']['accuracy']['weighted_mean']:.3f}"
             bar.set_postfix(postfix, refresh=False)
     finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
         if sink is not None:
             sink.close()
     return SimulationResult(params=_to_host(state.params), state=state, history=history,

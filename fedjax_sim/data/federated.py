@@ -190,15 +190,45 @@ def from_client_dict(clients: Mapping[str, Mapping[str, np.ndarray]]) -> Federat
 
 
 def check_labels(data: FederatedData, key: str, num_classes: int) -> None:
-    """Raises if `data[key]` holds labels outside [0, num_classes)."""
+    """Raises if `data[key]` holds labels outside [0, num_classes).
+
+    A lazily read column (a SQLite-backed population) is not read here: `check_rows` checks it
+    cohort by cohort as the simulation reads it.
+    """
     if key not in data.features:
         raise ValueError(f"data has no label feature {key!r}; features: {sorted(data.features)}")
     y = data.features[key]
+    if isinstance(y, np.ndarray):
+        _check_label_values(data, y, np.arange(len(y)), key, num_classes)
+
+
+def check_rows(data: FederatedData, rows: np.ndarray, columns: Features,
+               label: tuple[str, int] | None) -> None:
+    """Checks examples read from a population as they are read (non-finite values, labels out
+    of range): `columns[k][:len(rows)]` holds the feature `k` of population rows `rows`."""
+    for k, v in columns.items():
+        v = v[: len(rows)]
+        if np.issubdtype(v.dtype, np.floating):
+            ok = np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+            if not ok.all():
+                client = _client_of_row(data, rows[np.argmin(ok)])
+                raise ValueError(f"feature {k!r} has non-finite values (NaN or inf) in "
+                                 f"{int((~ok).sum())} example(s) read this round, first of "
+                                 f"client {client!r}")
+    if label is not None:
+        key, num_classes = label
+        _check_label_values(data, columns[key][: len(rows)], rows, key, num_classes)
+
+
+def _client_of_row(data: FederatedData, row: int) -> str:
+    return str(data.client_ids[int(np.searchsorted(data.offsets, row, side="right") - 1)])
+
+
+def _check_label_values(data, y, rows, key, num_classes) -> None:
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         bad = np.nonzero((y < 0) | (y >= num_classes))[0]
-        client = int(np.searchsorted(data.offsets, bad[0], side="right") - 1)
         raise ValueError(
             f"labels out of range: feature {key!r} has {len(bad)} value(s) outside "
             f"[0, {num_classes}) (e.g. {int(y[bad[0]])} for client "
-            f"{data.client_ids[client]!r}); the model has {num_classes} classes"
+            f"{_client_of_row(data, rows[bad[0]])!r}); the model has {num_classes} classes"
         )
