@@ -25,13 +25,17 @@ def synthetic(
     iid: bool = False,
     test_fraction: float = 0.1,
     max_examples_per_client: int | None = None,
+    num_examples: int | np.ndarray | None = None,
     seed: int = 0,
 ) -> tuple[FederatedData, FederatedData]:
     """Generates the FedProx Synthetic(alpha, beta) population; returns (train, test).
 
     Each client's examples are split at random into train and test (`test_fraction`, at least
     one of each), as in the FedProx code. `max_examples_per_client` truncates the log-normal
-    tail of client sizes before the split.
+    tail of client sizes before the split; `num_examples` (one number, or one per client)
+    replaces the log-normal draw, e.g. for a population of a million clients with a few
+    examples each. Generation is vectorized over blocks of clients: no per-client Python
+    objects, so a million clients take seconds.
 
     Example:
       >>> train, test = synthetic(1.0, 1.0, num_clients=10, seed=0)
@@ -48,45 +52,70 @@ def synthetic(
             f"example), got {max_examples_per_client}")
     rng = np.random.default_rng(seed)
     sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
+    if num_examples is not None:
+        sizes = np.broadcast_to(np.asarray(num_examples, np.int64), (num_clients,)).copy()
+        if sizes.min() < 2:
+            raise ValueError(f"num_examples must be >= 2 per client (a train and a test "
+                             f"example), got a minimum of {sizes.min()}")
     if max_examples_per_client is not None:
         sizes = np.minimum(sizes, max_examples_per_client)
-    cov_diag = np.arange(1, NUM_FEATURES + 1, dtype=np.float64) ** -1.2
+    global_model = ((rng.normal(0, 1, (NUM_FEATURES, NUM_CLASSES)), rng.normal(0, 1, NUM_CLASSES))
+                    if iid else None)
 
-    if iid:
-        w_global = rng.normal(0, 1, (NUM_FEATURES, NUM_CLASSES))
-        b_global = rng.normal(0, 1, NUM_CLASSES)
+    ends = np.cumsum(sizes)
+    xs, ys, is_train = [], [], []
+    lo = 0
+    while lo < num_clients:
+        # Blocks of at most ~100k examples and 20k clients bound the temporary memory.
+        hi = int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + 100_000, side="right"))
+        hi = min(max(hi, lo + 1), lo + 20_000, num_clients)
+        x, y, train = _block(rng, sizes[lo:hi], alpha, beta, global_model, test_fraction)
+        xs.append(x)
+        ys.append(y)
+        is_train.append(train)
+        lo = hi
+    x, y, train = np.concatenate(xs), np.concatenate(ys), np.concatenate(is_train)
+    owner = np.repeat(np.arange(num_clients), sizes)
+    ids = np.char.add("synthetic_", np.char.zfill(np.arange(num_clients).astype(str), 7))
 
-    xs, ys, train_mask = [], [], []
-    for k in range(num_clients):
-        if iid:
-            w, b, v = w_global, b_global, np.zeros(NUM_FEATURES)
-        else:
-            u = rng.normal(0, alpha)
-            w = rng.normal(u, 1, (NUM_FEATURES, NUM_CLASSES))
-            b = rng.normal(u, 1, NUM_CLASSES)
-            v = rng.normal(rng.normal(0, beta), 1, NUM_FEATURES)
-        n = int(sizes[k])
-        x = v + rng.normal(size=(n, NUM_FEATURES)) * np.sqrt(cov_diag)
-        y = np.argmax(x @ w + b, axis=1)
-        n_test = min(max(1, int(round(test_fraction * n))), n - 1)
-        is_train = np.ones(n, dtype=bool)
-        is_train[rng.permutation(n)[:n_test]] = False
-        xs.append(x.astype(np.float32))
-        ys.append(y.astype(np.int32))
-        train_mask.append(is_train)
+    def build(mask: np.ndarray) -> FederatedData:
+        counts = np.bincount(owner[mask], minlength=num_clients)
+        return FederatedData(ids, {"x": x[mask], "y": y[mask]},
+                             np.concatenate([[0], np.cumsum(counts)]))
 
-    ids = np.array([f"synthetic_{k:07d}" for k in range(num_clients)])
+    return build(train), build(~train)
 
-    def build(select_train: bool) -> FederatedData:
-        keep = [m if select_train else ~m for m in train_mask]
-        counts = np.array([int(m.sum()) for m in keep], dtype=np.int64)
-        return FederatedData(
-            ids,
-            {
-                "x": np.concatenate([x[m] for x, m in zip(xs, keep, strict=True)]),
-                "y": np.concatenate([y[m] for y, m in zip(ys, keep, strict=True)]),
-            },
-            np.concatenate([[0], np.cumsum(counts)]),
-        )
 
-    return build(True), build(False)
+def _block(rng, sizes, alpha, beta, global_model, test_fraction):
+    """Examples of one block of clients: x f32[n, 60], y i32[n], is_train bool[n]."""
+    k = len(sizes)
+    owner = np.repeat(np.arange(k), sizes)
+    if global_model is None:
+        u = rng.normal(0, alpha, k)
+        w = rng.normal(u[:, None, None], 1, (k, NUM_FEATURES, NUM_CLASSES))
+        b = rng.normal(u[:, None], 1, (k, NUM_CLASSES))
+        v = rng.normal(rng.normal(0, beta, k)[:, None], 1, (k, NUM_FEATURES))
+    else:
+        w_global, b_global = global_model
+        v = np.zeros((k, NUM_FEATURES))
+    x = v[owner] + rng.normal(size=(len(owner), NUM_FEATURES)) * _STD
+    if global_model is None:
+        # Sum over features one at a time: gathering w[owner] whole would need n x 600 floats.
+        logits = b[owner]
+        for d in range(NUM_FEATURES):
+            logits += x[:, d:d + 1] * w[owner, d]
+    else:
+        logits = x @ w_global + b_global
+    y = np.argmax(logits, axis=1)
+
+    # Test examples: each client's n_test examples with the smallest random keys.
+    n_test = np.minimum(np.maximum(1, np.round(test_fraction * sizes).astype(np.int64)),
+                        sizes - 1)
+    order = np.lexsort((rng.random(len(owner)), owner))
+    starts = np.cumsum(sizes) - sizes
+    rank = np.empty(len(owner), np.int64)
+    rank[order] = np.arange(len(owner)) - starts[owner[order]]
+    return x.astype(np.float32), y.astype(np.int32), rank >= n_test[owner]
+
+
+_STD = np.arange(1, NUM_FEATURES + 1, dtype=np.float64) ** -0.6  # sqrt of diag(j^-1.2)
