@@ -443,3 +443,37 @@ def test_client_with_no_full_batch_gets_weight_zero_under_drop_remainder():
     np.testing.assert_array_equal(weights[n < 6], 0)
     np.testing.assert_array_equal(steps[n < 6], 0)
     np.testing.assert_array_equal(weights[n >= 6], n[n >= 6])
+
+
+def test_split_is_per_client_seeded_and_keeps_a_train_example():
+    data = make_data()
+    train, test = data.split(0.3, seed=4)
+    again_train, _ = data.split(0.3, seed=4)
+    other_train, _ = data.split(0.3, seed=5)
+    np.testing.assert_array_equal(train.features["x"], again_train.features["x"])
+    assert not np.array_equal(train.features["x"], other_train.features["x"])
+    np.testing.assert_array_equal(train.client_ids, data.client_ids)
+    assert np.all(train.num_examples >= 1)
+    expected_test = np.minimum(np.round(0.3 * np.array(SIZES)), np.array(SIZES) - 1)
+    assert test.num_clients == int(np.sum(expected_test > 0))  # a 1-example client has none
+    np.testing.assert_array_equal(test.num_examples, expected_test[expected_test > 0])
+    for cid in data.client_ids:
+        rows = set(data.get_clients([cid])[cid]["x"][:, 0].tolist())
+        got = set(train.get_clients([cid])[cid]["x"][:, 0].tolist())
+        if cid in test.client_ids:
+            got_test = set(test.get_clients([cid])[cid]["x"][:, 0].tolist())
+            assert not got & got_test
+            got |= got_test
+        assert got == rows  # every example in exactly one side, still with its own client
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_map_runs_in_batches_and_keeps_clients(jit):
+    data = make_data()
+    mapped = data.map(lambda f: {"x": f["x"][:, :2] * 2.0, "z": f["y"] + 1}, batch_size=7,
+                      jit=jit)
+    np.testing.assert_array_equal(mapped.offsets, data.offsets)
+    np.testing.assert_allclose(mapped.features["x"], data.features["x"][:, :2] * 2.0)
+    np.testing.assert_array_equal(mapped.features["z"], data.features["y"] + 1)
+    with pytest.raises(ValueError, match="one row per example"):
+        data.map(lambda f: {"x": f["x"][:1]}, batch_size=7)
