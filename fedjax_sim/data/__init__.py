@@ -8,13 +8,23 @@ from fedjax_sim.data.femnist import femnist
 from fedjax_sim.data.leaf import load_leaf
 from fedjax_sim.data.shakespeare import shakespeare
 from fedjax_sim.data.synthetic import synthetic
+from fedjax_sim.data.tff_datasets import (
+    cifar100_tff,
+    emnist_fedjax,
+    emnist_tff,
+    shakespeare_tff,
+    stackoverflow_tff,
+)
 from fedjax_sim.data.tff_sqlite import load_tff_sqlite
 
 __all__ = [
     "Batching",
+    "cifar100_tff",
     "Cohort",
     "CohortShape",
     "download",
+    "emnist_fedjax",
+    "emnist_tff",
     "FederatedData",
     "femnist",
     "from_arrays",
@@ -25,6 +35,8 @@ __all__ = [
     "pack_cohort",
     "partition",
     "shakespeare",
+    "shakespeare_tff",
+    "stackoverflow_tff",
     "storage",
     "synthetic",
     "write_fedjax_sqlite",
