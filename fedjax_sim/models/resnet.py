@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from fedjax_sim.models.adapters import from_linen
 from fedjax_sim.models.core import Model
+from fedjax_sim.models.layers import Conv
 
 
 class _BasicBlock(nn.Module):
@@ -26,13 +27,13 @@ class _BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)
+        h = Conv(self.features, (3, 3), self.strides, use_bias=False)(x)
         h = nn.relu(nn.GroupNorm(self.groups)(h))
-        h = nn.Conv(self.features, (3, 3), use_bias=False)(h)
+        h = Conv(self.features, (3, 3), use_bias=False)(h)
         h = nn.GroupNorm(self.groups)(h)
         if x.shape[-1] != self.features or self.strides != 1:
             # Projection shortcut (He et al.'s option B) where the shape changes.
-            x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x)
+            x = Conv(self.features, (1, 1), self.strides, use_bias=False)(x)
             x = nn.GroupNorm(self.groups)(x)
         return nn.relu(h + x)
 
@@ -45,7 +46,7 @@ class _ResNet18GN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         # CIFAR stem: one 3x3 convolution at stride 1 and no max-pool, for 32x32 inputs.
-        h = nn.Conv(self.width, (3, 3), use_bias=False)(x.reshape(x.shape[0], 32, 32, 3))
+        h = Conv(self.width, (3, 3), use_bias=False)(x.reshape(x.shape[0], 32, 32, 3))
         h = nn.relu(nn.GroupNorm(self.groups)(h))
         for stage, multiple in enumerate((1, 2, 4, 8)):
             for block in range(2):

@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from fedjax_sim.models.adapters import from_linen
 from fedjax_sim.models.core import Model, classifier
+from fedjax_sim.models.layers import Conv
 
 
 def logistic_regression(num_features: int, num_classes: int, *, x: str = "x",
@@ -52,8 +53,8 @@ class _EmnistCNN(nn.Module):
     @nn.compact
     def __call__(self, inputs, train: bool = False):
         h = inputs.reshape(inputs.shape[0], 28, 28, 1)
-        h = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(h))
-        h = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(h))
+        h = nn.relu(Conv(32, (3, 3), padding="VALID")(h))
+        h = nn.relu(Conv(64, (3, 3), padding="VALID")(h))
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
         h = nn.Dropout(0.25, deterministic=not train)(h)
         h = h.reshape(h.shape[0], -1)
