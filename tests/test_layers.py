@@ -17,6 +17,7 @@ from fedjax_sim.models.layers import Conv
     ((3, 3), (2, 2), "SAME", (7, 9)),
     ((1, 1), (2, 2), "SAME", (8, 8)),
     ((2, 3), (1, 2), "VALID", (6, 11)),
+    ((3, 3), 2, "SAME", (10, 10)),  # an int stride, as flax.linen.Conv also takes
 ])
 def test_conv_matches_flax_conv(impl, kernel, strides, padding, size):
     x = jax.random.normal(jax.random.key(0), (2, *size, 3))
@@ -26,13 +27,19 @@ def test_conv_matches_flax_conv(impl, kernel, strides, padding, size):
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(
         jnp.shape, flax_conv.init(jax.random.key(1), x))
     params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
-    np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(jax.jit(ours.apply)(params, x), jax.jit(flax_conv.apply)(params, x),
+                               rtol=1e-5, atol=1e-5)
     # Gradients agree as well (the engine differentiates through it).
-    g_ours = jax.grad(lambda p: jnp.sum(ours.apply(p, x) ** 2))(params)
-    g_flax = jax.grad(lambda p: jnp.sum(flax_conv.apply(p, x) ** 2))(params)
+    g_ours = jax.jit(jax.grad(lambda p: jnp.sum(ours.apply(p, x) ** 2)))(params)
+    g_flax = jax.jit(jax.grad(lambda p: jnp.sum(flax_conv.apply(p, x) ** 2)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours,
                  g_flax)
+
+
+def test_int_kernel_size_is_square():
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 2))
+    params = Conv(4, (3, 3)).init(jax.random.key(1), x)
+    np.testing.assert_array_equal(Conv(4, 3).apply(params, x), Conv(4, (3, 3)).apply(params, x))
 
 
 def test_bad_arguments():

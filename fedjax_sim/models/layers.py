@@ -37,27 +37,28 @@ class Conv(nn.Module):
 
     Attributes:
       features: output channels.
-      kernel_size: (kh, kw).
-      strides: (sh, sw).
+      kernel_size: (kh, kw), or one int for both.
+      strides: (sh, sw), or one int for both.
       padding: "VALID" or "SAME".
       use_bias: add a bias.
       impl: "auto" (slices on the CPU backend, `lax` elsewhere), "slices" or "lax".
     """
 
     features: int
-    kernel_size: Sequence[int] = (3, 3)
-    strides: Sequence[int] = (1, 1)
+    kernel_size: int | Sequence[int] = (3, 3)
+    strides: int | Sequence[int] = (1, 1)
     padding: str = "SAME"
     use_bias: bool = True
     impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kh, kw = self.kernel_size
+        kh, kw = _pair(self.kernel_size)
+        strides = _pair(self.strides)
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (kh, kw, x.shape[-1], self.features))
         if self.padding == "SAME":
-            x = jnp.pad(x, ((0, 0), *_same_padding(x.shape[1:3], (kh, kw), self.strides),
+            x = jnp.pad(x, ((0, 0), *_same_padding(x.shape[1:3], (kh, kw), strides),
                             (0, 0)))
         elif self.padding != "VALID":
             raise ValueError(f"padding must be 'SAME' or 'VALID', got {self.padding!r}")
@@ -65,15 +66,19 @@ class Conv(nn.Module):
         if impl == "auto":
             impl = "slices" if jax.default_backend() == "cpu" else "lax"
         if impl == "slices":
-            y = conv_by_slices(x, kernel, self.strides)
+            y = conv_by_slices(x, kernel, strides)
         elif impl == "lax":
-            y = lax.conv_general_dilated(x, kernel, tuple(self.strides), "VALID",
+            y = lax.conv_general_dilated(x, kernel, strides, "VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         else:
             raise ValueError(f"impl must be 'auto', 'slices' or 'lax', got {impl!r}")
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
         return y
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _same_padding(size, kernel, strides):
