@@ -243,6 +243,23 @@ def from_client_dict(clients: Mapping[str, Mapping[str, np.ndarray]]) -> Federat
     )
 
 
+def check_like_earlier(
+    where: str, features: Features, spec: dict[str, tuple[str, tuple[int, ...]]]
+) -> None:
+    """Raises unless each feature has the dtype kind and example shape of earlier clients'
+    (recorded in `spec`, which this fills): loaders build columns client by client."""
+    for name, column in features.items():
+        if not len(column):
+            continue  # An empty client has no shape to compare, and is dropped later.
+        got = (column.dtype.kind, column.shape[1:])
+        want = spec.setdefault(name, got)
+        if got != want:
+            raise ValueError(
+                f"{where}: feature {name!r} has examples of shape {got[1]} and dtype kind "
+                f"{got[0]!r}, but earlier clients have shape {want[1]} and kind {want[0]!r}"
+            )
+
+
 def check_labels(data: FederatedData, key: str, num_classes: int) -> None:
     """Raises if `data[key]` holds labels outside [0, num_classes).
 

@@ -18,7 +18,12 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from fedjax_sim.data.federated import Features, FederatedData, from_client_dict
+from fedjax_sim.data.federated import (
+    Features,
+    FederatedData,
+    check_like_earlier,
+    from_client_dict,
+)
 from fedjax_sim.data.tff_sqlite import open_readonly
 
 _NDARRAY, _BYTES_NDARRAY = 1, 4
@@ -90,16 +95,7 @@ def load_fedjax_sqlite(path: str | Path) -> FederatedData:
                 cid = client_id.decode() if isinstance(client_id, bytes) else str(client_id)
                 where = f"{path}: client {cid!r}"
                 columns = _decode_client(where, blob, num_examples)
-                for name, column in columns.items():
-                    if not len(column):
-                        continue  # An empty client has no shape to compare, and is dropped.
-                    got = (column.dtype.kind, column.shape[1:])
-                    want = spec.setdefault(name, got)
-                    if got != want:
-                        raise ValueError(
-                            f"{where}: feature {name!r} has dtype kind {got[0]!r} and example "
-                            f"shape {got[1]}, but earlier clients have {want[0]!r} and {want[1]}"
-                        )
+                check_like_earlier(where, columns, spec)
                 clients[cid] = columns
         except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: cannot read as a FedJAX SQLite file ({e})") from e

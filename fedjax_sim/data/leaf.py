@@ -14,7 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_sim.data.federated import Features, FederatedData, from_client_dict
+from fedjax_sim.data.federated import (
+    Features,
+    FederatedData,
+    check_like_earlier,
+    from_client_dict,
+)
 from fedjax_sim.data.tff_sqlite import reshape_features
 
 
@@ -59,7 +64,7 @@ def load_leaf(
                     f"{path}: user {user!r} is also in {file_of[user]}; LEAF puts each user in "
                     "one file of a split (load train and test files separately)"
                 )
-            _check_like_earlier(f"{path}: user {user!r}", features, spec)
+            check_like_earlier(f"{path}: user {user!r}", features, spec)
             file_of[user], clients[user] = path, features
     source = paths[0] if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} LEAF files)"
     try:
@@ -165,17 +170,3 @@ def _why_not_array(values: list, error: Exception) -> str:
     return f"values are not all numbers or all strings ({error})"
 
 
-def _check_like_earlier(
-    where: str, features: Features, spec: dict[str, tuple[str, tuple[int, ...]]]
-) -> None:
-    """Raises unless each feature has the dtype kind and example shape of earlier users'."""
-    for name, column in features.items():
-        if not len(column):
-            continue  # An empty user has no shape to compare, and is dropped later.
-        got = (column.dtype.kind, column.shape[1:])
-        want = spec.setdefault(name, got)
-        if got != want:
-            raise ValueError(
-                f"{where}: feature {name!r} has examples of shape {got[1]} and dtype kind "
-                f"{got[0]!r}, but earlier users have shape {want[1]} and kind {want[0]!r}"
-            )
