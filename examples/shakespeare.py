@@ -46,10 +46,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     for record in result.history:
         if "eval" in record:
-            acc = record["eval"]["accuracy"]
-            print(f"round {record['round'] + 1:4d}: next-char accuracy pooled "
-                  f"{acc['weighted_mean']:.3f}, per role p10 {acc['p10']:.3f} median "
-                  f"{acc['p50']:.3f} p90 {acc['p90']:.3f} worst10 {acc['worst10']:.3f}")
+            print(f"round {record['round'] + 1:4d}: test accuracy per role: "
+                  f"{fs.evaluation.format_summary(record['eval']['accuracy'])}")
     print(f"{args.rounds} rounds in {wall:.0f} s ({wall / args.rounds:.2f} s/round, chunk size "
           f"{result.chunk_size})")
 

@@ -17,6 +17,7 @@ import optax
 
 from fedjax_sim import algorithms, data, models
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
+from fedjax_sim.evaluation import format_summary
 from fedjax_sim.simulate import simulate
 
 CLIENT_OPTIMIZERS = {
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
     acc = final["eval"]["accuracy"]
     print(f"\n{args.rounds} rounds in {elapsed:.1f} s (chunk size {result.chunk_size}); "
           f"per-client test accuracy over {test.num_clients} clients (chance 0.10):")
-    print("  " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    print("  " + format_summary(acc))
     print(f"history: {args.output_dir}/history.jsonl")
     return summary
 

@@ -70,6 +70,11 @@ def as_ratio(value) -> tuple[jax.Array, jax.Array]:
     return value, jnp.ones_like(value)
 
 
+def format_summary(summary: dict[str, float]) -> str:
+    """One line for a metric's distribution over clients, e.g. for a progress log."""
+    return "  ".join(f"{k} {summary[k]:.3f}" for k in SUMMARY_KEYS if k in summary)
+
+
 def metric_update(model: Model, metric_names: Sequence[str]) -> ClientUpdate:
     """A client update that sums the model's per-example metrics (numerators and denominators)
     over the client's examples."""

@@ -188,3 +188,10 @@ def test_ratio_metrics_are_summed_then_divided():
                                pooled, rtol=1e-6)
     np.testing.assert_allclose(ev.summary["accuracy"]["mean"],
                                np.mean(ev.clients["accuracy"][has]), rtol=1e-6)
+
+
+def test_format_summary_lists_the_distribution_in_a_fixed_order():
+    from fedjax_sim.evaluation import format_summary
+    line = format_summary({"p90": 0.9, "weighted_mean": 0.5, "mean": 0.25, "p10": 0.1,
+                           "p50": 0.5, "worst10": 0.0})
+    assert line == "weighted_mean 0.500  mean 0.250  p10 0.100  p50 0.500  p90 0.900  worst10 0.000"
