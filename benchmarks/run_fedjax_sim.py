@@ -1,0 +1,120 @@
+"""fedjax_sim on one benchmark workload: prints one RESULT line (see workloads.py).
+
+  python benchmarks/run_fedjax_sim.py --workload W1 --cohort 1000 [--chunk-size K] [--devices N]
+
+Without --chunk-size, K is chosen as `fs.simulate(chunk_size=None)` chooses it
+(`choose_chunk_size`, timed as `autotune_s`). Rounds run as `fs.simulate` runs them: dispatch
+round r, pack the cohort of round r+1 on the host meanwhile, fetch the metrics, wait for the
+state. The round program is compiled ahead of time (`compile_s`); a second compilation during
+the timed rounds is reported (`recompiled`). `--devices N` on a CPU splits the host into N XLA
+devices and shards the cohort over them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import SEED, WORKLOADS, client_data, driver_parser, result_line, time_rounds  # noqa: E402
+
+
+def build_model(fs, w):
+    if w.model == "mlp":
+        return fs.models.mlp(784, w.num_classes, hidden=(200,))
+    if w.model == "logistic":
+        return fs.models.logistic_regression(784, w.num_classes)
+    if w.model == "cnn":
+        return fs.models.emnist_cnn(w.num_classes)
+    return fs.models.char_lstm(w.num_classes)
+
+
+def build(fs, w, cohort: int, *, shuffle: bool = True):
+    """(algorithm, population): the workload's FedAvg and a population of `cohort` clients."""
+    import optax
+
+    x, y = client_data(w, cohort)
+    train = fs.data.from_arrays(np.repeat(np.arange(cohort), w.examples_per_client),
+                                {"x": x, "y": y})
+    algo = fs.algorithms.fedavg(build_model(fs, w), optax.sgd(w.client_lr),
+                                optax.sgd(w.server_lr), batch_size=w.batch_size,
+                                num_epochs=w.epochs, shuffle=shuffle)
+    return algo, train
+
+
+def main(argv=None) -> None:
+    p = driver_parser(__doc__.split("\n")[0])
+    p.add_argument("--chunk-size", type=int, help="K; default: chosen by timing (autotune)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="XLA host devices to shard the cohort over (CPU only)")
+    args = p.parse_args(argv)
+    if args.devices > 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}")
+    import jax
+
+    import fedjax_sim as fs
+    sim = importlib.import_module("fedjax_sim.simulate")
+
+    w = WORKLOADS[args.workload]
+    algo, train = build(fs, w, args.cohort)
+    mesh = fs.client_mesh() if jax.device_count() > 1 else None
+    resident = train.nbytes <= sim.RESIDENT_BYTES
+    params = algo.model.init(jax.random.key(SEED))
+    indices = sim.sample_cohort(train.num_clients, args.cohort, SEED, 0)
+
+    autotune_s = None
+    k = args.chunk_size
+    if k is None:
+        state1 = fs.client.replicate(algo.init(params), fs.Engine(1, mesh))
+        t = time.perf_counter()
+        k = sim.choose_chunk_size(algo, train, args.cohort, state1, indices, seed=SEED,
+                                  mesh=mesh, resident=resident)
+        autotune_s = time.perf_counter() - t
+        jax.clear_caches()  # compile_s below is then a cold compile of the chosen program
+
+    engine = fs.Engine(k, mesh)
+    state = fs.client.replicate(algo.init(params), engine)
+    runner = sim.RoundRunner(algo, train, args.cohort, engine, SEED, resident)
+    packed = runner.pack(indices, 0)
+    key = fs.client.replicate(jax.random.key(SEED), engine)
+    t = time.perf_counter()
+    compiled = runner.fn.lower(state, *packed, key, batch_size=runner.shape.batch_size,
+                               engine=engine).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+
+    box = {"state": state, "packed": packed, "r": 0, "loss": None}
+
+    def run_round():
+        box["state"], metrics = runner(box["state"], box["packed"], box["r"])
+        box["r"] += 1
+        box["packed"] = runner.pack(sim.sample_cohort(train.num_clients, args.cohort, SEED,
+                                                      box["r"]), box["r"])
+        box["loss"] = float(metrics.train_loss)
+        jax.block_until_ready(box["state"])
+
+    timing = time_rounds(run_round, args.rounds)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    result_line({
+        "system": "fedjax_sim", "workload": w.name, "cohort": args.cohort, **timing,
+        "compile_s": compile_s, "autotune_s": autotune_s, "chunk_size": k,
+        "devices": jax.device_count(), "padded_cohort": runner.shape.size,
+        "resident": resident, "recompiled": runner.fn._cache_size() > 1,
+        "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
+        "device_peak_mem_mb": (stats["peak_bytes_in_use"] / 2**20
+                               if stats and "peak_bytes_in_use" in stats else None),
+        "final_train_loss": box["loss"],
+        "jax_version": jax.__version__,
+    })
+
+
+if __name__ == "__main__":
+    main()
