@@ -115,7 +115,7 @@ def param_shapes(w: Workload) -> list[tuple[str, int]]:
             n_in = e if layer == 0 else h
             out.append((f"lstm{layer}", 4 * (n_in + h + 1) * h))
         return out + [("dense", (h + 1) * v)]
-    return [(f"dense{i}", a * b + b) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))]
+    return [(f"dense{i}", a * b + b) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True))]
 
 
 def flops_per_example(w: Workload) -> int:
@@ -124,7 +124,7 @@ def flops_per_example(w: Workload) -> int:
 
     if w.model in ("mlp", "logistic"):
         dims = [784, MLP_HIDDEN, w.num_classes] if w.model == "mlp" else [784, w.num_classes]
-        return sum(dense(a, b, i > 0) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])))
+        return sum(dense(a, b, i > 0) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)))
     if w.model == "cnn":
         k = CNN["kernel"]
         conv1 = 2 * 26 * 26 * CNN["conv1"] * k * k * 1                # VALID, 28 -> 26

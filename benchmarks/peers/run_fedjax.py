@@ -26,9 +26,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from fedjax.algorithms import fed_avg  # noqa: E402
-
-from workloads import (MLP_HIDDEN, SEED, WORKLOADS, client_data, driver_parser,  # noqa: E402
-                       result_line, time_rounds)
+from workloads import (  # noqa: E402
+    MLP_HIDDEN,
+    SEED,
+    WORKLOADS,
+    client_data,
+    driver_parser,
+    result_line,
+    time_rounds,
+)
 
 
 def dense_model(hidden: tuple[int, ...], num_classes: int) -> fedjax.Model:

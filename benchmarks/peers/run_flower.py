@@ -25,13 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flwr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch_models  # noqa: E402
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
-
-import torch_models  # noqa: E402
 from workloads import SEED, WORKLOADS, client_data, driver_parser, result_line  # noqa: E402
 
 _CACHE = {}
@@ -44,7 +43,8 @@ def node_data(workload: str, cohort: int, node: int):
         _CACHE[key] = client_data(WORKLOADS[workload], cohort)
     x, y = _CACHE[key]
     n = WORKLOADS[workload].examples_per_client
-    return torch.from_numpy(x[node * n:(node + 1) * n]), torch.from_numpy(y[node * n:(node + 1) * n])
+    rows = slice(node * n, (node + 1) * n)
+    return torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
 
 
 def make_apps(workload: str, cohort: int, rounds: int, ticks: list, checks: dict):
