@@ -96,6 +96,11 @@ CNN = {"conv1": 32, "conv2": 64, "dense": 128, "kernel": 3}
 LSTM = {"embed": 8, "hidden": 256, "layers": 2}
 
 
+def pairs(dims):
+    """(fan-in, fan-out) of each dense layer of a stack with these widths."""
+    return list(pairs(dims))
+
+
 def param_shapes(w: Workload) -> list[tuple[str, int]]:
     if w.model == "mlp":
         dims = [784, MLP_HIDDEN, w.num_classes]
@@ -115,7 +120,7 @@ def param_shapes(w: Workload) -> list[tuple[str, int]]:
             n_in = e if layer == 0 else h
             out.append((f"lstm{layer}", 4 * (n_in + h + 1) * h))
         return out + [("dense", (h + 1) * v)]
-    return [(f"dense{i}", a * b + b) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True))]
+    return [(f"dense{i}", a * b + b) for i, (a, b) in enumerate(pairs(dims))]
 
 
 def flops_per_example(w: Workload) -> int:
@@ -124,7 +129,7 @@ def flops_per_example(w: Workload) -> int:
 
     if w.model in ("mlp", "logistic"):
         dims = [784, MLP_HIDDEN, w.num_classes] if w.model == "mlp" else [784, w.num_classes]
-        return sum(dense(a, b, i > 0) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)))
+        return sum(dense(a, b, i > 0) for i, (a, b) in enumerate(pairs(dims)))
     if w.model == "cnn":
         k = CNN["kernel"]
         conv1 = 2 * 26 * 26 * CNN["conv1"] * k * k * 1                # VALID, 28 -> 26

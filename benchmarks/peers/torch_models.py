@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from workloads import CNN, LSTM, MLP_HIDDEN
+from workloads import CNN, LSTM, MLP_HIDDEN, pairs
 
 
 class _Classifier(nn.Module):
@@ -32,7 +32,7 @@ class Dense(_Classifier):
     def __init__(self, hidden: tuple[int, ...], num_classes: int):
         super().__init__()
         dims = [784, *hidden, num_classes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairs(dims))
 
     def forward(self, x):
         h = x.reshape(x.shape[0], -1)
