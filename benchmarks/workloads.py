@@ -98,7 +98,7 @@ LSTM = {"embed": 8, "hidden": 256, "layers": 2}
 
 def pairs(dims):
     """(fan-in, fan-out) of each dense layer of a stack with these widths."""
-    return list(pairs(dims))
+    return list(zip(dims[:-1], dims[1:], strict=True))
 
 
 def param_shapes(w: Workload) -> list[tuple[str, int]]:
