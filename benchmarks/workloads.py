@@ -61,18 +61,26 @@ class Workload:
     def flops_per_round(self, cohort: int) -> int:
         return cohort * self.epochs * self.examples_per_client * self.flops_per_example()
 
-    def bytes_per_client(self) -> int:
-        """Memory traffic a client needs at least, f32, SGD: per local step the params are read
-        for the forward pass and again for the backward pass, the gradient written and read,
-        the params read and written by the update (6P x 4 bytes); plus reading the client's
-        data once and the per-client init (read P) and delta (write P)."""
-        p = 4 * self.num_params
-        data = self.examples_per_client * (int(np.prod(self.x_shape)) * 4 + 4 *
-                                           (self.x_shape[0] if self.model == "char_lstm" else 1))
-        return self.steps_per_client * 6 * p + 2 * p + data
+    def data_bytes_per_client(self) -> int:
+        x = int(np.prod(self.x_shape)) * 4
+        y = 4 * (SEQ_LEN if self.model == "char_lstm" else 1)
+        return self.examples_per_client * (x + y)
 
-    def bytes_per_round(self, cohort: int) -> int:
-        return cohort * self.bytes_per_client()
+    def traffic_bytes_per_client(self) -> int:
+        """Memory traffic a client cannot avoid, f32: read the server params (4P), read and
+        write the running sum of weighted deltas (8P), read its data once. Per-step parameter
+        traffic is left out: while K clients' params and gradients fit in cache (4P = 0.6 MB
+        for W1) it never reaches memory."""
+        return 12 * self.num_params + self.data_bytes_per_client()
+
+    def traffic_bytes_per_round(self, cohort: int) -> int:
+        return cohort * self.traffic_bytes_per_client()
+
+    def footprint_bytes_per_client(self) -> int:
+        """Device memory a client in a chunk holds (the design's formula, SGD: no optimizer
+        slots): params and gradient 4P(2 + 0), plus its data slice; activations (one batch)
+        are left out."""
+        return 4 * self.num_params * 2 + self.data_bytes_per_client()
 
 
 CHAR_VOCAB = 90   # FedJAX's Shakespeare: 86 characters + PAD, BOS, EOS, OOV

@@ -1,0 +1,349 @@
+"""Benchmark suites: fedjax_sim side by side with the per-client-jit loop, FedJAX, pfl and
+Flower on the workloads W1-W4 (workloads.py), in one run.
+
+  python benchmarks/suite.py cpu      # this machine's CPU suite (about 45 min on 2 cores)
+  python benchmarks/suite.py gpu      # the GPU suite (run on the GPU machine)
+  python benchmarks/suite.py quick    # smoke test, about 2 min: W1/W2 small cohorts
+
+Writes `benchmarks/results/<suite>-<machine>.json` (a list of rows, one per workload, cohort
+and system), `.md` (tables) and `.png` (seconds per round against cohort size).
+
+Every (workload, cohort, system) runs in a fresh process: the system's driver, in its own
+virtual environment for the peers (`benchmarks/peers/setup.sh` creates them; a peer whose
+environment is missing is skipped and listed). Each driver builds the same data, runs one
+warm-up round and `--rounds` timed rounds, and reports the median; peak host memory is that
+process's. Before the runs, the suite measures the device's f32 matmul rate and memory
+bandwidth; the roofline floor of a round is max(FLOPs / matmul rate, bytes / bandwidth) with
+FLOPs and bytes counted analytically (workloads.py), and `roofline_fraction` = floor / time.
+Ratios to fedjax_sim are taken within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from workloads import RESULT_PREFIX, WORKLOADS  # noqa: E402
+
+PEERS = HERE / "peers"
+SYSTEMS = ("fedjax_sim", "loop", "fedjax", "pfl", "flower")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    workload: str
+    cohort: int
+    system: str
+    args: tuple[str, ...] = ()
+    variant: str | None = None   # a second configuration of the same system (not the headline)
+    rounds: int = 5
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def plan(suite: str) -> list[Run]:
+    """The runs of a suite, in order."""
+    runs: list[Run] = []
+
+    def add(workload, cohorts, systems, **kw):
+        runs.extend(Run(workload, c, s, **kw) for c in cohorts for s in systems)
+
+    # On a CPU, fedjax_sim splits the host into one XLA device per core (its recommended CPU
+    # setup); the 1-device variant is measured too.
+    cores = ("--devices", str(cpu_cores()))
+    if suite == "quick":
+        add("W1", [10, 100], ["fedjax_sim"], args=cores, rounds=2)
+        add("W1", [10, 100], ["loop", "fedjax", "pfl"], rounds=2)
+        add("W2", [100], ["fedjax_sim"], args=cores, rounds=2)
+        add("W2", [100], ["loop", "fedjax"], rounds=2)
+        return runs
+    if suite == "cpu":
+        add("W1", [10, 30, 100, 300, 1000], ["fedjax_sim"], args=cores)
+        add("W1", [100, 1000], ["fedjax_sim"], variant="1 device")
+        add("W1", [10, 30, 100, 300, 1000], ["loop"])
+        add("W1", [10, 100, 1000], ["fedjax"])
+        add("W1", [100, 1000], ["pfl"])
+        add("W1", [100], ["flower"])
+        add("W2", [1000], ["fedjax_sim"], args=cores)
+        add("W2", [1000], ["fedjax_sim"], variant="1 device")
+        add("W2", [1000], ["loop", "fedjax", "pfl"])
+        add("W3", [10, 100], ["fedjax_sim"], args=cores)
+        add("W3", [10, 100], ["loop", "fedjax", "pfl"])
+        add("W4", [10], ["fedjax_sim"], args=cores)
+        add("W4", [10], ["loop", "fedjax", "pfl"])
+        return runs
+    if suite == "gpu":
+        add("W1", [10, 100, 1000, 10000], ["fedjax_sim", "loop", "fedjax"])
+        add("W1", [100, 1000], ["pfl"])
+        add("W1", [100], ["flower"])
+        add("W2", [1000], ["fedjax_sim", "loop", "fedjax", "pfl"])
+        add("W3", [10, 100, 1000, 10000], ["fedjax_sim"])
+        add("W3", [10, 100, 1000], ["loop", "fedjax"])
+        add("W4", [10, 100, 1000], ["fedjax_sim"])
+        add("W4", [10, 100], ["loop", "fedjax"])
+        return runs
+    raise ValueError(f"unknown suite {suite!r}: cpu, gpu or quick")
+
+
+def command(run: Run) -> list[str] | None:
+    """The driver's command line, or None when the system's environment is missing."""
+    common = ["--workload", run.workload, "--cohort", str(run.cohort), "--rounds",
+              str(run.rounds), *run.args]
+    if run.system in ("fedjax_sim", "loop"):
+        return [sys.executable, str(HERE / f"run_{run.system}.py"), *common]
+    python = PEERS / f".venv-{run.system}" / "bin" / "python"
+    if not python.exists():
+        return None
+    return [str(python), str(PEERS / f"run_{run.system}.py"), *common]
+
+
+def execute(run: Run, timeout: float, log) -> dict:
+    cmd = command(run)
+    base = {"workload": run.workload, "cohort": run.cohort, "system": run.system,
+            "variant": run.variant}
+    if cmd is None:
+        return {**base, "error": f"not installed (benchmarks/peers/setup.sh {run.system})"}
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              cwd=HERE.parent)
+    except subprocess.TimeoutExpired as e:
+        log.write(f"$ {' '.join(cmd)}\nTIMEOUT after {timeout} s\n{e.stdout or ''}\n")
+        return {**base, "error": f"timed out after {timeout:.0f} s"}
+    log.write(f"$ {' '.join(cmd)}\n{proc.stdout[-20000:]}\n{proc.stderr[-20000:]}\n")
+    log.flush()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**base, "error": f"exit {proc.returncode}: {last[:300]}"}
+    row = json.loads(lines[-1][len(RESULT_PREFIX):])
+    return {**row, **base, "wall_s": time.perf_counter() - t}
+
+
+# -- the device's limits ----------------------------------------------------------------------
+
+def measure_device(quick: bool) -> dict:
+    """f32 matmul rate (best of several square sizes) and memory bandwidth (the read rate of
+    a sum over an array far larger than the caches), measured with JAX on the default device.
+    (An elementwise op that writes a fresh output measures page faults on a CPU, not memory.)"""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    def best_time(f, *args, repeats):
+        jax.block_until_ready(f(*args))
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    gpu = jax.devices()[0].platform != "cpu"
+    sizes = (4096, 8192) if gpu else (1024, 2048)
+    rates = {}
+    for n in sizes:
+        reps = 8 if gpu else 2
+        rng = np.random.default_rng(0)
+        a = jnp.asarray(rng.standard_normal((reps, n, n), dtype=np.float32))
+        b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+        f = jax.jit(lambda a, b: lax.map(lambda x: x @ b, a))
+        s = best_time(f, a, b, repeats=3 if quick else 5)
+        rates[f"{n}^3"] = reps * 2 * n**3 / s / 1e9
+    size = 2**30 // 4 if gpu else 2**28 // 4       # 1 GB on a GPU, 256 MB on a CPU
+    x = jnp.ones((size,), jnp.float32)
+    s = best_time(jax.jit(jnp.sum), x, repeats=5 if quick else 10)
+    dev = jax.devices()[0]
+    return {"matmul_gflops": {k: round(v, 1) for k, v in rates.items()},
+            "peak_gflops": round(max(rates.values()), 1),
+            "bandwidth_gbs": round(size * 4 / s / 1e9, 1),
+            "platform": dev.platform, "device_kind": dev.device_kind,
+            "device_count": jax.device_count(), "jax_version": jax.__version__}
+
+
+def machine_name(device: dict) -> tuple[str, str]:
+    """(human-readable name, file-name slug)."""
+    if device["platform"] == "cpu":
+        model = platform.processor() or "cpu"
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        name, slug = f"{model} ({cpu_cores()} cores)", f"cpu-{model}-{cpu_cores()}c"
+    else:
+        name = f"{device['device_kind']} x{device['device_count']}"
+        slug = f"{device['platform']}-{device['device_kind']}"
+    return name, re.sub(r"[^a-z0-9]+", "-", slug.lower()).strip("-")
+
+
+# -- derived figures ---------------------------------------------------------------------------
+
+def derive(rows: list[dict], device: dict) -> None:
+    headline = {(r["workload"], r["cohort"]): r for r in rows
+                if r["system"] == "fedjax_sim" and r.get("variant") is None and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            continue
+        w = WORKLOADS[r["workload"]]
+        flops = w.flops_per_round(r["cohort"])
+        traffic = w.traffic_bytes_per_round(r["cohort"])
+        floor = max(flops / (device["peak_gflops"] * 1e9),
+                    traffic / (device["bandwidth_gbs"] * 1e9))
+        r.update(flops_per_round=flops, bytes_per_round=traffic,
+                 gflops=flops / r["s_per_round"] / 1e9,
+                 clients_per_s=r["cohort"] / r["s_per_round"],
+                 roofline_floor_s=floor, roofline_fraction=floor / r["s_per_round"],
+                 footprint_bytes_per_client=w.footprint_bytes_per_client())
+        if r["system"] == "fedjax_sim" and r.get("temp_mb") is not None:
+            k = r["chunk_size"] * r.get("devices", 1)
+            r["measured_bytes_per_client"] = r["temp_mb"] * 2**20 / k
+        ref = headline.get((r["workload"], r["cohort"]))
+        r["fedjax_sim_speedup"] = (r["s_per_round"] / ref["s_per_round"]
+                                   if ref is not None else None)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def fmt(x, spec="", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def label(r: dict) -> str:
+    return r["system"] + (f" ({r['variant']})" if r.get("variant") else "")
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    dev = meta["device"]
+    out = [f"# {meta['suite']} suite: {meta['machine']}", "",
+           f"{meta['date']}; jax {dev['jax_version']}; total {meta['total_s'] / 60:.0f} min; "
+           f"load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at end.", "",
+           "Measured on this device in this run: f32 matmul "
+           + ", ".join(f"{k}: {v} GFLOP/s" for k, v in dev["matmul_gflops"].items())
+           + f"; memory bandwidth {dev['bandwidth_gbs']} GB/s. Roofline floor = max(FLOPs / "
+           f"{dev['peak_gflops']} GFLOP/s, bytes / {dev['bandwidth_gbs']} GB/s).", "",
+           "`x fedjax_sim` = this row's s/round over fedjax_sim's (headline configuration) at "
+           "the same workload and cohort: how many times faster fedjax_sim is.", ""]
+    for name, w in WORKLOADS.items():
+        wr = [r for r in rows if r["workload"] == name]
+        if not wr:
+            continue
+        out += [f"## {name}: {w.description}", "",
+                f"{w.num_params:,} params; {w.flops_per_example() / 1e6:.2f} MFLOP per "
+                f"example per pass; client SGD {w.client_lr}, server SGD {w.server_lr}.", "",
+                "| cohort | system | s/round | min | x fedjax_sim | clients/s | compile s "
+                "| peak host MB | K | GFLOP/s | roofline % |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(wr, key=lambda r: (r["cohort"], SYSTEMS.index(r["system"]),
+                                           r.get("variant") or "")):
+            if "error" in r:
+                out.append(f"| {r['cohort']} | {label(r)} | {r['error']} |||||||||")
+                continue
+            k = r.get("chunk_size")
+            kstr = "-" if k is None else f"{k}" + (" (auto)" if r.get("autotune_s") else "")
+            if r.get("devices", 1) > 1:
+                kstr += f" x{r['devices']} dev"
+            out.append(
+                f"| {r['cohort']} | {label(r)} | {r['s_per_round']:.4g} | "
+                f"{r['s_per_round_min']:.4g} | {fmt(r['fedjax_sim_speedup'], '.2f')} | "
+                f"{r['clients_per_s']:.0f} | {fmt(r.get('compile_s'), '.2f')} | "
+                f"{r['peak_mem_mb']:.0f} | {kstr} | {r['gflops']:.1f} | "
+                f"{100 * r['roofline_fraction']:.1f} |")
+        out.append("")
+    skipped = sorted({f"{r['system']}: {r['error']}" for r in rows if "error" in r})
+    if skipped:
+        out += ["Not measured: " + "; ".join(skipped), ""]
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in WORKLOADS if any(r["workload"] == n for r in rows)]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for system in SYSTEMS:
+            for variant in sorted({r.get("variant") or "" for r in rows},):
+                pts = sorted((r["cohort"], r["s_per_round"]) for r in rows
+                             if r["workload"] == name and r["system"] == system
+                             and (r.get("variant") or "") == variant and "error" not in r)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o",
+                            linestyle="--" if variant else "-",
+                            label=system + (f" ({variant})" if variant else ""))
+        ax.set(xscale="log", yscale="log", xlabel="cohort (clients per round)",
+               ylabel="seconds per round", title=f"{name}: {WORKLOADS[name].model}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("suite", choices=["cpu", "gpu", "quick"])
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, help="only these systems")
+    p.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="only these")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--out-dir", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
+    device = measure_device(args.suite == "quick")
+    name, slug = machine_name(device)
+    print(f"{name}: {device}", flush=True)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{args.suite}-{slug}"
+    runs = [r for r in plan(args.suite) if (not args.systems or r.system in args.systems)
+            and (not args.workloads or r.workload in args.workloads)]
+    rows = []
+    with open(f"{stem}.log", "w") as log:
+        for i, run in enumerate(runs):
+            row = execute(run, args.timeout, log)
+            rows.append(row)
+            msg = row.get("error") or f"{row['s_per_round']:.4g} s/round"
+            print(f"[{i + 1}/{len(runs)}] {run.workload} C={run.cohort} {run.system}"
+                  f"{' (' + run.variant + ')' if run.variant else ''}: {msg}", flush=True)
+    derive(rows, device)
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    for r in rows:
+        r.update(machine=name, date=date, suite=args.suite, peak_gflops=device["peak_gflops"],
+                 bandwidth_gbs=device["bandwidth_gbs"])
+    meta = {"suite": args.suite, "machine": name, "date": date, "device": device,
+            "loadavg_start": loadavg_start,
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "total_s": time.perf_counter() - t0}
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    stem.with_suffix(".meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    table = markdown(rows, meta)
+    stem.with_suffix(".md").write_text(table)
+    plot(rows, stem.with_suffix(".png"), f"{args.suite} suite, {name}, {date[:10]}")
+    print(table)
+    print(f"wrote {stem}.json, .md, .png, .log")
+
+
+if __name__ == "__main__":
+    main()
