@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-all lint bench clean
+.PHONY: run test test-all lint bench bench-peers bench-gpu clean
 
 $(BIN)/fedjax-sim: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ test-all: $(BIN)/fedjax-sim
 lint: $(BIN)/fedjax-sim
 	$(BIN)/ruff check .
 
+# The CPU benchmark suite against the peers (run bench-peers first to include them).
 bench: $(BIN)/fedjax-sim
-	$(BIN)/python benchmarks/core.py
+	$(BIN)/python benchmarks/suite.py cpu
+
+bench-peers:
+	benchmarks/peers/setup.sh
+
+# On a GPU machine, with a CUDA jaxlib installed into .venv.
+bench-gpu: $(BIN)/fedjax-sim
+	$(BIN)/python benchmarks/suite.py gpu
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -31,13 +31,10 @@ How each number is measured:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import importlib
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -51,6 +48,7 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import suite  # noqa: E402
 from loop import LoopFedAvg, client_arrays  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
@@ -113,23 +111,10 @@ def flops_per_round(cohort: int) -> int:
 # -- machine -----------------------------------------------------------------------------------
 
 def machine_name() -> tuple[str, str]:
-    """(human-readable name, file-name slug)."""
+    """(human-readable name, file-name slug), as the suite names machines."""
     dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        model = platform.processor() or "cpu"
-        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        name = f"{model} ({cores} cores)"
-        slug = f"cpu-{model}-{cores}c"
-    else:
-        name = f"{dev.device_kind} x{jax.device_count()}"
-        slug = f"{dev.platform}-{dev.device_kind}" + (f"-x{jax.device_count()}"
-                                                      if jax.device_count() > 1 else "")
-    return name, re.sub(r"[^a-z0-9]+", "-", slug.lower()).strip("-")
+    return suite.machine_name({"platform": dev.platform, "device_kind": dev.device_kind,
+                               "device_count": jax.device_count()})
 
 
 def matmul_rate(m: int, k: int, n: int, target_flops: float, repeats: int) -> float:

@@ -1,0 +1,109 @@
+"""The benchmark suite's analytic counts (benchmarks/workloads.py) against the models and XLA,
+and the suite end to end on a tiny plan."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fedjax_sim as fs
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import suite  # noqa: E402
+from run_fedjax_sim import build_model  # noqa: E402
+from workloads import SEQ_LEN, WORKLOADS, client_data  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_param_count_matches_the_model(name):
+    w = WORKLOADS[name]
+    params = build_model(fs, w).init(jax.random.key(0))
+    assert sum(p.size for p in jax.tree.leaves(params)) == w.num_params
+
+
+@pytest.mark.parametrize("name", ["W1", "W2", "W3"])
+def test_flops_match_xla_cost_analysis_of_one_step(name):
+    """XLA counts one un-looped gradient step exactly. The analytic count leaves out
+    elementwise work: it must be within 3% below XLA's. (Not the LSTM: XLA counts its scan
+    body once, and on one-token sequences it folds away the products with the zero initial
+    state, so no XLA count equals a round's.)"""
+    w = WORKLOADS[name]
+    model = build_model(fs, w)
+    params = model.init(jax.random.key(0))
+    x, y = client_data(w, 1)
+    b = w.batch_size
+    batch = {"x": jnp.asarray(x[:b]), "y": jnp.asarray(y[:b])}
+    want = b * w.flops_per_example()
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(model.loss(p, batch, jax.random.key(1)))))
+    cost = grad.lower(params).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert 0.97 * cost["flops"] <= want <= cost["flops"], (want, cost["flops"])
+
+
+def test_client_data_is_seeded_and_shaped():
+    w = WORKLOADS["W4"]
+    x, y = client_data(w, 3)
+    assert x.shape == y.shape == (300, SEQ_LEN)
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])    # y is x shifted by one token
+    assert x.min() >= 1 and x.max() < w.num_classes       # no PAD
+    x2, _ = client_data(w, 3)
+    np.testing.assert_array_equal(x, x2)
+
+
+def test_derive_roofline_and_ratios():
+    w = WORKLOADS["W1"]
+    rows = [{"workload": "W1", "cohort": 100, "system": "fedjax_sim", "variant": None,
+             "s_per_round": 0.5, "chunk_size": 4, "devices": 2, "temp_mb": 8.0},
+            {"workload": "W1", "cohort": 100, "system": "fedjax", "variant": None,
+             "s_per_round": 2.0},
+            {"workload": "W1", "cohort": 100, "system": "pfl", "error": "not installed"}]
+    device = {"peak_gflops": 100.0, "bandwidth_gbs": 1e-3}   # memory-bound on purpose
+    suite.derive(rows, device)
+    floor = w.traffic_bytes_per_round(100) / 1e6
+    assert rows[0]["roofline_floor_s"] == pytest.approx(floor)
+    assert rows[0]["roofline_fraction"] == pytest.approx(floor / 0.5)
+    assert rows[1]["fedjax_sim_speedup"] == pytest.approx(4.0)
+    assert rows[0]["measured_bytes_per_client"] == pytest.approx(8 * 2**20 / 8)
+    assert "roofline_fraction" not in rows[2]
+    device["bandwidth_gbs"] = 1e9                             # now compute-bound
+    suite.derive(rows, device)
+    assert rows[0]["roofline_floor_s"] == pytest.approx(w.flops_per_round(100) / 100e9)
+
+
+def test_plans_name_known_systems_and_workloads():
+    for name in ("quick", "cpu", "gpu"):
+        runs = suite.plan(name)
+        assert runs and all(r.system in suite.SYSTEMS and r.workload in WORKLOADS
+                            for r in runs)
+        # Every workload and cohort that a peer runs has a headline fedjax_sim row to
+        # compare with.
+        head = {(r.workload, r.cohort) for r in runs
+                if r.system == "fedjax_sim" and r.variant is None}
+        assert {(r.workload, r.cohort) for r in runs} <= head
+    with pytest.raises(ValueError, match="unknown suite"):
+        suite.plan("tpu")
+
+
+@pytest.mark.slow
+def test_quick_suite_end_to_end(tmp_path):
+    """fedjax_sim and the loop through the real drivers; the peers may be absent (rows with
+    an error), which the report must list."""
+    subprocess.run([sys.executable, str(BENCH / "suite.py"), "quick", "--systems",
+                    "fedjax_sim", "loop", "--workloads", "W2", "--out-dir", str(tmp_path)],
+                   check=True, timeout=600)
+    (out,) = tmp_path.glob("quick-*.json")
+    rows = json.loads(out.read_text())
+    assert {r["system"] for r in rows} == {"fedjax_sim", "loop"}
+    for r in rows:
+        assert r["s_per_round"] > 0 and len(r["round_s"]) == 2
+        assert r["fedjax_sim_speedup"] > 0 and 0 < r["roofline_fraction"]
+    assert not rows[0]["recompiled"]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "| 100 | loop |" in out.with_suffix(".md").read_text()
