@@ -307,31 +307,48 @@ def main(argv=None) -> None:
     p.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="only these")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--out-dir", default=str(HERE / "results"))
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the rows this run measures in an existing results file "
+                   "(keeping that file's device measurements)")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
     device = measure_device(args.suite == "quick")
     name, slug = machine_name(device)
-    print(f"{name}: {device}", flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{args.suite}-{slug}"
+    kept = []
+    if args.merge and stem.with_suffix(".json").exists():
+        old_meta = json.loads(stem.with_suffix(".meta.json").read_text())
+        device = old_meta["device"]
+        kept = json.loads(stem.with_suffix(".json").read_text())
+    print(f"{name}: {device}", flush=True)
     runs = [r for r in plan(args.suite) if (not args.systems or r.system in args.systems)
             and (not args.workloads or r.workload in args.workloads)]
     rows = []
-    with open(f"{stem}.log", "w") as log:
+    new = {(r.workload, r.cohort, r.system, r.variant) for r in runs}
+    kept = [r for r in kept
+            if (r["workload"], r["cohort"], r["system"], r.get("variant")) not in new]
+    with open(f"{stem}.log", "a" if args.merge else "w") as log:
         for i, run in enumerate(runs):
             row = execute(run, args.timeout, log)
             rows.append(row)
             msg = row.get("error") or f"{row['s_per_round']:.4g} s/round"
             print(f"[{i + 1}/{len(runs)}] {run.workload} C={run.cohort} {run.system}"
                   f"{' (' + run.variant + ')' if run.variant else ''}: {msg}", flush=True)
-    derive(rows, device)
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for r in rows:
-        r.update(machine=name, date=date, suite=args.suite, peak_gflops=device["peak_gflops"],
+        r.update(machine=name, date=date)
+    rows = kept + rows
+    derive(rows, device)
+    for r in rows:
+        r.update(machine=name, suite=args.suite, peak_gflops=device["peak_gflops"],
                  bandwidth_gbs=device["bandwidth_gbs"])
+    if kept:
+        date = f"{old_meta['date']} (rows merged {date})"
+        t0 -= old_meta["total_s"]
     meta = {"suite": args.suite, "machine": name, "date": date, "device": device,
             "loadavg_start": loadavg_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],

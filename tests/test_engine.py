@@ -119,6 +119,25 @@ def test_eight_devices_match_one_device():
     assert_trees_close(results[1], results[0], RTOL, ATOL)
 
 
+def test_sharded_model_with_its_own_scan_matches_one_device():
+    """A model that scans with a constant initial carry (Flax's nn.RNN LSTM) under shard_map:
+    the carry is not marked varying by the user's code, which must neither fail nor change
+    the result."""
+    import fedjax_sim as fs
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 90, (40, 12)).astype(np.int32)
+    data = fs.data.from_arrays(np.repeat(np.arange(4), 10),
+                               {"x": tokens[:, :-1].copy(), "y": tokens[:, 1:].copy()})
+    model = fs.models.char_lstm(hidden=16)
+    algo = algorithms.fedavg(model, optax.sgd(0.5), batch_size=5)
+    params = model.init(jax.random.key(0))
+    results = [fs.simulate(algo, data, rounds=2, cohort_size=4, params=params, chunk_size=1,
+                           mesh=mesh, progress=False).params
+               for mesh in (None, client_mesh())]
+    assert_trees_close(results[1], results[0], RTOL, ATOL)
+
+
 # -- engine vs reference ---------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Case:
