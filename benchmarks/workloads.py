@@ -168,10 +168,15 @@ def client_data(w: Workload, num_clients: int, seed: int = SEED) -> tuple[np.nda
 # -- the protocol every driver follows ----------------------------------------------------------
 
 def peak_host_mb() -> float:
-    """Peak resident memory of this process and its waited-for children, MB."""
-    kb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-          + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return kb / 1024
+    """Peak resident memory of this process (`VmHWM`; `ru_maxrss` is no use here: Linux keeps
+    the parent's high-water mark across fork and exec) plus its waited-for children, MB."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return hwm / 1024 + children
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + children
 
 
 def time_rounds(run_round: Callable[[], None], rounds: int, warmup: int = 1) -> dict:
