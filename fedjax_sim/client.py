@@ -91,22 +91,6 @@ def _finite_rows(tree, n: int) -> jax.Array:
     return ok
 
 
-def _varying(tree: Any, engine: Engine) -> Any:
-    """Marks the leaves of `tree` as varying over the clients axis (inside shard_map).
-
-    Loop carries that start from constants (a zero loss sum, a zero aggregate) must be varying
-    already, since the loop body mixes in per-client (varying) values.
-    """
-    if engine.mesh is None:
-        return tree
-
-    def cast(x):
-        varying = CLIENTS in jax.typeof(x).mat.varying
-        return x if varying else lax.pcast(x, CLIENTS, to="varying")
-
-    return jax.tree.map(cast, tree)
-
-
 def run_clients(
     update: ClientUpdate,
     aggregator: Aggregator,
@@ -131,7 +115,7 @@ def run_clients(
 
     def one_client(bcast, rows, start, length, num_steps, client_key):
         order, pool = rows
-        state = _varying(update.init(bcast, jax.random.fold_in(client_key, 0)), engine)
+        state = update.init(bcast, jax.random.fold_in(client_key, 0))
 
         def body(carry):
             s, st = carry
@@ -162,15 +146,10 @@ def run_clients(
         return partial, (metrics, finite)
 
     def local(bcast, rows, start, length, num_steps, weights, ids):
-        if engine.mesh is not None:
-            # Replicated inputs must be marked varying, or the gradient with respect to them is
-            # silently summed across devices inside shard_map.
-            bcast = jax.tree.map(lambda x: lax.pcast(x, CLIENTS, to="varying"), bcast)
         k = engine.chunk_size
         xs = tuple(a.reshape((-1, k)) for a in (start, length, num_steps, weights, ids))
         partial_shape = jax.eval_shape(lambda: chunk(bcast, rows, tuple(a[0] for a in xs))[0])
-        zeros = _varying(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), partial_shape),
-                         engine)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), partial_shape)
 
         def body(acc, x):
             partial, per_client = chunk(bcast, rows, x)
@@ -195,8 +174,10 @@ def run_clients(
             mesh=engine.mesh,
             in_specs=(P(), P()) + (P(CLIENTS),) * 5,
             out_specs=(P(), P(CLIENTS), P(CLIENTS)),
-            # User models may scan from constant initial carries (Flax's nn.RNN) that they do
-            # not mark varying; without the check, those trace as they do on one device.
+            # Without the varying-axes check the body traces as on one device: user models may
+            # scan from constant carries (Flax's nn.RNN) they do not mark varying, and the
+            # gradient with respect to the replicated params stays per device (with the check,
+            # it would be summed over devices unless the params were cast to varying).
             check_vma=False,
         )(broadcast, rows, *per_client)
     return ClientResults(total, metrics, finite)
