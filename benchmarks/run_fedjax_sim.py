@@ -13,19 +13,22 @@ devices and shards the cohort over them.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from workloads import SEED, WORKLOADS, client_data, driver_parser, result_line, time_rounds  # noqa: E402
 
+import fedjax_sim as fs  # noqa: E402
 
-def build_model(fs, w):
+
+def build_model(w):
     if w.model == "mlp":
         return fs.models.mlp(784, w.num_classes, hidden=(200,))
     if w.model == "logistic":
@@ -35,16 +38,14 @@ def build_model(fs, w):
     return fs.models.char_lstm(w.num_classes)
 
 
-def build(fs, w, cohort: int, *, shuffle: bool = True):
+def build(w, cohort: int):
     """(algorithm, population): the workload's FedAvg and a population of `cohort` clients."""
-    import optax
-
     x, y = client_data(w, cohort)
     train = fs.data.from_arrays(np.repeat(np.arange(cohort), w.examples_per_client),
                                 {"x": x, "y": y})
-    algo = fs.algorithms.fedavg(build_model(fs, w), optax.sgd(w.client_lr),
+    algo = fs.algorithms.fedavg(build_model(w), optax.sgd(w.client_lr),
                                 optax.sgd(w.server_lr), batch_size=w.batch_size,
-                                num_epochs=w.epochs, shuffle=shuffle)
+                                num_epochs=w.epochs)
     return algo, train
 
 
@@ -55,15 +56,11 @@ def main(argv=None) -> None:
                    help="XLA host devices to shard the cohort over (CPU only)")
     args = p.parse_args(argv)
     if args.devices > 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.devices}")
-    import jax
-
-    import fedjax_sim as fs
+        jax.config.update("jax_num_cpu_devices", args.devices)  # before JAX's backend starts
     sim = importlib.import_module("fedjax_sim.simulate")
 
     w = WORKLOADS[args.workload]
-    algo, train = build(fs, w, args.cohort)
+    algo, train = build(w, args.cohort)
     mesh = fs.client_mesh() if jax.device_count() > 1 else None
     resident = train.nbytes <= sim.RESIDENT_BYTES
     params = algo.model.init(jax.random.key(SEED))

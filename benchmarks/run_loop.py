@@ -16,19 +16,23 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from loop import LoopFedAvg  # noqa: E402
 from run_fedjax_sim import build_model  # noqa: E402
-from workloads import SEED, WORKLOADS, client_data, driver_parser, result_line, time_rounds  # noqa: E402
-
-import fedjax_sim as fs  # noqa: E402
+from workloads import (  # noqa: E402
+    SEED,
+    WORKLOADS,
+    client_data,
+    driver_parser,
+    result_line,
+    split_clients,
+    time_rounds,
+)
 
 
 def main(argv=None) -> None:
     args = driver_parser(__doc__.split("\n")[0]).parse_args(argv)
     w = WORKLOADS[args.workload]
     x, y = client_data(w, args.cohort)
-    n = w.examples_per_client
-    clients = [{"x": x[i * n:(i + 1) * n], "y": y[i * n:(i + 1) * n]}
-               for i in range(args.cohort)]
-    model = build_model(fs, w)
+    clients = [{"x": cx, "y": cy} for cx, cy in split_clients(w, x, y)]
+    model = build_model(w)
     loop = LoopFedAvg(model, optax.sgd(w.client_lr), optax.sgd(w.server_lr),
                       batch_size=w.batch_size, num_epochs=w.epochs)
     params, opt_state = loop.init(model.init(jax.random.key(SEED)))

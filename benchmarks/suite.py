@@ -282,7 +282,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for system in SYSTEMS:
-            for variant in sorted({r.get("variant") or "" for r in rows},):
+            for variant in sorted({r.get("variant") or "" for r in rows}):
                 pts = sorted((r["cohort"], r["s_per_round"]) for r in rows
                              if r["workload"] == name and r["system"] == system
                              and (r.get("variant") or "") == variant and "error" not in r)

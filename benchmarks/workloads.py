@@ -165,6 +165,12 @@ def client_data(w: Workload, num_clients: int, seed: int = SEED) -> tuple[np.nda
     return x, y
 
 
+def split_clients(w: Workload, x: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`client_data`'s arrays as one (x, y) pair of views per client."""
+    n = w.examples_per_client
+    return [(x[i:i + n], y[i:i + n]) for i in range(0, len(y), n)]
+
+
 # -- the protocol every driver follows ----------------------------------------------------------
 
 def peak_host_mb() -> float:

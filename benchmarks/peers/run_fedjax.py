@@ -33,6 +33,7 @@ from workloads import (  # noqa: E402
     client_data,
     driver_parser,
     result_line,
+    split_clients,
     time_rounds,
 )
 
@@ -66,10 +67,9 @@ def main(argv=None) -> None:
     args = driver_parser(__doc__.split("\n")[0]).parse_args(argv)
     w = WORKLOADS[args.workload]
     x, y = client_data(w, args.cohort)
-    n = w.examples_per_client
     data = fedjax.InMemoryFederatedData({
-        f"{i:06d}".encode(): {"x": x[i * n:(i + 1) * n], "y": y[i * n:(i + 1) * n]}
-        for i in range(args.cohort)})
+        f"{i:06d}".encode(): {"x": cx, "y": cy}
+        for i, (cx, cy) in enumerate(split_clients(w, x, y))})
     model = build_model(w)
     algorithm = fed_avg.federated_averaging(
         fedjax.model_grad(model), fedjax.optimizers.sgd(w.client_lr),

@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
-from workloads import SEED, WORKLOADS, client_data, driver_parser, result_line  # noqa: E402
+from workloads import SEED, WORKLOADS, client_data, driver_parser, result_line, split_clients  # noqa: E402
 
 _CACHE = {}
 
@@ -40,11 +40,10 @@ def node_data(workload: str, cohort: int, node: int):
     """This node's examples (each Ray actor generates the population once and keeps it)."""
     key = (workload, cohort)
     if key not in _CACHE:
-        _CACHE[key] = client_data(WORKLOADS[workload], cohort)
-    x, y = _CACHE[key]
-    n = WORKLOADS[workload].examples_per_client
-    rows = slice(node * n, (node + 1) * n)
-    return torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
+        w = WORKLOADS[workload]
+        _CACHE[key] = split_clients(w, *client_data(w, cohort))
+    x, y = _CACHE[key][node]
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def make_apps(workload: str, cohort: int, rounds: int, ticks: list, checks: dict):

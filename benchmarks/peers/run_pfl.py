@@ -31,7 +31,7 @@ from pfl.data.sampling import get_user_sampler  # noqa: E402
 from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams  # noqa: E402
 from pfl.metrics import Metrics  # noqa: E402
 from pfl.model.pytorch import PyTorchModel  # noqa: E402
-from workloads import SEED, WORKLOADS, client_data, driver_parser, result_line  # noqa: E402
+from workloads import SEED, WORKLOADS, client_data, driver_parser, result_line, split_clients  # noqa: E402
 
 
 class RoundClock(TrainingProcessCallback):
@@ -58,8 +58,7 @@ def main(argv=None) -> None:
     np.random.seed(SEED)  # noqa: NPY002 (pfl draws from the global generator)
     w = WORKLOADS[args.workload]
     x, y = client_data(w, args.cohort)
-    n = w.examples_per_client
-    users = {i: [x[i * n:(i + 1) * n], y[i * n:(i + 1) * n]] for i in range(args.cohort)}
+    users = {i: list(pair) for i, pair in enumerate(split_clients(w, x, y))}
     data = FederatedDataset.from_slices(users, get_user_sampler("minimize_reuse",
                                                                 list(users)))
     net = torch_models.build(w)
