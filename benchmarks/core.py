@@ -188,10 +188,8 @@ class EngineSystem:
         self.runner = sim.RoundRunner(algo, train, cohort, engine, SEED, resident=True)
         self.packed = self.runner.pack(self._indices(0), 0)
         self.r = 0
-        key = fs.client.replicate(jax.random.key(SEED), engine)
         t = time.perf_counter()
-        lowered = self.runner.fn.lower(self.state, *self.packed, key,
-                                       batch_size=self.runner.shape.batch_size, engine=engine)
+        lowered = self.runner.lower(self.state, self.packed)
         self.trace_s = time.perf_counter() - t
         compiled = lowered.compile()  # the jit's own first call reuses it from JAX's cache
         self.compile_s = time.perf_counter() - t

@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +50,40 @@ def build(w, cohort: int):
                                 optax.sgd(w.server_lr), batch_size=w.batch_size,
                                 num_epochs=w.epochs)
     return algo, train
+
+
+def plain_steps(w, model, cohort: int, mesh):
+    """The round's local steps alone, jitted: `(params, batch) -> params[devices, ...]`, each
+    device running its share of cohort x steps-per-client plain SGD steps of the model on one
+    fixed batch, one client at a time (no vmap), in one compiled loop. No per-client state,
+    data gather, masking, finiteness check or aggregation: what a round's training costs with
+    nothing federated around it."""
+    devices = 1 if mesh is None else mesh.shape[fs.client.CLIENTS]
+    n = -(-cohort * w.steps_per_client // devices)
+    key = jax.random.key(0)  # the benchmark models have no dropout
+
+    def steps(params, batch):
+        def body(_, p):
+            g = jax.grad(lambda p: jnp.mean(model.loss(p, batch, key)))(p)
+            return jax.tree.map(lambda a, b: a - w.client_lr * b, p, g)
+
+        return jax.tree.map(lambda a: a[None], lax.fori_loop(0, n, body, params))
+
+    return jax.jit(steps if mesh is None else jax.shard_map(
+        steps, mesh=mesh, in_specs=(P(), P()), out_specs=P(fs.client.CLIENTS), check_vma=False))
+
+
+def plain_steps_s(w, model, params, batch, cohort: int, mesh) -> float:
+    """Seconds for `plain_steps`, best of 3 after a warm-up: the reference a round's time
+    is set against (small per-step matmuls run well below the device's large-matmul rate)."""
+    f = plain_steps(w, model, cohort, mesh)
+    jax.block_until_ready(f(params, batch))
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        jax.block_until_ready(f(params, batch))
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def main(argv=None) -> None:
@@ -80,10 +117,8 @@ def main(argv=None) -> None:
     state = fs.client.replicate(algo.init(params), engine)
     runner = sim.RoundRunner(algo, train, args.cohort, engine, SEED, resident)
     packed = runner.pack(indices, 0)
-    key = fs.client.replicate(jax.random.key(SEED), engine)
     t = time.perf_counter()
-    compiled = runner.fn.lower(state, *packed, key, batch_size=runner.shape.batch_size,
-                               engine=engine).compile()
+    compiled = runner.lower(state, packed).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
 
@@ -98,6 +133,9 @@ def main(argv=None) -> None:
         jax.block_until_ready(box["state"])
 
     timing = time_rounds(run_round, args.rounds)
+    x, y = (v[:w.batch_size] for v in client_data(w, 1))
+    plain_s = plain_steps_s(w, algo.model, fs.client.replicate(params, engine),
+                            fs.client.replicate({"x": x, "y": y}, engine), args.cohort, mesh)
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     result_line({
@@ -108,7 +146,7 @@ def main(argv=None) -> None:
         "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
         "device_peak_mem_mb": (stats["peak_bytes_in_use"] / 2**20
                                if stats and "peak_bytes_in_use" in stats else None),
-        "final_train_loss": box["loss"],
+        "final_train_loss": box["loss"], "plain_steps_s": plain_s,
         "jax_version": jax.__version__,
     })
 

@@ -211,6 +211,8 @@ def derive(rows: list[dict], device: dict) -> None:
                  clients_per_s=r["cohort"] / r["s_per_round"],
                  roofline_floor_s=floor, roofline_fraction=floor / r["s_per_round"],
                  footprint_bytes_per_client=w.footprint_bytes_per_client())
+        if r.get("plain_steps_s"):
+            r["plain_steps_roofline_fraction"] = floor / r["plain_steps_s"]
         if r["system"] == "fedjax_sim" and r.get("temp_mb") is not None:
             k = r["chunk_size"] * r.get("devices", 1)
             r["measured_bytes_per_client"] = r["temp_mb"] * 2**20 / k
@@ -239,7 +241,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
            + f"; memory bandwidth {dev['bandwidth_gbs']} GB/s. Roofline floor = max(FLOPs / "
            f"{dev['peak_gflops']} GFLOP/s, bytes / {dev['bandwidth_gbs']} GB/s).", "",
            "`x fedjax_sim` = this row's s/round over fedjax_sim's (headline configuration) at "
-           "the same workload and cohort: how many times faster fedjax_sim is.", ""]
+           "the same workload and cohort: how many times faster fedjax_sim is. `steps-only %` "
+           "(fedjax_sim rows) = the roofline fraction of the round's local SGD steps run back to "
+           "back, one client at a time, with nothing federated around them (`plain_steps_s`): "
+           "what small per-step matmuls reach on this device.", ""]
     for name, w in WORKLOADS.items():
         wr = [r for r in rows if r["workload"] == name]
         if not wr:
@@ -248,12 +253,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{w.num_params:,} params; {w.flops_per_example() / 1e6:.2f} MFLOP per "
                 f"example per pass; client SGD {w.client_lr}, server SGD {w.server_lr}.", "",
                 "| cohort | system | s/round | min | x fedjax_sim | clients/s | compile s "
-                "| peak host MB | K | GFLOP/s | roofline % |",
-                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| peak host MB | K | GFLOP/s | roofline % | steps-only % |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(wr, key=lambda r: (r["cohort"], SYSTEMS.index(r["system"]),
                                            r.get("variant") or "")):
             if "error" in r:
-                out.append(f"| {r['cohort']} | {label(r)} | {r['error']} |||||||||")
+                out.append(f"| {r['cohort']} | {label(r)} | {r['error']} ||||||||||")
                 continue
             k = r.get("chunk_size")
             kstr = "-" if k is None else f"{k}" + (" (auto)" if r.get("autotune_s") else "")
@@ -264,7 +269,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{r['s_per_round_min']:.4g} | {fmt(r['fedjax_sim_speedup'], '.2f')} | "
                 f"{r['clients_per_s']:.0f} | {fmt(r.get('compile_s'), '.2f')} | "
                 f"{r['peak_mem_mb']:.0f} | {kstr} | {r['gflops']:.1f} | "
-                f"{100 * r['roofline_fraction']:.1f} |")
+                f"{100 * r['roofline_fraction']:.1f} | "
+                f"{fmt(r.get('plain_steps_roofline_fraction'), '.1%', '-').rstrip('%')} |")
         out.append("")
     skipped = sorted({f"{r['system']}: {r['error']}" for r in rows if "error" in r})
     if skipped:

@@ -91,7 +91,15 @@ class RoundRunner:
         self.shape = CohortShape.for_population(data, algorithm.batching, cohort_size,
                                                 engine.cohort_multiple)
         self.pool = replicate(data.features, engine) if resident else None
-        self.fn = jax.jit(algorithm.round, static_argnames=("batch_size", "engine"))
+
+        def round_fn(state, cohort, pool, round_num, *, batch_size, engine):
+            # The round's key is derived inside the program: deriving and placing it from
+            # the host cost milliseconds per round, a tenth of a small round on a CPU.
+            key = jax.random.fold_in(jax.random.key(seed), round_num)
+            return algorithm.round(state, cohort, pool, key, batch_size=batch_size,
+                                   engine=engine)
+
+        self.fn = jax.jit(round_fn, static_argnames=("batch_size", "engine"))
 
     def pack(self, indices: np.ndarray, round_num: int) -> tuple[Cohort, Any]:
         cohort, rows = pack_cohort(self.data, indices, self.algorithm.batching, self.shape,
@@ -104,11 +112,16 @@ class RoundRunner:
         check_rows(self.data, rows, pool, self.algorithm.model.label)
         return place_cohort(cohort, self.engine), replicate(pool, self.engine)
 
+    def lower(self, state, packed) -> jax.stages.Lowered:
+        """The round program for these shapes, to compile ahead of time (call with the
+        compiled program's `(state, *packed, np.int32(round_num))`)."""
+        return self.fn.lower(state, *packed, np.int32(0), batch_size=self.shape.batch_size,
+                             engine=self.engine)
+
     def __call__(self, state, packed, round_num: int):
         cohort, pool = packed
-        key = replicate(jax.random.fold_in(jax.random.key(self.seed), round_num), self.engine)
-        return self.fn(state, cohort, pool, key, batch_size=self.shape.batch_size,
-                       engine=self.engine)
+        return self.fn(state, cohort, pool, np.int32(round_num),
+                       batch_size=self.shape.batch_size, engine=self.engine)
 
 
 def chunk_candidates(per_device: int) -> list[int]:
@@ -143,16 +156,14 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
     for k in sorted(candidates):
         runner = RoundRunner(algorithm, data, cohort_size, Engine(k, mesh), seed, resident)
         packed = runner.pack(indices, 0)
-        key = replicate(jax.random.key(seed), runner.engine)
-        compiled = runner.fn.lower(state, *packed, key, batch_size=runner.shape.batch_size,
-                                   engine=runner.engine).compile()
+        compiled = runner.lower(state, packed).compile()
         mem = compiled.memory_analysis()
         if not process0_decides(mem is None or mem.temp_size_in_bytes <= memory_budget):
             break
         elapsed = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
-            jax.block_until_ready(compiled(state, *packed, key))
+            jax.block_until_ready(compiled(state, *packed, np.int32(0)))
             elapsed = min(elapsed, time.perf_counter() - t)
         slower = elapsed > 1.5 * best_time
         if elapsed < best_time:

@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import suite  # noqa: E402
-from run_fedjax_sim import build_model  # noqa: E402
+from run_fedjax_sim import build_model, plain_steps  # noqa: E402
 from workloads import SEQ_LEN, WORKLOADS, client_data  # noqa: E402
 
 
@@ -58,7 +58,8 @@ def test_client_data_is_seeded_and_shaped():
 def test_derive_roofline_and_ratios():
     w = WORKLOADS["W1"]
     rows = [{"workload": "W1", "cohort": 100, "system": "fedjax_sim", "variant": None,
-             "s_per_round": 0.5, "chunk_size": 4, "devices": 2, "temp_mb": 8.0},
+             "s_per_round": 0.5, "chunk_size": 4, "devices": 2, "temp_mb": 8.0,
+             "plain_steps_s": 0.25},
             {"workload": "W1", "cohort": 100, "system": "fedjax", "variant": None,
              "s_per_round": 2.0},
             {"workload": "W1", "cohort": 100, "system": "pfl", "error": "not installed"}]
@@ -69,10 +70,29 @@ def test_derive_roofline_and_ratios():
     assert rows[0]["roofline_fraction"] == pytest.approx(floor / 0.5)
     assert rows[1]["fedjax_sim_speedup"] == pytest.approx(4.0)
     assert rows[0]["measured_bytes_per_client"] == pytest.approx(8 * 2**20 / 8)
+    assert rows[0]["plain_steps_roofline_fraction"] == pytest.approx(floor / 0.25)
+    assert "plain_steps_roofline_fraction" not in rows[1]
     assert "roofline_fraction" not in rows[2]
     device["bandwidth_gbs"] = 1e9                             # now compute-bound
     suite.derive(rows, device)
     assert rows[0]["roofline_floor_s"] == pytest.approx(w.flops_per_round(100) / 100e9)
+
+
+def test_plain_steps_are_the_rounds_sgd_steps():
+    """The steps-only reference runs cohort x steps-per-client SGD steps, no fewer."""
+    w = WORKLOADS["W2"]
+    model = build_model(w)
+    params = model.init(jax.random.key(0))
+    x, y = client_data(w, 1)
+    batch = {"x": jnp.asarray(x[:w.batch_size]), "y": jnp.asarray(y[:w.batch_size])}
+    out = plain_steps(w, model, 2, None)(params, batch)
+    expected = params
+    for _ in range(2 * w.steps_per_client):
+        g = jax.grad(lambda p: jnp.mean(model.loss(p, batch, jax.random.key(0))))(expected)
+        expected = jax.tree.map(lambda a, b: a - w.client_lr * b, expected, g)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6)
+        assert a.shape[0] == 1
 
 
 def test_plans_name_known_systems_and_workloads():
@@ -102,6 +122,7 @@ def test_quick_suite_end_to_end(tmp_path):
     for r in rows:
         assert r["s_per_round"] > 0 and len(r["round_s"]) == 2
         assert r["fedjax_sim_speedup"] > 0 and 0 < r["roofline_fraction"]
-    assert not rows[0]["recompiled"]
+    sim = next(r for r in rows if r["system"] == "fedjax_sim")
+    assert not sim["recompiled"] and 0 < sim["plain_steps_s"]
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "| 100 | loop |" in out.with_suffix(".md").read_text()
