@@ -57,8 +57,13 @@ def cpu_cores() -> int:
 
 
 def plan(suite: str) -> list[Run]:
-    """The runs of a suite, in order."""
+    """The runs of a suite, in order: one (workload, cohort) at a time, fedjax_sim first, so
+    the runs a ratio compares follow each other within minutes (load from other tenants of
+    a shared machine drifts over minutes: measured 1.5x swings in one system's time)."""
     runs: list[Run] = []
+
+    def by_cell(runs):
+        return sorted(runs, key=lambda r: (r.workload, r.cohort))  # stable: systems in order
 
     def add(workload, cohorts, systems, **kw):
         runs.extend(Run(workload, c, s, **kw) for c in cohorts for s in systems)
@@ -71,7 +76,7 @@ def plan(suite: str) -> list[Run]:
         add("W1", [10, 100], ["loop", "fedjax", "pfl"], rounds=2)
         add("W2", [100], ["fedjax_sim"], args=cores, rounds=2)
         add("W2", [100], ["loop", "fedjax"], rounds=2)
-        return runs
+        return by_cell(runs)
     if suite == "cpu":
         add("W1", [10, 30, 100, 300, 1000], ["fedjax_sim"], args=cores)
         add("W1", [100, 1000], ["fedjax_sim"], variant="1 device")
@@ -86,7 +91,7 @@ def plan(suite: str) -> list[Run]:
         add("W3", [10, 100], ["loop", "fedjax", "pfl"])
         add("W4", [10], ["fedjax_sim"], args=cores)
         add("W4", [10], ["loop", "fedjax", "pfl"])
-        return runs
+        return by_cell(runs)
     if suite == "gpu":
         add("W1", [10, 100, 1000, 10000], ["fedjax_sim", "loop", "fedjax"])
         add("W1", [100, 1000], ["pfl"])
@@ -96,7 +101,7 @@ def plan(suite: str) -> list[Run]:
         add("W3", [10, 100, 1000], ["loop", "fedjax"])
         add("W4", [10, 100, 1000], ["fedjax_sim"])
         add("W4", [10, 100], ["loop", "fedjax"])
-        return runs
+        return by_cell(runs)
     raise ValueError(f"unknown suite {suite!r}: cpu, gpu or quick")
 
 

@@ -137,40 +137,67 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
                       candidates=None, memory_budget=None, repeats=2) -> int:
     """Times vectorization widths K on the first cohort and returns the fastest.
 
-    Candidates run from narrow to wide (`chunk_candidates`); each is timed `repeats` times and
-    scored by its fastest run, which is robust to load from other processes. The search stops
-    at a candidate whose compiled program needs more than `memory_budget` bytes of temporaries
-    (XLA's own memory analysis), or that is over 1.5x slower than the best so far: time per
-    round falls with K while vmapping amortizes per-step overhead, then rises once per-client
-    batched matmuls or memory traffic dominate (measured on a 2-core CPU with a 784-200-10 MLP:
-    K = 2 to 8 best, K = C 2x slower; accelerators favour far wider K). The chosen program
-    stays in JAX's compilation cache, so the run does not compile it again.
+    Time per round falls with K while vmapping amortizes per-step overhead, then rises once
+    per-client batched matmuls or memory traffic dominate (measured on a 2-core CPU with a
+    784-200-10 MLP: K = 1 to 8 best, K = C 2x slower; accelerators favour far wider K).
+    Candidates (`chunk_candidates`) are compiled and timed by `autotune`; one whose compiled
+    program needs more than `memory_budget` bytes of temporaries (XLA's own memory analysis)
+    ends the search. The chosen program stays in JAX's compilation cache, so the run does not
+    compile it again.
     """
     devices = 1 if mesh is None else mesh.shape["clients"]
-    per_device = -(-cohort_size // devices)
     if candidates is None:
-        candidates = chunk_candidates(per_device)
+        candidates = chunk_candidates(-(-cohort_size // devices))
     if memory_budget is None:
         memory_budget = _memory_budget()
-    best, best_time = 1, float("inf")
-    for k in sorted(candidates):
+    programs = {}
+
+    def build(k):
         runner = RoundRunner(algorithm, data, cohort_size, Engine(k, mesh), seed, resident)
         packed = runner.pack(indices, 0)
         compiled = runner.lower(state, packed).compile()
         mem = compiled.memory_analysis()
-        if not process0_decides(mem is None or mem.temp_size_in_bytes <= memory_budget):
+        programs[k] = (compiled, packed)
+        return mem is None or mem.temp_size_in_bytes <= memory_budget
+
+    def seconds(k):
+        compiled, packed = programs[k]
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(state, *packed, np.int32(0)))
+        return time.perf_counter() - t
+
+    return autotune(sorted(candidates), build, seconds, repeats=repeats)
+
+
+def autotune(candidates, build, seconds, *, repeats=2, give_up=2.0) -> int:
+    """The candidate with the fastest timed run: `build(k)` prepares candidate k and says
+    whether it fits; `seconds(k)` times one run of it.
+
+    A sweep times each candidate once in order, stopping before the first that does not fit
+    and after the first over `give_up` x the best so far. Then the candidates within
+    `give_up` x the sweep's best are timed `repeats` more times, round robin, and each is
+    scored by its fastest run. Timing round robin rather than one candidate after another
+    matters on a shared machine, where a slow spell lasting seconds would otherwise land
+    on one candidate only (on a 2-core CPU, back-to-back timing once picked K = 1 for a
+    1,000-client logistic regression round, which runs 1.2-1.6x as long as K = 8).
+    Every decision is process 0's, so all processes run the same programs.
+    """
+    times: dict[int, list[float]] = {}
+    for k in candidates:
+        if not process0_decides(build(k)):
             break
-        elapsed = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(compiled(state, *packed, np.int32(0)))
-            elapsed = min(elapsed, time.perf_counter() - t)
-        slower = elapsed > 1.5 * best_time
-        if elapsed < best_time:
-            best, best_time = k, elapsed
-        if process0_decides(slower):
+        times[k] = [seconds(k)]
+        best = min(t[0] for t in times.values())
+        if process0_decides(times[k][0] > give_up * best):
             break
-    return process0_decides(best)
+    if not times:
+        return candidates[0]
+    best = min(t[0] for t in times.values())
+    contenders = [k for k in times if process0_decides(times[k][0] <= give_up * best)]
+    for _ in range(repeats):
+        for k in contenders:
+            times[k].append(seconds(k))
+    return process0_decides(min(contenders, key=lambda k: min(times[k])))
 
 
 def process0_decides(value: int) -> int:

@@ -105,6 +105,12 @@ def test_plans_name_known_systems_and_workloads():
         head = {(r.workload, r.cohort) for r in runs
                 if r.system == "fedjax_sim" and r.variant is None}
         assert {(r.workload, r.cohort) for r in runs} <= head
+        # One (workload, cohort) at a time, its headline fedjax_sim run first.
+        cells = [(r.workload, r.cohort) for r in runs]
+        firsts = [i for i in range(len(runs)) if i == 0 or cells[i] != cells[i - 1]]
+        assert len(firsts) == len(set(cells))
+        assert all(runs[i].system == "fedjax_sim" and runs[i].variant is None
+                   for i in firsts)
     with pytest.raises(ValueError, match="unknown suite"):
         suite.plan("tpu")
 

@@ -83,6 +83,31 @@ def test_memory_budget_skips_candidates_that_do_not_fit(population):
     assert k == 1  # nothing fits a 1-byte budget: the plain scan is the fallback
 
 
+def test_autotune_times_contenders_round_robin_so_a_slow_spell_does_not_decide():
+    from fedjax_sim.simulate import autotune
+    cost = {1: 1.0, 2: 0.8, 4: 0.6, 8: 0.9, 16: 5.0}
+    built, calls = [], []
+
+    def seconds(k):
+        calls.append(k)
+        return cost[k] * (1.8 if len(calls) == 3 else 1.0)  # K=4's sweep run hits a slow spell
+
+    k = autotune([1, 2, 4, 8, 16], lambda k: built.append(k) or True, seconds, repeats=2)
+    assert k == 4
+    assert built == [1, 2, 4, 8, 16]  # 16 is over 2x the best: the sweep ends there
+    assert calls == [1, 2, 4, 8, 16] + [1, 2, 4, 8] * 2
+
+
+def test_autotune_stops_before_a_candidate_that_does_not_fit():
+    from fedjax_sim.simulate import autotune
+    built, calls = [], []
+    fits = {1: True, 2: True, 4: False, 8: True}
+    k = autotune([1, 2, 4, 8], lambda k: built.append(k) or fits[k],
+                 lambda k: calls.append(k) or {1: 2.0, 2: 1.0}[k], repeats=1)
+    assert (k, built, calls) == (2, [1, 2, 4], [1, 2, 1, 2])
+    assert autotune([4, 8], lambda k: False, lambda k: 1.0) == 4  # the narrowest as fallback
+
+
 def test_step_efficiency_counts_steps_a_chunk_runs_for_its_longest_client():
     from fedjax_sim.simulate import step_efficiency
     steps = np.array([9, 7, 3, 1, 0, 0])
