@@ -134,7 +134,7 @@ def chunk_candidates(per_device: int) -> list[int]:
 
 
 def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh, resident,
-                      candidates=None, memory_budget=None, repeats=2) -> int:
+                      candidates=None, memory_budget=None, repeats=1) -> int:
     """Times vectorization widths K on the first cohort and returns the fastest.
 
     Time per round falls with K while vmapping amortizes per-step overhead, then rises once
@@ -169,17 +169,19 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
     return autotune(sorted(candidates), build, seconds, repeats=repeats)
 
 
-def autotune(candidates, build, seconds, *, repeats=2, give_up=2.0) -> int:
+def autotune(candidates, build, seconds, *, repeats=1, give_up=2.0) -> int:
     """The candidate with the fastest timed run: `build(k)` prepares candidate k and says
     whether it fits; `seconds(k)` times one run of it.
 
     A sweep times each candidate once in order, stopping before the first that does not fit
     and after the first over `give_up` x the best so far. Then the candidates within
     `give_up` x the sweep's best are timed `repeats` more times, round robin, and each is
-    scored by its fastest run. Timing round robin rather than one candidate after another
-    matters on a shared machine, where a slow spell lasting seconds would otherwise land
-    on one candidate only (on a 2-core CPU, back-to-back timing once picked K = 1 for a
-    1,000-client logistic regression round, which runs 1.2-1.6x as long as K = 8).
+    scored by its fastest run (one more run each by default: with two, W3's 100-client
+    search took 785 s on a 2-core CPU, against 498 s for two back-to-back runs each).
+    Timing round robin rather than one candidate after another matters on a shared
+    machine, where a slow spell lasting seconds would otherwise land on one candidate only
+    (on a 2-core CPU, back-to-back timing once picked K = 1 for a 1,000-client logistic
+    regression round, which runs 1.2-1.6x as long as K = 8).
     Every decision is process 0's, so all processes run the same programs.
     """
     times: dict[int, list[float]] = {}
