@@ -182,6 +182,15 @@ def measure_device(quick: bool) -> dict:
             "device_count": jax.device_count(), "jax_version": jax.__version__}
 
 
+def best_limits(start: dict, end: dict) -> dict:
+    """The device's limits from its measurements at the start and the end of a run: each
+    figure's higher value (load from other tenants only ever lowers a measured rate: 113 to
+    157 GFLOP/s for the same 2-core CPU across runs)."""
+    rates = {k: max(v, end["matmul_gflops"][k]) for k, v in start["matmul_gflops"].items()}
+    return {**start, "matmul_gflops": rates, "peak_gflops": max(rates.values()),
+            "bandwidth_gbs": max(start["bandwidth_gbs"], end["bandwidth_gbs"])}
+
+
 def machine_name(device: dict) -> tuple[str, str]:
     """(human-readable name, file-name slug)."""
     if device["platform"] == "cpu":
@@ -241,7 +250,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"# {meta['suite']} suite: {meta['machine']}", "",
            f"{meta['date']}; jax {dev['jax_version']}; total {meta['total_s'] / 60:.0f} min; "
            f"load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at end.", "",
-           "Measured on this device in this run: f32 matmul "
+           "Measured on this device at the start and the end of this run (the higher of "
+           "each): f32 matmul "
            + ", ".join(f"{k}: {v} GFLOP/s" for k, v in dev["matmul_gflops"].items())
            + f"; memory bandwidth {dev['bandwidth_gbs']} GB/s. Roofline floor = max(FLOPs / "
            f"{dev['peak_gflops']} GFLOP/s, bytes / {dev['bandwidth_gbs']} GB/s).", "",
@@ -349,6 +359,10 @@ def main(argv=None) -> None:
             msg = row.get("error") or f"{row['s_per_round']:.4g} s/round"
             print(f"[{i + 1}/{len(runs)}] {run.workload} C={run.cohort} {run.system}"
                   f"{' (' + run.variant + ')' if run.variant else ''}: {msg}", flush=True)
+    measured = [device]
+    if not kept:
+        measured.append(measure_device(args.suite == "quick"))
+        device = best_limits(*measured)
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for r in rows:
         r.update(machine=name, date=date)
@@ -361,6 +375,7 @@ def main(argv=None) -> None:
         date = f"{old_meta['date']} (rows merged {date})"
         t0 -= old_meta["total_s"]
     meta = {"suite": args.suite, "machine": name, "date": date, "device": device,
+            "device_start_end": measured,
             "loadavg_start": loadavg_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "total_s": time.perf_counter() - t0}

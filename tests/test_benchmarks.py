@@ -95,6 +95,16 @@ def test_plain_steps_are_the_rounds_sgd_steps():
         assert a.shape[0] == 1
 
 
+def test_device_limits_are_the_higher_of_the_start_and_end_measurements():
+    start = {"matmul_gflops": {"1024^3": 113.1, "2048^3": 119.3}, "peak_gflops": 119.3,
+             "bandwidth_gbs": 26.6, "platform": "cpu"}
+    end = {"matmul_gflops": {"1024^3": 156.6, "2048^3": 144.8}, "peak_gflops": 156.6,
+           "bandwidth_gbs": 16.3, "platform": "cpu"}
+    best = suite.best_limits(start, end)
+    assert best["matmul_gflops"] == {"1024^3": 156.6, "2048^3": 144.8}
+    assert (best["peak_gflops"], best["bandwidth_gbs"], best["platform"]) == (156.6, 26.6, "cpu")
+
+
 def test_plans_name_known_systems_and_workloads():
     for name in ("quick", "cpu", "gpu"):
         runs = suite.plan(name)
