@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite  # noqa: E402
 from loop import LoopFedAvg, client_arrays  # noqa: E402
+from workloads import time_rounds  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
 
@@ -126,12 +127,7 @@ def matmul_rate(m: int, k: int, n: int, target_flops: float, repeats: int) -> fl
     a = jnp.asarray(rng.standard_normal((reps, m, k), dtype=np.float32))
     b = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
     f = jax.jit(lambda a, b: lax.map(lambda x: x @ b, a))
-    jax.block_until_ready(f(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        best = min(best, time.perf_counter() - t)
+    best = time_rounds(lambda: jax.block_until_ready(f(a, b)), repeats)["s_per_round_min"]
     return reps * flops / best / 1e9
 
 

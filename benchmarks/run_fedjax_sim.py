@@ -77,13 +77,7 @@ def plain_steps_s(w, model, params, batch, cohort: int, mesh) -> float:
     """Seconds for `plain_steps`, best of 3 after a warm-up: the reference a round's time
     is set against (small per-step matmuls run well below the device's large-matmul rate)."""
     f = plain_steps(w, model, cohort, mesh)
-    jax.block_until_ready(f(params, batch))
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready(f(params, batch))
-        best = min(best, time.perf_counter() - t)
-    return best
+    return time_rounds(lambda: jax.block_until_ready(f(params, batch)), 3)["s_per_round_min"]
 
 
 def main(argv=None) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from workloads import RESULT_PREFIX, WORKLOADS  # noqa: E402
+from workloads import RESULT_PREFIX, WORKLOADS, time_rounds  # noqa: E402
 
 PEERS = HERE / "peers"
 SYSTEMS = ("fedjax_sim", "loop", "fedjax", "pfl", "flower")
@@ -62,9 +62,6 @@ def plan(suite: str) -> list[Run]:
     a shared machine drifts over minutes: measured 1.5x swings in one system's time)."""
     runs: list[Run] = []
 
-    def by_cell(runs):
-        return sorted(runs, key=lambda r: (r.workload, r.cohort))  # stable: systems in order
-
     def add(workload, cohorts, systems, **kw):
         runs.extend(Run(workload, c, s, **kw) for c in cohorts for s in systems)
 
@@ -76,8 +73,7 @@ def plan(suite: str) -> list[Run]:
         add("W1", [10, 100], ["loop", "fedjax", "pfl"], rounds=2)
         add("W2", [100], ["fedjax_sim"], args=cores, rounds=2)
         add("W2", [100], ["loop", "fedjax"], rounds=2)
-        return by_cell(runs)
-    if suite == "cpu":
+    elif suite == "cpu":
         add("W1", [10, 30, 100, 300, 1000], ["fedjax_sim"], args=cores)
         add("W1", [100, 1000], ["fedjax_sim"], variant="1 device")
         add("W1", [10, 30, 100, 300, 1000], ["loop"])
@@ -91,8 +87,7 @@ def plan(suite: str) -> list[Run]:
         add("W3", [10, 100], ["loop", "fedjax", "pfl"])
         add("W4", [10], ["fedjax_sim"], args=cores)
         add("W4", [10], ["loop", "fedjax", "pfl"])
-        return by_cell(runs)
-    if suite == "gpu":
+    elif suite == "gpu":
         add("W1", [10, 100, 1000, 10000], ["fedjax_sim", "loop", "fedjax"])
         add("W1", [100, 1000], ["pfl"])
         add("W1", [100], ["flower"])
@@ -101,8 +96,9 @@ def plan(suite: str) -> list[Run]:
         add("W3", [10, 100, 1000], ["loop", "fedjax"])
         add("W4", [10, 100, 1000], ["fedjax_sim"])
         add("W4", [10, 100], ["loop", "fedjax"])
-        return by_cell(runs)
-    raise ValueError(f"unknown suite {suite!r}: cpu, gpu or quick")
+    else:
+        raise ValueError(f"unknown suite {suite!r}: cpu, gpu or quick")
+    return sorted(runs, key=lambda r: (r.workload, r.cohort))  # stable: systems keep order
 
 
 def command(run: Run) -> list[str] | None:
@@ -152,13 +148,7 @@ def measure_device(quick: bool) -> dict:
     from jax import lax
 
     def best_time(f, *args, repeats):
-        jax.block_until_ready(f(*args))
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            best = min(best, time.perf_counter() - t)
-        return best
+        return time_rounds(lambda: jax.block_until_ready(f(*args)), repeats)["s_per_round_min"]
 
     gpu = jax.devices()[0].platform != "cpu"
     sizes = (4096, 8192) if gpu else (1024, 2048)
@@ -340,7 +330,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{args.suite}-{slug}"
-    kept = []
+    old_meta, kept = None, []
     if args.merge and stem.with_suffix(".json").exists():
         old_meta = json.loads(stem.with_suffix(".meta.json").read_text())
         device = old_meta["device"]
@@ -359,10 +349,11 @@ def main(argv=None) -> None:
             msg = row.get("error") or f"{row['s_per_round']:.4g} s/round"
             print(f"[{i + 1}/{len(runs)}] {run.workload} C={run.cohort} {run.system}"
                   f"{' (' + run.variant + ')' if run.variant else ''}: {msg}", flush=True)
-    measured = [device]
-    if not kept:
-        measured.append(measure_device(args.suite == "quick"))
+    if old_meta is None:
+        measured = [device, measure_device(args.suite == "quick")]
         device = best_limits(*measured)
+    else:  # merged rows keep the file's device measurements
+        measured = old_meta.get("device_start_end", [device])
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for r in rows:
         r.update(machine=name, date=date)
