@@ -181,7 +181,8 @@ class EngineSystem:
         engine = fs.Engine(k)
         params = algo.model.init(jax.random.key(SEED))
         self.state = fs.client.replicate(algo.init(params), engine)
-        self.runner = sim.RoundRunner(algo, train, cohort, engine, SEED, resident=True)
+        self.runner = sim.RoundRunner(algo, train, cohort, engine, SEED,
+                                      sim.resident_pool(train, None))
         self.packed = self.runner.pack(self._indices(0), 0)
         self.r = 0
         t = time.perf_counter()
@@ -246,11 +247,11 @@ def autotune(algo, train, cohort: int, candidates=None) -> tuple[int, float]:
     arguments, unless `candidates` is given): returns the chosen K and the seconds it took."""
     params = algo.model.init(jax.random.key(SEED))
     state = fs.client.replicate(algo.init(params), fs.Engine(1))
-    resident = train.nbytes <= sim.RESIDENT_BYTES
+    pool = sim.resident_pool(train, None) if train.nbytes <= sim.RESIDENT_BYTES else None
     t = time.perf_counter()
     k = sim.choose_chunk_size(algo, train, cohort, state,
                               sim.sample_cohort(train.num_clients, cohort, SEED, 0),
-                              seed=SEED, mesh=None, resident=resident, candidates=candidates)
+                              seed=SEED, mesh=None, pool=pool, candidates=candidates)
     return k, time.perf_counter() - t
 
 

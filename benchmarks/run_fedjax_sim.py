@@ -26,7 +26,16 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import SEED, WORKLOADS, client_data, driver_parser, result_line, time_rounds  # noqa: E402
+from workloads import (  # noqa: E402
+    SEED,
+    WORKLOADS,
+    client_data,
+    driver_parser,
+    peak_host_mb,
+    reset_peak_host_mb,
+    result_line,
+    time_rounds,
+)
 
 import fedjax_sim as fs  # noqa: E402
 
@@ -94,22 +103,27 @@ def main(argv=None) -> None:
     algo, train = build(w, args.cohort)
     mesh = fs.client_mesh() if jax.device_count() > 1 else None
     resident = train.nbytes <= sim.RESIDENT_BYTES
+    pool = sim.resident_pool(train, mesh) if resident else None
     params = algo.model.init(jax.random.key(SEED))
     indices = sim.sample_cohort(train.num_clients, args.cohort, SEED, 0)
 
-    autotune_s = None
+    autotune_s = autotune_peak_mb = None
     k = args.chunk_size
     if k is None:
         state1 = fs.client.replicate(algo.init(params), fs.Engine(1, mesh))
         t = time.perf_counter()
         k = sim.choose_chunk_size(algo, train, args.cohort, state1, indices, seed=SEED,
-                                  mesh=mesh, resident=resident)
+                                  mesh=mesh, pool=pool)
         autotune_s = time.perf_counter() - t
         jax.clear_caches()  # compile_s below is then a cold compile of the chosen program
+        # The search runs wider programs than the chosen one: its peak is reported apart.
+        autotune_peak_mb = peak_host_mb()
+        if not reset_peak_host_mb():
+            autotune_peak_mb = None
 
     engine = fs.Engine(k, mesh)
     state = fs.client.replicate(algo.init(params), engine)
-    runner = sim.RoundRunner(algo, train, args.cohort, engine, SEED, resident)
+    runner = sim.RoundRunner(algo, train, args.cohort, engine, SEED, pool)
     packed = runner.pack(indices, 0)
     t = time.perf_counter()
     compiled = runner.lower(state, packed).compile()
@@ -134,7 +148,8 @@ def main(argv=None) -> None:
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     result_line({
         "system": "fedjax_sim", "workload": w.name, "cohort": args.cohort, **timing,
-        "compile_s": compile_s, "autotune_s": autotune_s, "chunk_size": k,
+        "compile_s": compile_s, "autotune_s": autotune_s,
+        "autotune_peak_mem_mb": autotune_peak_mb, "chunk_size": k,
         "devices": jax.device_count(), "padded_cohort": runner.shape.size,
         "resident": resident, "recompiled": runner.fn._cache_size() > 1,
         "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,

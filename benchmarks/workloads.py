@@ -185,6 +185,17 @@ def peak_host_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + children
 
 
+def reset_peak_host_mb() -> bool:
+    """Resets this process's `VmHWM` to its current RSS (Linux: "5" to /proc/self/clear_refs),
+    so that `peak_host_mb` covers what runs from here; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def time_rounds(run_round: Callable[[], None], rounds: int, warmup: int = 1) -> dict:
     """Calls `run_round` (which must block until its round is done) `warmup + rounds` times.
 

@@ -81,16 +81,25 @@ def check_model(algorithm: FederatedAlgorithm, data: FederatedData, params: Any,
             f"got {out.shape}")
 
 
+def resident_pool(data: FederatedData, mesh: jax.sharding.Mesh | None) -> dict[str, jax.Array]:
+    """The population's features on every device (then cohorts are gathered there): placed
+    once per run and shared by every chunk size's program."""
+    return replicate(data.features, Engine(1, mesh))
+
+
 class RoundRunner:
-    """Packs cohorts and runs the jitted round for one engine (one compiled program)."""
+    """Packs cohorts and runs the jitted round for one engine (one compiled program).
+
+    `pool` is the population on the device(s) (`resident_pool`), or None to read each
+    cohort's rows on the host.
+    """
 
     def __init__(self, algorithm: FederatedAlgorithm, data: FederatedData, cohort_size: int,
-                 engine: Engine, seed: int, resident: bool):
+                 engine: Engine, seed: int, pool: dict[str, jax.Array] | None):
         self.algorithm, self.data, self.engine, self.seed = algorithm, data, engine, seed
-        self.resident = resident
+        self.pool = pool
         self.shape = CohortShape.for_population(data, algorithm.batching, cohort_size,
                                                 engine.cohort_multiple)
-        self.pool = replicate(data.features, engine) if resident else None
 
         def round_fn(state, cohort, pool, round_num, *, batch_size, engine):
             # The round's key is derived inside the program: deriving and placing it from
@@ -105,7 +114,7 @@ class RoundRunner:
         cohort, rows = pack_cohort(self.data, indices, self.algorithm.batching, self.shape,
                                    seed=self.seed, round_num=round_num,
                                    weighting=self.algorithm.client_weighting)
-        if self.resident:
+        if self.pool is not None:
             return place_cohort(resident_order(cohort, rows), self.engine), self.pool
         pool = host_pool(self.data, rows, self.shape)
         # A streamed population may be too large to check up front: check what is read.
@@ -133,7 +142,7 @@ def chunk_candidates(per_device: int) -> list[int]:
     return out + [per_device]
 
 
-def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh, resident,
+def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh, pool,
                       candidates=None, memory_budget=None, repeats=1) -> int:
     """Times vectorization widths K on the first cohort and returns the fastest.
 
@@ -143,7 +152,8 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
     Candidates (`chunk_candidates`) are compiled and timed by `autotune`; one whose compiled
     program needs more than `memory_budget` bytes of temporaries (XLA's own memory analysis)
     ends the search. The chosen program stays in JAX's compilation cache, so the run does not
-    compile it again.
+    compile it again. Every candidate shares `pool` (`RoundRunner`), and a cohort is packed
+    for each timed run rather than kept per candidate: a host-packed cohort can be large.
     """
     devices = 1 if mesh is None else mesh.shape["clients"]
     if candidates is None:
@@ -153,15 +163,15 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
     programs = {}
 
     def build(k):
-        runner = RoundRunner(algorithm, data, cohort_size, Engine(k, mesh), seed, resident)
-        packed = runner.pack(indices, 0)
-        compiled = runner.lower(state, packed).compile()
+        runner = RoundRunner(algorithm, data, cohort_size, Engine(k, mesh), seed, pool)
+        compiled = runner.lower(state, runner.pack(indices, 0)).compile()
         mem = compiled.memory_analysis()
-        programs[k] = (compiled, packed)
+        programs[k] = (runner, compiled)
         return mem is None or mem.temp_size_in_bytes <= memory_budget
 
     def seconds(k):
-        compiled, packed = programs[k]
+        runner, compiled = programs[k]
+        packed = jax.block_until_ready(runner.pack(indices, 0))
         t = time.perf_counter()
         jax.block_until_ready(compiled(state, *packed, np.int32(0)))
         return time.perf_counter() - t
@@ -293,13 +303,13 @@ def simulate(
         resident = is_in_memory(train) and train.nbytes <= RESIDENT_BYTES
     state = algorithm.init(params)
 
-    base_engine = Engine(1, mesh)
-    state = replicate(state, base_engine)
+    state = replicate(state, Engine(1, mesh))
+    pool = resident_pool(train, mesh) if resident else None
     if chunk_size is None:
         chunk_size = choose_chunk_size(algorithm, train, cohort_size, state,
                                        sample_cohort(train.num_clients, cohort_size, seed, 0),
-                                       seed=seed, mesh=mesh, resident=resident)
-    runner = RoundRunner(algorithm, train, cohort_size, Engine(chunk_size, mesh), seed, resident)
+                                       seed=seed, mesh=mesh, pool=pool)
+    runner = RoundRunner(algorithm, train, cohort_size, Engine(chunk_size, mesh), seed, pool)
     evaluator = (Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
                            num_clients=eval_clients, engine=Engine(1, mesh), seed=seed)
                  if eval_data is not None else None)

@@ -1,5 +1,6 @@
 """The simulation loop: sampling, reproducibility, history, chunk-size choice."""
 
+import importlib
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim.simulate import choose_chunk_size, sample_cohort
+from fedjax_sim.simulate import choose_chunk_size, resident_pool, sample_cohort
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +61,14 @@ def test_training_improves_the_model(population):
     assert after < 0.8 * before
 
 
-def test_automatic_chunk_size_is_a_timed_candidate_and_reproducible(population):
+@pytest.mark.parametrize("resident", [True, False])
+def test_automatic_chunk_size_is_a_timed_candidate_and_reproducible(population, resident):
     train, _ = population
     algo = _algo()
     state = algo.init(algo.model.init(None))
+    pool = resident_pool(train, None) if resident else None
     k = choose_chunk_size(algo, train, 12, state, sample_cohort(train.num_clients, 12, 0, 0),
-                          seed=0, mesh=None, resident=True, candidates=[1, 3, 12])
+                          seed=0, mesh=None, pool=pool, candidates=[1, 3, 12])
     assert k in (1, 3, 12)
     auto = fs.simulate(algo, train, rounds=2, cohort_size=12, progress=False)
     fixed = fs.simulate(algo, train, rounds=2, cohort_size=12, chunk_size=auto.chunk_size,
@@ -78,9 +81,22 @@ def test_memory_budget_skips_candidates_that_do_not_fit(population):
     algo = _algo()
     state = algo.init(algo.model.init(None))
     k = choose_chunk_size(algo, train, 12, state, sample_cohort(train.num_clients, 12, 0, 0),
-                          seed=0, mesh=None, resident=True, candidates=[1, 12],
+                          seed=0, mesh=None, pool=resident_pool(train, None), candidates=[1, 12],
                           memory_budget=1)
     assert k == 1  # nothing fits a 1-byte budget: the plain scan is the fallback
+
+
+def test_chunk_size_search_places_the_population_once(population, monkeypatch):
+    """Every candidate program of the search shares one copy of the resident population (a
+    copy per candidate once held ten copies of a 200 MB population at a time)."""
+    module = importlib.import_module("fedjax_sim.simulate")  # fs.simulate is the function
+    placed, real = [], module.replicate
+    monkeypatch.setattr(module, "replicate",
+                        lambda tree, engine: placed.append(tree) or real(tree, engine))
+    train, _ = population
+    result = fs.simulate(_algo(), train, rounds=2, cohort_size=12, progress=False)
+    assert sum(tree is train.features for tree in placed) == 1
+    assert result.chunk_size in (1, 2, 4, 8, 12)
 
 
 def test_autotune_times_contenders_round_robin_so_a_slow_spell_does_not_decide():
