@@ -140,7 +140,7 @@ def main(argv=None) -> None:
         box["loss"] = float(metrics.train_loss)
         jax.block_until_ready(box["state"])
 
-    timing = time_rounds(run_round, args.rounds)
+    timing = time_rounds(run_round, args.rounds, min_seconds=args.min_seconds)
     x, y = (v[:w.batch_size] for v in client_data(w, 1))
     plain_s = plain_steps_s(w, algo.model, fs.client.replicate(params, engine),
                             fs.client.replicate({"x": x, "y": y}, engine), args.cohort, mesh)

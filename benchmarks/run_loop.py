@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     def run_round():
         box["state"] = jax.block_until_ready(loop.round(*box["state"], clients, rng))
 
-    timing = time_rounds(run_round, args.rounds)
+    timing = time_rounds(run_round, args.rounds, min_seconds=args.min_seconds)
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(box["state"][0])), "diverged"
     result_line({"system": "loop", "workload": w.name, "cohort": args.cohort, **timing,
                  "compile_s": compile_s, "jax_version": jax.__version__})

@@ -1,7 +1,7 @@
 """Benchmark suites: fedjax_sim side by side with the per-client-jit loop, FedJAX, pfl and
 Flower on the workloads W1-W4 (workloads.py), in one run.
 
-  python benchmarks/suite.py cpu      # this machine's CPU suite (about 45 min on 2 cores)
+  python benchmarks/suite.py cpu      # this machine's CPU suite (about 80 min on 2 cores)
   python benchmarks/suite.py gpu      # the GPU suite (run on the GPU machine)
   python benchmarks/suite.py quick    # smoke test, about 2 min: W1/W2 small cohorts
 
@@ -11,8 +11,9 @@ and system), `.md` (tables) and `.png` (seconds per round against cohort size).
 Every (workload, cohort, system) runs in a fresh process: the system's driver, in its own
 virtual environment for the peers (`benchmarks/peers/setup.sh` creates them; a peer whose
 environment is missing is skipped and listed). Each driver builds the same data, runs one
-warm-up round and `--rounds` timed rounds, and reports the median; peak host memory is that
-process's. Before the runs, the suite measures the device's f32 matmul rate and memory
+warm-up round and `--rounds` timed rounds (more where they take under `min_seconds`, for the
+drivers that run their own rounds), and reports the median; peak host memory is that
+process's. Before and after the runs, the suite measures the device's f32 matmul rate and memory
 bandwidth; the roofline floor of a round is max(FLOPs / matmul rate, bytes / bandwidth) with
 FLOPs and bytes counted analytically (workloads.py), and `roofline_fraction` = floor / time.
 Ratios to fedjax_sim are taken within the run.
@@ -40,6 +41,7 @@ from workloads import RESULT_PREFIX, WORKLOADS, time_rounds  # noqa: E402
 
 PEERS = HERE / "peers"
 SYSTEMS = ("fedjax_sim", "loop", "fedjax", "pfl", "flower")
+OWN_LOOP = ("fedjax_sim", "loop", "fedjax")  # pfl's and Flower's frameworks run the rounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Run:
     args: tuple[str, ...] = ()
     variant: str | None = None   # a second configuration of the same system (not the headline)
     rounds: int = 5
+    min_seconds: float = 5.0     # drivers running their own rounds time at least this long
 
 
 def cpu_cores() -> int:
@@ -69,10 +72,11 @@ def plan(suite: str) -> list[Run]:
     # setup); the 1-device variant is measured too.
     cores = ("--devices", str(cpu_cores()))
     if suite == "quick":
-        add("W1", [10, 100], ["fedjax_sim"], args=cores, rounds=2)
-        add("W1", [10, 100], ["loop", "fedjax", "pfl"], rounds=2)
-        add("W2", [100], ["fedjax_sim"], args=cores, rounds=2)
-        add("W2", [100], ["loop", "fedjax"], rounds=2)
+        quick = {"rounds": 2, "min_seconds": 0.0}
+        add("W1", [10, 100], ["fedjax_sim"], args=cores, **quick)
+        add("W1", [10, 100], ["loop", "fedjax", "pfl"], **quick)
+        add("W2", [100], ["fedjax_sim"], args=cores, **quick)
+        add("W2", [100], ["loop", "fedjax"], **quick)
     elif suite == "cpu":
         add("W1", [10, 30, 100, 300, 1000], ["fedjax_sim"], args=cores)
         add("W1", [100, 1000], ["fedjax_sim"], variant="1 device")
@@ -101,10 +105,16 @@ def plan(suite: str) -> list[Run]:
     return sorted(runs, key=lambda r: (r.workload, r.cohort))  # stable: systems keep order
 
 
+def driver_args(run: Run) -> list[str]:
+    """The driver's arguments (`workloads.driver_parser`)."""
+    args = ["--workload", run.workload, "--cohort", str(run.cohort), "--rounds",
+            str(run.rounds), *run.args]
+    return args + (["--min-seconds", str(run.min_seconds)] if run.system in OWN_LOOP else [])
+
+
 def command(run: Run) -> list[str] | None:
     """The driver's command line, or None when the system's environment is missing."""
-    common = ["--workload", run.workload, "--cohort", str(run.cohort), "--rounds",
-              str(run.rounds), *run.args]
+    common = driver_args(run)
     if run.system in ("fedjax_sim", "loop"):
         return [sys.executable, str(HERE / f"run_{run.system}.py"), *common]
     python = PEERS / f".venv-{run.system}" / "bin" / "python"

@@ -196,13 +196,21 @@ def reset_peak_host_mb() -> bool:
         return False
 
 
-def time_rounds(run_round: Callable[[], None], rounds: int, warmup: int = 1) -> dict:
-    """Calls `run_round` (which must block until its round is done) `warmup + rounds` times.
+MAX_TIMED_ROUNDS = 1000
+
+
+def time_rounds(run_round: Callable[[], None], rounds: int, warmup: int = 1,
+                min_seconds: float = 0.0) -> dict:
+    """Calls `run_round` (which must block until its round is done) `warmup` times, then
+    times at least `rounds` calls and goes on until the timed ones add up to `min_seconds`
+    (at most `MAX_TIMED_ROUNDS`): on a shared machine a slow spell lasts seconds, so the
+    median of five 0.06 s rounds can land inside one.
 
     Returns `first_round_s` (includes any lazy compilation), `round_s` (the timed rounds) and
     their median `s_per_round` and minimum `s_per_round_min`."""
     times = []
-    for _ in range(warmup + rounds):
+    while (len(times) < warmup + rounds
+           or (sum(times[warmup:]) < min_seconds and len(times) < warmup + MAX_TIMED_ROUNDS)):
         t = time.perf_counter()
         run_round()
         times.append(time.perf_counter() - t)
@@ -218,12 +226,17 @@ def result_line(row: dict) -> None:
     sys.stdout.flush()
 
 
-def driver_parser(description: str):
-    """The command line every driver takes: --workload, --cohort, --rounds."""
+def driver_parser(description: str, own_loop: bool = True):
+    """The command line every driver takes: --workload, --cohort, --rounds, and for drivers
+    that run the rounds themselves (`own_loop`: not pfl or Flower, whose frameworks run a
+    count fixed in advance) --min-seconds."""
     import argparse
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
     p.add_argument("--cohort", type=int, required=True)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up")
+    if own_loop:
+        p.add_argument("--min-seconds", type=float, default=0.0,
+                       help="time more rounds until they add up to this (see time_rounds)")
     return p

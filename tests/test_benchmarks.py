@@ -4,6 +4,7 @@ and the suite end to end on a tiny plan."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -15,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import suite  # noqa: E402
+import workloads  # noqa: E402
 from run_fedjax_sim import build_model, plain_steps  # noqa: E402
 from workloads import SEQ_LEN, WORKLOADS, client_data  # noqa: E402
 
@@ -123,6 +125,29 @@ def test_plans_name_known_systems_and_workloads():
                    for i in firsts)
     with pytest.raises(ValueError, match="unknown suite"):
         suite.plan("tpu")
+
+
+def test_time_rounds_times_at_least_rounds_and_min_seconds(monkeypatch):
+    calls = []
+
+    def run_round():
+        calls.append(1)
+        time.sleep(0.002)
+
+    timing = workloads.time_rounds(run_round, 3)
+    assert len(calls) == 4 and len(timing["round_s"]) == 3  # one warm-up, three timed
+    calls.clear()
+    timing = workloads.time_rounds(run_round, 3, min_seconds=0.05)
+    assert sum(timing["round_s"]) >= 0.05 and len(timing["round_s"]) > 3
+    assert len(calls) == len(timing["round_s"]) + 1
+    monkeypatch.setattr(workloads, "MAX_TIMED_ROUNDS", 5)
+    assert len(workloads.time_rounds(run_round, 3, min_seconds=100.0)["round_s"]) == 5
+
+
+def test_min_seconds_goes_to_the_drivers_that_run_their_own_rounds():
+    for run in suite.plan("cpu"):
+        args = suite.driver_args(run)
+        assert ("--min-seconds" in args) == (run.system in ("fedjax_sim", "loop", "fedjax"))
 
 
 @pytest.mark.slow

@@ -83,7 +83,7 @@ def main(argv=None) -> None:
         box["state"], _ = algorithm.apply(box["state"], sampler.sample())
         jax.block_until_ready(box["state"].params)
 
-    timing = time_rounds(run_round, args.rounds)
+    timing = time_rounds(run_round, args.rounds, min_seconds=args.min_seconds)
     leaf = jax.tree_util.tree_leaves(box["state"].params)[0]
     assert np.all(np.isfinite(np.asarray(leaf))), "FedJAX diverged"
     result_line({"system": "fedjax", "workload": w.name, "cohort": args.cohort, **timing,

@@ -100,7 +100,7 @@ def make_apps(workload: str, cohort: int, rounds: int, ticks: list, checks: dict
 
 
 def main(argv=None) -> None:
-    p = driver_parser(__doc__.split("\n")[0])
+    p = driver_parser(__doc__.split("\n")[0], own_loop=False)
     p.add_argument("--cpus-per-client", type=float, default=1.0)
     args = p.parse_args(argv)
     ticks: list[float] = []

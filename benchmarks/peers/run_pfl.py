@@ -50,7 +50,7 @@ class RoundClock(TrainingProcessCallback):
 
 
 def main(argv=None) -> None:
-    p = driver_parser(__doc__.split("\n")[0])
+    p = driver_parser(__doc__.split("\n")[0], own_loop=False)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
