@@ -123,6 +123,10 @@ def command(run: Run) -> list[str] | None:
     return [str(python), str(PEERS / f"run_{run.system}.py"), *common]
 
 
+def row_key(row: dict) -> tuple:
+    return row["workload"], row["cohort"], row["system"], row.get("variant")
+
+
 def execute(run: Run, timeout: float, log) -> dict:
     cmd = command(run)
     base = {"workload": run.workload, "cohort": run.cohort, "system": run.system,
@@ -331,6 +335,9 @@ def main(argv=None) -> None:
     p.add_argument("--merge", action="store_true",
                    help="replace only the rows this run measures in an existing results file "
                    "(keeping that file's device measurements)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted run of the same command: the runs it "
+                   "finished (kept in <results>.partial.jsonl as they end) are not run again")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -345,20 +352,34 @@ def main(argv=None) -> None:
         old_meta = json.loads(stem.with_suffix(".meta.json").read_text())
         device = old_meta["device"]
         kept = json.loads(stem.with_suffix(".json").read_text())
+    # Each finished run is saved as it ends, so an interrupted suite loses no finished run.
+    progress = stem.with_suffix(".partial.jsonl")
+    done = {}
+    if args.resume and progress.exists():
+        first, *finished = (json.loads(ln) for ln in progress.read_text().splitlines() if ln)
+        device = first["device"]  # the interrupted run's measurement at its start
+        done = {row_key(r): r for r in finished}
+    else:
+        progress.write_text(json.dumps({"device": device}) + "\n")
     print(f"{name}: {device}", flush=True)
     runs = [r for r in plan(args.suite) if (not args.systems or r.system in args.systems)
             and (not args.workloads or r.workload in args.workloads)]
     rows = []
     new = {(r.workload, r.cohort, r.system, r.variant) for r in runs}
-    kept = [r for r in kept
-            if (r["workload"], r["cohort"], r["system"], r.get("variant")) not in new]
-    with open(f"{stem}.log", "a" if args.merge else "w") as log:
+    kept = [r for r in kept if row_key(r) not in new]
+    with open(f"{stem}.log", "a" if args.merge or done else "w") as log:
         for i, run in enumerate(runs):
-            row = execute(run, args.timeout, log)
+            key = (run.workload, run.cohort, run.system, run.variant)
+            row = done.get(key)
+            if row is None:
+                row = execute(run, args.timeout, log)
+                with open(progress, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             rows.append(row)
             msg = row.get("error") or f"{row['s_per_round']:.4g} s/round"
             print(f"[{i + 1}/{len(runs)}] {run.workload} C={run.cohort} {run.system}"
-                  f"{' (' + run.variant + ')' if run.variant else ''}: {msg}", flush=True)
+                  f"{' (' + run.variant + ')' if run.variant else ''}: {msg}"
+                  f"{' (finished before the resume)' if key in done else ''}", flush=True)
     if old_meta is None:
         measured = [device, measure_device(args.suite == "quick")]
         device = best_limits(*measured)
@@ -385,6 +406,7 @@ def main(argv=None) -> None:
     table = markdown(rows, meta)
     stem.with_suffix(".md").write_text(table)
     plot(rows, stem.with_suffix(".png"), f"{args.suite} suite, {name}, {date[:10]}")
+    progress.unlink()
     print(table)
     print(f"wrote {stem}.json, .md, .png, .log")
 

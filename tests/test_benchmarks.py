@@ -150,6 +150,37 @@ def test_min_seconds_goes_to_the_drivers_that_run_their_own_rounds():
         assert ("--min-seconds" in args) == (run.system in ("fedjax_sim", "loop", "fedjax"))
 
 
+def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
+    device = {"matmul_gflops": {"1024^3": 100.0}, "peak_gflops": 100.0, "bandwidth_gbs": 20.0,
+              "platform": "cpu", "device_kind": "cpu", "device_count": 1, "jax_version": "x"}
+    monkeypatch.setattr(suite, "measure_device", lambda quick: device)
+    executed = []
+
+    def execute(run, timeout, log, fail_after=None):
+        if fail_after is not None and len(executed) == fail_after:
+            raise KeyboardInterrupt  # the session ends mid-suite
+        executed.append((run.workload, run.cohort, run.system, run.variant))
+        return {"workload": run.workload, "cohort": run.cohort, "system": run.system,
+                "variant": run.variant, "s_per_round": 0.1 * len(executed),
+                "s_per_round_min": 0.1, "round_s": [0.1], "compile_s": 1.0,
+                "peak_mem_mb": 100.0}
+
+    runs = suite.plan("quick")
+    monkeypatch.setattr(suite, "execute", lambda *a: execute(*a, fail_after=3))
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["quick", "--out-dir", str(tmp_path)])
+    assert not list(tmp_path.glob("*.json"))
+    monkeypatch.setattr(suite, "execute", execute)
+    suite.main(["quick", "--out-dir", str(tmp_path), "--resume"])
+    assert executed == [(r.workload, r.cohort, r.system, r.variant) for r in runs]
+    rows = json.loads(next(p for p in tmp_path.glob("quick-*.json")
+                           if not p.name.endswith(".meta.json")).read_text())
+    assert len(rows) == len(runs)
+    # The three runs finished before the interruption keep their measurements.
+    assert [r["s_per_round"] for r in rows[:3]] == pytest.approx([0.1, 0.2, 0.3])
+    assert not list(tmp_path.glob("*.partial.jsonl"))
+
+
 @pytest.mark.slow
 def test_quick_suite_end_to_end(tmp_path):
     """fedjax_sim and the loop through the real drivers; the peers may be absent (rows with
