@@ -63,7 +63,7 @@ def test_derive_roofline_and_ratios():
              "s_per_round": 0.5, "chunk_size": 4, "devices": 2, "temp_mb": 8.0,
              "plain_steps_s": 0.25},
             {"workload": "W1", "cohort": 100, "system": "fedjax", "variant": None,
-             "s_per_round": 2.0},
+             "s_per_round": 2.0, "first_round_s": 5.0, "round_s": [2.0, 1.5, 2.5]},
             {"workload": "W1", "cohort": 100, "system": "pfl", "error": "not installed"}]
     device = {"peak_gflops": 100.0, "bandwidth_gbs": 1e-3}   # memory-bound on purpose
     suite.derive(rows, device)
@@ -74,6 +74,7 @@ def test_derive_roofline_and_ratios():
     assert rows[0]["measured_bytes_per_client"] == pytest.approx(8 * 2**20 / 8)
     assert rows[0]["plain_steps_roofline_fraction"] == pytest.approx(floor / 0.25)
     assert "plain_steps_roofline_fraction" not in rows[1]
+    assert rows[1]["compile_s"] == pytest.approx(3.5)  # FedJAX compiles in its first round
     assert "roofline_fraction" not in rows[2]
     device["bandwidth_gbs"] = 1e9                             # now compute-bound
     suite.derive(rows, device)
@@ -125,6 +126,12 @@ def test_plans_name_known_systems_and_workloads():
                    for i in firsts)
     with pytest.raises(ValueError, match="unknown suite"):
         suite.plan("tpu")
+
+
+def test_lazy_compile_time_is_the_first_rounds_excess_over_the_fastest():
+    row = {"first_round_s": 10.0, "round_s": [3.0, 2.5, 4.0]}
+    assert suite.lazy_compile_s(row) == pytest.approx(7.5)
+    assert suite.lazy_compile_s({"first_round_s": 45.1, "round_s": [45.3, 54.7]}) is None
 
 
 def test_time_rounds_times_at_least_rounds_and_min_seconds(monkeypatch):
