@@ -169,7 +169,7 @@ def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, 
         executed.append((run.workload, run.cohort, run.system, run.variant))
         return {"workload": run.workload, "cohort": run.cohort, "system": run.system,
                 "variant": run.variant, "s_per_round": 0.1 * len(executed),
-                "s_per_round_min": 0.1, "round_s": [0.1], "compile_s": 1.0,
+                "s_per_round_min": 0.1, "round_s": [0.1], "first_round_s": 1.1, "compile_s": 1.0,
                 "peak_mem_mb": 100.0}
 
     runs = suite.plan("quick")
