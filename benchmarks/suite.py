@@ -54,6 +54,11 @@ class Run:
     rounds: int = 5
     min_seconds: float = 5.0     # drivers running their own rounds time at least this long
 
+    @property
+    def key(self) -> tuple:
+        """The row it produces, as `row_key` names rows."""
+        return self.workload, self.cohort, self.system, self.variant
+
 
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -152,6 +157,15 @@ def execute(run: Run, timeout: float, log) -> dict:
 
 # -- the device's limits ----------------------------------------------------------------------
 
+def device_info() -> dict:
+    """What the default device is (what `machine_name` needs), without measuring it."""
+    import jax
+
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind,
+            "device_count": jax.device_count(), "jax_version": jax.__version__}
+
+
 def measure_device(quick: bool) -> dict:
     """f32 matmul rate (best of several square sizes) and memory bandwidth (the read rate of
     a sum over an array far larger than the caches), measured with JAX on the default device.
@@ -178,12 +192,9 @@ def measure_device(quick: bool) -> dict:
     size = 2**30 // 4 if gpu else 2**28 // 4       # 1 GB on a GPU, 256 MB on a CPU
     x = jnp.ones((size,), jnp.float32)
     s = best_time(jax.jit(jnp.sum), x, repeats=5 if quick else 10)
-    dev = jax.devices()[0]
     return {"matmul_gflops": {k: round(v, 1) for k, v in rates.items()},
             "peak_gflops": round(max(rates.values()), 1),
-            "bandwidth_gbs": round(size * 4 / s / 1e9, 1),
-            "platform": dev.platform, "device_kind": dev.device_kind,
-            "device_count": jax.device_count(), "jax_version": jax.__version__}
+            "bandwidth_gbs": round(size * 4 / s / 1e9, 1), **device_info()}
 
 
 def best_limits(start: dict, end: dict) -> dict:
@@ -352,12 +363,11 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
-    device = measure_device(args.suite == "quick")
-    name, slug = machine_name(device)
+    name, slug = machine_name(device_info())
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{args.suite}-{slug}"
-    old_meta, kept = None, []
+    old_meta, kept, device = None, [], None
     if args.merge and stem.with_suffix(".json").exists():
         old_meta = json.loads(stem.with_suffix(".meta.json").read_text())
         device = old_meta["device"]
@@ -370,17 +380,18 @@ def main(argv=None) -> None:
         device = first["device"]  # the interrupted run's measurement at its start
         done = {row_key(r): r for r in finished}
     else:
+        if device is None:  # measured only where no earlier measurement is kept
+            device = measure_device(args.suite == "quick")
         progress.write_text(json.dumps({"device": device}) + "\n")
     print(f"{name}: {device}", flush=True)
     runs = [r for r in plan(args.suite) if (not args.systems or r.system in args.systems)
             and (not args.workloads or r.workload in args.workloads)]
     rows = []
-    new = {(r.workload, r.cohort, r.system, r.variant) for r in runs}
+    new = {r.key for r in runs}
     kept = [r for r in kept if row_key(r) not in new]
     with open(f"{stem}.log", "a" if args.merge or done else "w") as log:
         for i, run in enumerate(runs):
-            key = (run.workload, run.cohort, run.system, run.variant)
-            row = done.get(key)
+            row = done.get(run.key)
             if row is None:
                 row = execute(run, args.timeout, log)
                 with open(progress, "a") as f:
@@ -389,7 +400,7 @@ def main(argv=None) -> None:
             msg = row.get("error") or f"{row['s_per_round']:.4g} s/round"
             print(f"[{i + 1}/{len(runs)}] {run.workload} C={run.cohort} {run.system}"
                   f"{' (' + run.variant + ')' if run.variant else ''}: {msg}"
-                  f"{' (finished before the resume)' if key in done else ''}", flush=True)
+                  f"{' (finished before the resume)' if run.key in done else ''}", flush=True)
     if old_meta is None:
         measured = [device, measure_device(args.suite == "quick")]
         device = best_limits(*measured)

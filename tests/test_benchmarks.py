@@ -160,7 +160,8 @@ def test_min_seconds_goes_to_the_drivers_that_run_their_own_rounds():
 def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
     device = {"matmul_gflops": {"1024^3": 100.0}, "peak_gflops": 100.0, "bandwidth_gbs": 20.0,
               "platform": "cpu", "device_kind": "cpu", "device_count": 1, "jax_version": "x"}
-    monkeypatch.setattr(suite, "measure_device", lambda quick: device)
+    measured = []
+    monkeypatch.setattr(suite, "measure_device", lambda quick: measured.append(1) or device)
     executed = []
 
     def execute(run, timeout, log, fail_after=None):
@@ -178,7 +179,9 @@ def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, 
         suite.main(["quick", "--out-dir", str(tmp_path)])
     assert not list(tmp_path.glob("*.json"))
     monkeypatch.setattr(suite, "execute", execute)
+    measured.clear()
     suite.main(["quick", "--out-dir", str(tmp_path), "--resume"])
+    assert len(measured) == 1  # at the end only: the start is the interrupted run's
     assert executed == [(r.workload, r.cohort, r.system, r.variant) for r in runs]
     rows = json.loads(next(p for p in tmp_path.glob("quick-*.json")
                            if not p.name.endswith(".meta.json")).read_text())
