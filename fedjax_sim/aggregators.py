@@ -37,6 +37,26 @@ class WeightedSum(NamedTuple):
     weight: jax.Array
 
 
+UNROLLED_SUM_MAX = 8
+
+
+def weighted_sum(weights: jax.Array, x: jax.Array) -> jax.Array:
+    """`sum_k weights[k] * x[k]` in f32, over the leading (client) axis of `x`.
+
+    Up to `UNROLLED_SUM_MAX` clients it is an elementwise sum, which XLA fuses with the
+    engine's masking of non-finite clients into one pass over the outputs: 4-8% of a whole
+    round of the 784-200-10 MLP at K = 2 on a 2-core CPU, against a dot over the short client
+    axis (a reduction over that axis was 3x slower still). Past that, a dot.
+    """
+    x = x.astype(jnp.float32)
+    if x.shape[0] > UNROLLED_SUM_MAX:
+        return jnp.tensordot(weights, x, axes=1)
+    total = weights[0] * x[0]
+    for k in range(1, x.shape[0]):
+        total = total + weights[k] * x[k]
+    return total
+
+
 def mean() -> Aggregator:
     """The weighted mean of client outputs: sum_c w_c o_c / sum_c w_c (zero if all weights are 0).
 
@@ -49,10 +69,8 @@ def mean() -> Aggregator:
 
     def contribution(outputs, weights, keys, state):
         del keys, state
-        return WeightedSum(
-            jax.tree.map(lambda o: jnp.tensordot(weights, o.astype(jnp.float32), axes=1), outputs),
-            jnp.sum(weights),
-        )
+        return WeightedSum(jax.tree.map(lambda o: weighted_sum(weights, o), outputs),
+                           jnp.sum(weights))
 
     def finalize(total, state, key):
         del key
