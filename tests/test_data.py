@@ -14,7 +14,7 @@ from fedjax_sim.data import (
     pack_cohort,
     synthetic,
 )
-from fedjax_sim.data.cohort import host_pool, resident_order
+from fedjax_sim.data.cohort import _argsort_within, host_pool, resident_order
 from fedjax_sim.data.federated import rows_of
 
 
@@ -331,6 +331,19 @@ def test_shuffle_depends_on_seed_round_and_client_only():
     a2, rows_a2, _ = pack(data, [0, target, 4], batching, cohort_size=5, seed=7, round_num=3)
     np.testing.assert_array_equal(a2.order, a.order)
     np.testing.assert_array_equal(rows_a2, rows_a)
+
+
+@pytest.mark.parametrize("num_segments", [1, 2, 7, 3000])
+def test_argsort_within_sorts_each_segment_by_key(num_segments):
+    rng = np.random.default_rng(num_segments)
+    segment = np.sort(rng.integers(0, num_segments, 5000))
+    key = rng.integers(0, 2**63, 5000, dtype=np.uint64) * np.uint64(2)
+    key[:40] = key[40:80]  # equal keys keep their order
+    perm = _argsort_within(segment, key, num_segments)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(5000))  # a permutation
+    np.testing.assert_array_equal(segment[perm], segment)  # nothing leaves its segment
+    bits = max(int(num_segments - 1).bit_length(), 1)
+    np.testing.assert_array_equal(perm, np.lexsort((key >> np.uint64(bits), segment)))
 
 
 def test_no_shuffle_gives_natural_order():
