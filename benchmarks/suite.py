@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ sys.path.insert(0, str(HERE))
 from workloads import RESULT_PREFIX, WORKLOADS, time_rounds  # noqa: E402
 
 PEERS = HERE / "peers"
+CPU_PASSES = 3
 SYSTEMS = ("fedjax_sim", "loop", "fedjax", "pfl", "flower")
 OWN_LOOP = ("fedjax_sim", "loop", "fedjax")  # pfl's and Flower's frameworks run the rounds
 
@@ -53,11 +55,12 @@ class Run:
     variant: str | None = None   # a second configuration of the same system (not the headline)
     rounds: int = 5
     min_seconds: float = 5.0     # drivers running their own rounds time at least this long
+    repeat: int = 0              # which pass over its (workload, cohort) cell
 
     @property
     def key(self) -> tuple:
         """The row it produces, as `row_key` names rows."""
-        return self.workload, self.cohort, self.system, self.variant
+        return self.workload, self.cohort, self.system, self.variant, self.repeat
 
 
 def cpu_cores() -> int:
@@ -65,13 +68,16 @@ def cpu_cores() -> int:
 
 
 def plan(suite: str) -> list[Run]:
-    """The runs of a suite, in order: one (workload, cohort) at a time, fedjax_sim first, so
-    the runs a ratio compares follow each other within minutes (load from other tenants of
-    a shared machine drifts over minutes: measured 1.5x swings in one system's time)."""
+    """The runs of a suite, in order: one (workload, cohort) cell at a time, fedjax_sim first,
+    so the runs a ratio compares follow each other within minutes (load from other tenants of
+    a shared machine drifts over minutes: measured 1.5x swings in one system's time). On the
+    CPU, the cells with short rounds (W1, W2) are run `CPU_PASSES` times, pass after pass, and
+    a ratio is the median of the passes' ratios (`combine_passes`)."""
     runs: list[Run] = []
 
-    def add(workload, cohorts, systems, **kw):
-        runs.extend(Run(workload, c, s, **kw) for c in cohorts for s in systems)
+    def add(workload, cohorts, systems, passes=1, **kw):
+        runs.extend(Run(workload, c, s, repeat=i, **kw)
+                    for c in cohorts for i in range(passes) for s in systems)
 
     # On a CPU, fedjax_sim splits the host into one XLA device per core (its recommended CPU
     # setup); the 1-device variant is measured too.
@@ -80,18 +86,19 @@ def plan(suite: str) -> list[Run]:
         quick = {"rounds": 2, "min_seconds": 0.0}
         add("W1", [10, 100], ["fedjax_sim"], args=cores, **quick)
         add("W1", [10, 100], ["loop", "fedjax", "pfl"], **quick)
-        add("W2", [100], ["fedjax_sim"], args=cores, **quick)
-        add("W2", [100], ["loop", "fedjax"], **quick)
+        add("W2", [100], ["fedjax_sim"], args=cores, passes=2, **quick)
+        add("W2", [100], ["loop", "fedjax"], passes=2, **quick)
     elif suite == "cpu":
-        add("W1", [10, 30, 100, 300, 1000], ["fedjax_sim"], args=cores)
+        many = {"passes": CPU_PASSES}
+        add("W1", [10, 30, 100, 300, 1000], ["fedjax_sim"], args=cores, **many)
         add("W1", [100, 1000], ["fedjax_sim"], variant="1 device")
-        add("W1", [10, 30, 100, 300, 1000], ["loop"])
-        add("W1", [10, 100, 1000], ["fedjax"])
-        add("W1", [100, 1000], ["pfl"])
-        add("W1", [100], ["flower"])
-        add("W2", [1000], ["fedjax_sim"], args=cores)
+        add("W1", [10, 30, 100, 300, 1000], ["loop"], **many)
+        add("W1", [10, 100, 1000], ["fedjax"], **many)
+        add("W1", [100, 1000], ["pfl"], **many)
+        add("W1", [100], ["flower"], **many)
+        add("W2", [1000], ["fedjax_sim"], args=cores, **many)
         add("W2", [1000], ["fedjax_sim"], variant="1 device")
-        add("W2", [1000], ["loop", "fedjax", "pfl"])
+        add("W2", [1000], ["loop", "fedjax", "pfl"], **many)
         add("W3", [10, 100], ["fedjax_sim"], args=cores)
         add("W3", [10, 100], ["loop", "fedjax", "pfl"])
         add("W4", [10], ["fedjax_sim"], args=cores)
@@ -107,7 +114,8 @@ def plan(suite: str) -> list[Run]:
         add("W4", [10, 100], ["loop", "fedjax"])
     else:
         raise ValueError(f"unknown suite {suite!r}: cpu, gpu or quick")
-    return sorted(runs, key=lambda r: (r.workload, r.cohort))  # stable: systems keep order
+    # Stable: within a pass, the systems keep the order they were added in.
+    return sorted(runs, key=lambda r: (r.workload, r.cohort, r.repeat))
 
 
 def driver_args(run: Run) -> list[str]:
@@ -129,13 +137,13 @@ def command(run: Run) -> list[str] | None:
 
 
 def row_key(row: dict) -> tuple:
-    return row["workload"], row["cohort"], row["system"], row.get("variant")
+    return row["workload"], row["cohort"], row["system"], row.get("variant"), row.get("repeat", 0)
 
 
 def execute(run: Run, timeout: float, log) -> dict:
     cmd = command(run)
     base = {"workload": run.workload, "cohort": run.cohort, "system": run.system,
-            "variant": run.variant}
+            "variant": run.variant, "repeat": run.repeat}
     if cmd is None:
         return {**base, "error": f"not installed (benchmarks/peers/setup.sh {run.system})"}
     t = time.perf_counter()
@@ -232,9 +240,16 @@ def lazy_compile_s(row: dict) -> float | None:
     return extra if extra > 0 else None
 
 
-def derive(rows: list[dict], device: dict) -> None:
-    headline = {(r["workload"], r["cohort"]): r for r in rows
-                if r["system"] == "fedjax_sim" and r.get("variant") is None and "error" not in r}
+def derive(rows: list[dict], device: dict, kept: list[dict] = ()) -> None:
+    """Adds the figures computed from a row's measurements and the device's limits. A ratio
+    to fedjax_sim is taken within the row's pass, or against the fedjax_sim row among `kept`
+    (rows of an earlier run merged into this one) where this run did not measure it."""
+    def is_headline(r):
+        return r["system"] == "fedjax_sim" and r.get("variant") is None and "error" not in r
+
+    headline = {(r["workload"], r["cohort"]): r for r in kept if is_headline(r)}
+    headline.update({(r["workload"], r["cohort"], r.get("repeat", 0)): r for r in rows
+                     if is_headline(r)})
     for r in rows:
         if "error" in r:
             continue
@@ -255,9 +270,38 @@ def derive(rows: list[dict], device: dict) -> None:
         if r["system"] == "fedjax_sim" and r.get("temp_mb") is not None:
             k = r["chunk_size"] * r.get("devices", 1)
             r["measured_bytes_per_client"] = r["temp_mb"] * 2**20 / k
-        ref = headline.get((r["workload"], r["cohort"]))
+        ref = headline.get((r["workload"], r["cohort"], r.get("repeat", 0)),
+                           headline.get((r["workload"], r["cohort"])))
         r["fedjax_sim_speedup"] = (r["s_per_round"] / ref["s_per_round"]
                                    if ref is not None else None)
+
+
+def combine_passes(rows: list[dict]) -> list[dict]:
+    """One row per (workload, cohort, system, variant) from the rows of its passes: the pass
+    with the median s/round (the lower median for an even count) gives the row, the ratio to
+    fedjax_sim is the median of the passes' ratios (each taken within its pass), and
+    `passes` keeps every pass's figures. Failed passes are dropped where another finished."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault(row_key(r)[:4], []).append(r)
+    out = []
+    for group in cells.values():
+        ok = [r for r in group if "error" not in r]
+        if len(group) == 1 or not ok:
+            out.append(group[0])
+            continue
+        _, median = statistics.median_low([(r["s_per_round"], i) for i, r in enumerate(ok)])
+        row = dict(ok[median])
+        ratios = [r["fedjax_sim_speedup"] for r in ok if r.get("fedjax_sim_speedup")]
+        row["fedjax_sim_speedup"] = statistics.median(ratios) if ratios else None
+        row["passes"] = [{k: r.get(k) for k in PASS_FIELDS} for r in group]
+        row.pop("repeat", None)
+        out.append(row)
+    return out
+
+
+PASS_FIELDS = ("s_per_round", "s_per_round_min", "fedjax_sim_speedup", "compile_s",
+               "chunk_size", "roofline_fraction", "error")
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -285,6 +329,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
            "(fedjax_sim rows) = the roofline fraction of the round's local SGD steps run back to "
            "back, one client at a time, with nothing federated around them (`plain_steps_s`): "
            "what small per-step matmuls reach on this device.", ""]
+    passes = max((len(r.get("passes", [1])) for r in rows), default=1)
+    if passes > 1:
+        out += [f"Cells with short rounds ran {passes} times, pass after pass: their s/round "
+                "and other figures are the pass with the median s/round, `x fedjax_sim` is the "
+                "median of the ratios taken within each pass (`passes` in the JSON lists "
+                "them all).", ""]
     for name, w in WORKLOADS.items():
         wr = [r for r in rows if r["workload"] == name]
         if not wr:
@@ -387,8 +437,9 @@ def main(argv=None) -> None:
     runs = [r for r in plan(args.suite) if (not args.systems or r.system in args.systems)
             and (not args.workloads or r.workload in args.workloads)]
     rows = []
-    new = {r.key for r in runs}
-    kept = [r for r in kept if row_key(r) not in new]
+    multipass = any(r.repeat for r in runs)
+    new = {r.key[:4] for r in runs}  # (workload, cohort, system, variant)
+    kept = [r for r in kept if row_key(r)[:4] not in new]
     with open(f"{stem}.log", "a" if args.merge or done else "w") as log:
         for i, run in enumerate(runs):
             row = done.get(run.key)
@@ -399,7 +450,8 @@ def main(argv=None) -> None:
             rows.append(row)
             msg = row.get("error") or f"{row['s_per_round']:.4g} s/round"
             print(f"[{i + 1}/{len(runs)}] {run.workload} C={run.cohort} {run.system}"
-                  f"{' (' + run.variant + ')' if run.variant else ''}: {msg}"
+                  f"{' (' + run.variant + ')' if run.variant else ''}"
+                  f"{f' pass {run.repeat + 1}' if multipass else ''}: {msg}"
                   f"{' (finished before the resume)' if run.key in done else ''}", flush=True)
     if old_meta is None:
         measured = [device, measure_device(args.suite == "quick")]
@@ -409,8 +461,8 @@ def main(argv=None) -> None:
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for r in rows:
         r.update(machine=name, date=date)
-    rows = kept + rows
-    derive(rows, device)
+    derive(rows, device, kept)
+    rows = kept + combine_passes(rows)
     for r in rows:
         r.update(machine=name, suite=args.suite, peak_gflops=device["peak_gflops"],
                  bandwidth_gbs=device["bandwidth_gbs"])

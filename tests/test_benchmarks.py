@@ -98,6 +98,33 @@ def test_plain_steps_are_the_rounds_sgd_steps():
         assert a.shape[0] == 1
 
 
+def test_passes_pair_ratios_within_a_pass_and_keep_the_median():
+    def row(system, s, repeat, **kw):
+        return {"workload": "W2", "cohort": 1000, "system": system, "variant": None,
+                "repeat": repeat, "s_per_round": s, "s_per_round_min": s, "round_s": [s],
+                "first_round_s": 3 * s, **kw}
+
+    # The machine slows down in pass 1 (both systems 2x slower): the ratio stays 10.
+    rows = [row("fedjax_sim", 0.1, 0), row("fedjax", 1.0, 0),
+            row("fedjax_sim", 0.2, 1), row("fedjax", 2.0, 1),
+            row("fedjax_sim", 0.11, 2), row("fedjax", 1.32, 2),
+            row("pfl", 3.0, 0), {**row("pfl", 0, 1), "error": "timed out"}]
+    suite.derive(rows, {"peak_gflops": 100.0, "bandwidth_gbs": 10.0})
+    assert [r["fedjax_sim_speedup"] for r in rows[1:6:2]] == pytest.approx([10, 10, 12])
+    out = {r["system"]: r for r in suite.combine_passes(rows)}
+    assert out["fedjax_sim"]["s_per_round"] == 0.11   # the median pass
+    assert out["fedjax"]["s_per_round"] == 1.32
+    assert out["fedjax"]["fedjax_sim_speedup"] == pytest.approx(10)  # not 1.32 / 0.11 = 12
+    assert [p["s_per_round"] for p in out["fedjax"]["passes"]] == [1.0, 2.0, 1.32]
+    assert out["pfl"]["s_per_round"] == 3.0 and out["pfl"]["passes"][1]["error"]
+    assert "repeat" not in out["fedjax"]
+    # A row merged into an earlier run's file is compared with that file's fedjax_sim row.
+    new = [row("fedjax", 1.5, 0)]
+    suite.derive(new, {"peak_gflops": 100.0, "bandwidth_gbs": 10.0},
+                 kept=[out["fedjax_sim"], out["fedjax"]])
+    assert new[0]["fedjax_sim_speedup"] == pytest.approx(1.5 / 0.11)
+
+
 def test_device_limits_are_the_higher_of_the_start_and_end_measurements():
     start = {"matmul_gflops": {"1024^3": 113.1, "2048^3": 119.3}, "peak_gflops": 119.3,
              "bandwidth_gbs": 26.6, "platform": "cpu"}
@@ -118,10 +145,11 @@ def test_plans_name_known_systems_and_workloads():
         head = {(r.workload, r.cohort) for r in runs
                 if r.system == "fedjax_sim" and r.variant is None}
         assert {(r.workload, r.cohort) for r in runs} <= head
-        # One (workload, cohort) at a time, its headline fedjax_sim run first.
-        cells = [(r.workload, r.cohort) for r in runs]
+        # One (workload, cohort) pass at a time, its headline fedjax_sim run first.
+        cells = [(r.workload, r.cohort, r.repeat) for r in runs]
         firsts = [i for i in range(len(runs)) if i == 0 or cells[i] != cells[i - 1]]
         assert len(firsts) == len(set(cells))
+        assert len(set(r.key for r in runs)) == len(runs)
         assert all(runs[i].system == "fedjax_sim" and runs[i].variant is None
                    for i in firsts)
     with pytest.raises(ValueError, match="unknown suite"):
@@ -185,7 +213,7 @@ def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, 
     assert executed == [(r.workload, r.cohort, r.system, r.variant) for r in runs]
     rows = json.loads(next(p for p in tmp_path.glob("quick-*.json")
                            if not p.name.endswith(".meta.json")).read_text())
-    assert len(rows) == len(runs)
+    assert len(rows) == len({r.key[:4] for r in runs})  # the passes of a cell make one row
     # The three runs finished before the interruption keep their measurements.
     assert [r["s_per_round"] for r in rows[:3]] == pytest.approx([0.1, 0.2, 0.3])
     assert not list(tmp_path.glob("*.partial.jsonl"))
@@ -200,9 +228,9 @@ def test_quick_suite_end_to_end(tmp_path):
                    check=True, timeout=600)
     (out,) = [p for p in tmp_path.glob("quick-*.json") if not p.name.endswith(".meta.json")]
     rows = json.loads(out.read_text())
-    assert {r["system"] for r in rows} == {"fedjax_sim", "loop"}
+    assert sorted(r["system"] for r in rows) == ["fedjax_sim", "loop"]  # 2 passes, combined
     for r in rows:
-        assert r["s_per_round"] > 0 and len(r["round_s"]) == 2
+        assert r["s_per_round"] > 0 and len(r["round_s"]) == 2 and len(r["passes"]) == 2
         assert r["fedjax_sim_speedup"] > 0 and 0 < r["roofline_fraction"]
     sim = next(r for r in rows if r["system"] == "fedjax_sim")
     assert not sim["recompiled"] and 0 < sim["plain_steps_s"]
