@@ -341,8 +341,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
             continue
         out += [f"## {name}: {w.description}", "",
                 f"{w.num_params:,} params; {w.flops_per_example() / 1e6:.2f} MFLOP per "
-                f"example per pass; client SGD {w.client_lr}, server SGD {w.server_lr}.", "",
-                "| cohort | system | s/round | min | x fedjax_sim | clients/s | compile s "
+                f"example per pass; client SGD {w.client_lr}, server SGD {w.server_lr}.", ""]
+        earlier = sorted({(r["date"], r["peak_gflops"], r["bandwidth_gbs"]) for r in wr
+                          if (r.get("peak_gflops"), r.get("bandwidth_gbs"))
+                          != (dev["peak_gflops"], dev["bandwidth_gbs"])})
+        out += [f"Rows measured in an earlier run ({d}), their roofline against that run's "
+                f"limits: {g} GFLOP/s, {b} GB/s." for d, g, b in earlier] + [""] * bool(earlier)
+        out += ["| cohort | system | s/round | min | x fedjax_sim | clients/s | compile s "
                 "| peak host MB | K | GFLOP/s | roofline % | steps-only % |",
                 "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(wr, key=lambda r: (r["cohort"], SYSTEMS.index(r["system"]),
@@ -405,7 +410,7 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--merge", action="store_true",
                    help="replace only the rows this run measures in an existing results file "
-                   "(keeping that file's device measurements)")
+                   "(the rows kept keep the device limits of the run that measured them)")
     p.add_argument("--resume", action="store_true",
                    help="go on with an interrupted run of the same command: the runs it "
                    "finished (kept in <results>.partial.jsonl as they end) are not run again")
@@ -420,7 +425,6 @@ def main(argv=None) -> None:
     old_meta, kept, device = None, [], None
     if args.merge and stem.with_suffix(".json").exists():
         old_meta = json.loads(stem.with_suffix(".meta.json").read_text())
-        device = old_meta["device"]
         kept = json.loads(stem.with_suffix(".json").read_text())
     # Each finished run is saved as it ends, so an interrupted suite loses no finished run.
     progress = stem.with_suffix(".partial.jsonl")
@@ -430,8 +434,7 @@ def main(argv=None) -> None:
         device = first["device"]  # the interrupted run's measurement at its start
         done = {row_key(r): r for r in finished}
     else:
-        if device is None:  # measured only where no earlier measurement is kept
-            device = measure_device(args.suite == "quick")
+        device = measure_device(args.suite == "quick")
         progress.write_text(json.dumps({"device": device}) + "\n")
     print(f"{name}: {device}", flush=True)
     runs = [r for r in plan(args.suite) if (not args.systems or r.system in args.systems)
@@ -453,19 +456,14 @@ def main(argv=None) -> None:
                   f"{' (' + run.variant + ')' if run.variant else ''}"
                   f"{f' pass {run.repeat + 1}' if multipass else ''}: {msg}"
                   f"{' (finished before the resume)' if run.key in done else ''}", flush=True)
-    if old_meta is None:
-        measured = [device, measure_device(args.suite == "quick")]
-        device = best_limits(*measured)
-    else:  # merged rows keep the file's device measurements
-        measured = old_meta.get("device_start_end", [device])
+    measured = [device, measure_device(args.suite == "quick")]
+    device = best_limits(*measured)
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for r in rows:
-        r.update(machine=name, date=date)
+        r.update(machine=name, date=date, suite=args.suite, peak_gflops=device["peak_gflops"],
+                 bandwidth_gbs=device["bandwidth_gbs"])
     derive(rows, device, kept)
     rows = kept + combine_passes(rows)
-    for r in rows:
-        r.update(machine=name, suite=args.suite, peak_gflops=device["peak_gflops"],
-                 bandwidth_gbs=device["bandwidth_gbs"])
     if kept:
         date = f"{old_meta['date']} (rows merged {date})"
         t0 -= old_meta["total_s"]

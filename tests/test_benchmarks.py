@@ -185,38 +185,69 @@ def test_min_seconds_goes_to_the_drivers_that_run_their_own_rounds():
         assert ("--min-seconds" in args) == (run.system in ("fedjax_sim", "loop", "fedjax"))
 
 
-def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
-    device = {"matmul_gflops": {"1024^3": 100.0}, "peak_gflops": 100.0, "bandwidth_gbs": 20.0,
-              "platform": "cpu", "device_kind": "cpu", "device_count": 1, "jax_version": "x"}
-    measured = []
-    monkeypatch.setattr(suite, "measure_device", lambda quick: measured.append(1) or device)
-    executed = []
+def fake_device(gflops):
+    return {"matmul_gflops": {"1024^3": gflops}, "peak_gflops": gflops, "bandwidth_gbs": 20.0,
+            "platform": "cpu", "device_kind": "cpu", "device_count": 1, "jax_version": "x"}
 
-    def execute(run, timeout, log, fail_after=None):
+
+def fake_execute(executed, fail_after=None):
+    """A stand-in for running a driver: s/round 0.1, 0.2, ... in the order runs execute."""
+    def execute(run, timeout, log):
         if fail_after is not None and len(executed) == fail_after:
             raise KeyboardInterrupt  # the session ends mid-suite
         executed.append((run.workload, run.cohort, run.system, run.variant))
         return {"workload": run.workload, "cohort": run.cohort, "system": run.system,
-                "variant": run.variant, "s_per_round": 0.1 * len(executed),
-                "s_per_round_min": 0.1, "round_s": [0.1], "first_round_s": 1.1, "compile_s": 1.0,
-                "peak_mem_mb": 100.0}
+                "variant": run.variant, "repeat": run.repeat,
+                "s_per_round": 0.1 * len(executed), "s_per_round_min": 0.1, "round_s": [0.1],
+                "first_round_s": 1.1, "compile_s": 1.0, "peak_mem_mb": 100.0}
+    return execute
 
+
+def read_results(out_dir):
+    path = next(p for p in out_dir.glob("quick-*.json") if not p.name.endswith(".meta.json"))
+    return json.loads(path.read_text()), path.with_suffix(".md").read_text()
+
+
+def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(suite, "measure_device",
+                        lambda quick: measured.append(1) or fake_device(100.0))
+    executed = []
     runs = suite.plan("quick")
-    monkeypatch.setattr(suite, "execute", lambda *a: execute(*a, fail_after=3))
+    monkeypatch.setattr(suite, "execute", fake_execute(executed, fail_after=3))
     with pytest.raises(KeyboardInterrupt):
         suite.main(["quick", "--out-dir", str(tmp_path)])
     assert not list(tmp_path.glob("*.json"))
-    monkeypatch.setattr(suite, "execute", execute)
+    monkeypatch.setattr(suite, "execute", fake_execute(executed))
     measured.clear()
     suite.main(["quick", "--out-dir", str(tmp_path), "--resume"])
     assert len(measured) == 1  # at the end only: the start is the interrupted run's
     assert executed == [(r.workload, r.cohort, r.system, r.variant) for r in runs]
-    rows = json.loads(next(p for p in tmp_path.glob("quick-*.json")
-                           if not p.name.endswith(".meta.json")).read_text())
+    rows, _ = read_results(tmp_path)
     assert len(rows) == len({r.key[:4] for r in runs})  # the passes of a cell make one row
     # The three runs finished before the interruption keep their measurements.
     assert [r["s_per_round"] for r in rows[:3]] == pytest.approx([0.1, 0.2, 0.3])
     assert not list(tmp_path.glob("*.partial.jsonl"))
+
+
+def test_a_merged_run_replaces_its_rows_and_keeps_the_others_limits(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "measure_device", lambda quick: fake_device(100.0))
+    monkeypatch.setattr(suite, "execute", fake_execute([]))
+    suite.main(["quick", "--out-dir", str(tmp_path)])
+    before, _ = read_results(tmp_path)
+    monkeypatch.setattr(suite, "measure_device", lambda quick: fake_device(150.0))
+    suite.main(["quick", "--workloads", "W2", "--out-dir", str(tmp_path), "--merge"])
+    after, table = read_results(tmp_path)
+    assert len(after) == len(before)
+    for old, new in zip(sorted(before, key=suite.row_key), sorted(after, key=suite.row_key),
+                        strict=True):
+        if new["workload"] == "W2":  # measured again, against this run's limits
+            assert new["peak_gflops"] == 150.0 and new["s_per_round"] != old["s_per_round"]
+        else:
+            assert new == old
+    w1 = table[table.index("## W1"):table.index("## W2")]
+    assert "earlier run" in w1 and "100.0 GFLOP/s" in w1
+    assert "earlier run" not in table[table.index("## W2"):]
 
 
 @pytest.mark.slow
