@@ -68,11 +68,12 @@ def cpu_cores() -> int:
 
 
 def plan(suite: str) -> list[Run]:
-    """The runs of a suite, in order: one (workload, cohort) cell at a time, fedjax_sim first,
-    so the runs a ratio compares follow each other within minutes (load from other tenants of
-    a shared machine drifts over minutes: measured 1.5x swings in one system's time). On the
-    CPU, the cells with short rounds (W1, W2) are run `CPU_PASSES` times, pass after pass, and
-    a ratio is the median of the passes' ratios (`combine_passes`)."""
+    """The runs of a suite, in order: one (workload, cohort) cell at a time, fedjax_sim first
+    (last in every second pass), so the runs a ratio compares follow each other within
+    minutes (load from other tenants of a shared machine drifts over minutes: measured 1.5x
+    swings in one system's time). On the CPU, the cells with short rounds (W1, W2) are run
+    `CPU_PASSES` times, pass after pass, and a ratio is the median of the passes' ratios
+    (`combine_passes`)."""
     runs: list[Run] = []
 
     def add(workload, cohorts, systems, passes=1, **kw):
@@ -114,8 +115,14 @@ def plan(suite: str) -> list[Run]:
         add("W4", [10, 100], ["loop", "fedjax"])
     else:
         raise ValueError(f"unknown suite {suite!r}: cpu, gpu or quick")
-    # Stable: within a pass, the systems keep the order they were added in.
-    return sorted(runs, key=lambda r: (r.workload, r.cohort, r.repeat))
+    # Within a pass the systems run in the order they were added, in every second pass in
+    # reverse: a drift of the machine's speed during a pass then biases the ratios of
+    # successive passes in opposite directions.
+    def position(e):
+        i, r = e
+        return r.workload, r.cohort, r.repeat, -i if r.repeat % 2 else i
+
+    return [r for _, r in sorted(enumerate(runs), key=position)]
 
 
 def driver_args(run: Run) -> list[str]:

@@ -145,13 +145,21 @@ def test_plans_name_known_systems_and_workloads():
         head = {(r.workload, r.cohort) for r in runs
                 if r.system == "fedjax_sim" and r.variant is None}
         assert {(r.workload, r.cohort) for r in runs} <= head
-        # One (workload, cohort) pass at a time, its headline fedjax_sim run first.
-        cells = [(r.workload, r.cohort, r.repeat) for r in runs]
-        firsts = [i for i in range(len(runs)) if i == 0 or cells[i] != cells[i - 1]]
-        assert len(firsts) == len(set(cells))
+        # One (workload, cohort) pass at a time, its headline fedjax_sim run first; every
+        # second pass runs the systems of the pass before in reverse (headline last).
         assert len(set(r.key for r in runs)) == len(runs)
-        assert all(runs[i].system == "fedjax_sim" and runs[i].variant is None
-                   for i in firsts)
+        passes = {}
+        for r in runs:
+            passes.setdefault((r.workload, r.cohort, r.repeat), []).append(r)
+        cells = [(r.workload, r.cohort, r.repeat) for r in runs]
+        assert cells == sorted(cells, key=list(passes).index)  # each pass contiguous
+        for (w, c, i), members in passes.items():
+            head = members[-1] if i % 2 else members[0]
+            assert head.system == "fedjax_sim" and head.variant is None
+            if i:
+                keys = [r.key[:4] for r in members]
+                before = [r.key[:4] for r in passes[w, c, i - 1] if r.key[:4] in keys]
+                assert keys == before[::-1]
     with pytest.raises(ValueError, match="unknown suite"):
         suite.plan("tpu")
 
