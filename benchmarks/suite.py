@@ -283,6 +283,11 @@ def derive(rows: list[dict], device: dict, kept: list[dict] = ()) -> None:
                                    if ref is not None else None)
 
 
+# What a combined row keeps of each pass (`passes`).
+PASS_FIELDS = ("s_per_round", "s_per_round_min", "fedjax_sim_speedup", "compile_s",
+               "chunk_size", "roofline_fraction", "error")
+
+
 def combine_passes(rows: list[dict]) -> list[dict]:
     """One row per (workload, cohort, system, variant) from the rows of its passes: the pass
     with the median s/round (the lower median for an even count) gives the row, the ratio to
@@ -305,10 +310,6 @@ def combine_passes(rows: list[dict]) -> list[dict]:
         row.pop("repeat", None)
         out.append(row)
     return out
-
-
-PASS_FIELDS = ("s_per_round", "s_per_round_min", "fedjax_sim_speedup", "compile_s",
-               "chunk_size", "roofline_fraction", "error")
 
 
 # -- report ------------------------------------------------------------------------------------
