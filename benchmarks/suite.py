@@ -254,9 +254,9 @@ def derive(rows: list[dict], device: dict, kept: list[dict] = ()) -> None:
     def is_headline(r):
         return r["system"] == "fedjax_sim" and r.get("variant") is None and "error" not in r
 
-    headline = {(r["workload"], r["cohort"]): r for r in kept if is_headline(r)}
-    headline.update({(r["workload"], r["cohort"], r.get("repeat", 0)): r for r in rows
-                     if is_headline(r)})
+    in_pass = {(r["workload"], r["cohort"], r.get("repeat", 0)): r for r in rows
+               if is_headline(r)}
+    earlier = {(r["workload"], r["cohort"]): r for r in kept if is_headline(r)}
     for r in rows:
         if "error" in r:
             continue
@@ -277,8 +277,8 @@ def derive(rows: list[dict], device: dict, kept: list[dict] = ()) -> None:
         if r["system"] == "fedjax_sim" and r.get("temp_mb") is not None:
             k = r["chunk_size"] * r.get("devices", 1)
             r["measured_bytes_per_client"] = r["temp_mb"] * 2**20 / k
-        ref = headline.get((r["workload"], r["cohort"], r.get("repeat", 0)),
-                           headline.get((r["workload"], r["cohort"])))
+        ref = (in_pass.get((r["workload"], r["cohort"], r.get("repeat", 0)))
+               or earlier.get((r["workload"], r["cohort"])))
         r["fedjax_sim_speedup"] = (r["s_per_round"] / ref["s_per_round"]
                                    if ref is not None else None)
 
