@@ -56,6 +56,7 @@ class Run:
     rounds: int = 5
     min_seconds: float = 5.0     # drivers running their own rounds time at least this long
     repeat: int = 0              # which pass over its (workload, cohort) cell
+    env: str | None = None       # a peer's environment, `peers/.venv-<env>` (default: system)
 
     @property
     def key(self) -> tuple:
@@ -97,9 +98,13 @@ def plan(suite: str) -> list[Run]:
         add("W1", [10, 100, 1000], ["fedjax"], **many)
         add("W1", [100, 1000], ["pfl"], **many)
         add("W1", [100], ["flower"], **many)
+        # FedJAX 0.0.17 as pinned (jax 0.4.20) above; here on the current JAX (two removed
+        # aliases restored by its driver), which runs its per-client loop faster.
+        add("W1", [100, 1000], ["fedjax"], variant="current JAX", env="fedjax-current", **many)
         add("W2", [1000], ["fedjax_sim"], args=cores, **many)
         add("W2", [1000], ["fedjax_sim"], variant="1 device")
         add("W2", [1000], ["loop", "fedjax", "pfl"], **many)
+        add("W2", [1000], ["fedjax"], variant="current JAX", env="fedjax-current", **many)
         add("W3", [10, 100], ["fedjax_sim"], args=cores)
         add("W3", [10, 100], ["loop", "fedjax", "pfl"])
         add("W4", [10], ["fedjax_sim"], args=cores)
@@ -133,13 +138,20 @@ def driver_args(run: Run) -> list[str]:
 
 
 def command(run: Run) -> list[str] | None:
-    """The driver's command line, or None when the system's environment is missing."""
+    """The driver's command line, or None when the system's environment is missing.
+
+    A peer runs in its own environment (`peers/setup.sh`), or, where the environment variable
+    `PEER_PYTHON` names an interpreter, in that one for every peer: on a machine with no
+    network whose own Python has the accelerator's JAX and torch, and the peers installed from
+    wheels (`peers/gpu_wheels.sh`)."""
     common = driver_args(run)
     if run.system in ("fedjax_sim", "loop"):
         return [sys.executable, str(HERE / f"run_{run.system}.py"), *common]
-    python = PEERS / f".venv-{run.system}" / "bin" / "python"
-    if not python.exists():
-        return None
+    python = os.environ.get("PEER_PYTHON")
+    if not python:
+        python = PEERS / f".venv-{run.env or run.system}" / "bin" / "python"
+        if not python.exists():
+            return None
     return [str(python), str(PEERS / f"run_{run.system}.py"), *common]
 
 
@@ -152,7 +164,8 @@ def execute(run: Run, timeout: float, log) -> dict:
     base = {"workload": run.workload, "cohort": run.cohort, "system": run.system,
             "variant": run.variant, "repeat": run.repeat}
     if cmd is None:
-        return {**base, "error": f"not installed (benchmarks/peers/setup.sh {run.system})"}
+        return {**base, "error": f"not installed (benchmarks/peers/setup.sh "
+                                 f"{run.env or run.system})"}
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,

@@ -164,6 +164,26 @@ def test_plans_name_known_systems_and_workloads():
         suite.plan("tpu")
 
 
+def test_peers_run_in_their_environment_or_in_peer_python(tmp_path, monkeypatch):
+    monkeypatch.delenv("PEER_PYTHON", raising=False)
+    monkeypatch.setattr(suite, "PEERS", tmp_path)
+    pinned = suite.Run("W1", 100, "fedjax")
+    current = suite.Run("W1", 100, "fedjax", variant="current JAX", env="fedjax-current")
+    assert suite.command(pinned) is None and suite.command(current) is None  # not set up
+    python = tmp_path / ".venv-fedjax-current" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.touch()
+    assert suite.command(pinned) is None
+    cmd = suite.command(current)
+    assert cmd[:2] == [str(python), str(tmp_path / "run_fedjax.py")]
+    assert cmd[2:4] == ["--workload", "W1"]
+    # On a machine where one interpreter holds every peer, PEER_PYTHON runs them all.
+    monkeypatch.setenv("PEER_PYTHON", "/opt/python3")
+    assert suite.command(pinned)[:2] == ["/opt/python3", str(tmp_path / "run_fedjax.py")]
+    assert suite.command(suite.Run("W1", 100, "pfl"))[0] == "/opt/python3"
+    assert suite.command(suite.Run("W1", 100, "fedjax_sim"))[0] == sys.executable
+
+
 def test_lazy_compile_time_is_the_first_rounds_excess_over_the_fastest():
     row = {"first_round_s": 10.0, "round_s": [3.0, 2.5, 4.0]}
     assert suite.lazy_compile_s(row) == pytest.approx(7.5)

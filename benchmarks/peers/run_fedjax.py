@@ -17,13 +17,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# FedJAX 0.0.17 uses two aliases that later JAX releases removed (`jax.tree_map`, JAX 0.6;
+# `jnp.NINF`, with NumPy 2). Restored where missing, so that FedJAX also runs on a machine's
+# own newer JAX (a GPU machine with no network, where jax 0.4.20 for CUDA cannot be
+# installed); with setup.sh's jax 0.4.20 nothing changes.
+if not hasattr(jax, "tree_map"):
+    jax.tree_map = jax.tree.map
+if not hasattr(jnp, "NINF"):
+    jnp.NINF = -jnp.inf
 
 import fedjax  # noqa: E402
 import fedjax.version  # noqa: E402
 import haiku as hk  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from fedjax.algorithms import fed_avg  # noqa: E402
 from workloads import (  # noqa: E402
