@@ -409,7 +409,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                              if r["workload"] == name and r["system"] == system
                              and (r.get("variant") or "") == variant and "error" not in r)
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o",
+                    ax.plot(*zip(*pts, strict=True), marker="s" if variant else "o",
+                            color=f"C{SYSTEMS.index(system)}",  # one colour per system
                             linestyle="--" if variant else "-",
                             label=system + (f" ({variant})" if variant else ""))
         ax.set(xscale="log", yscale="log", xlabel="cohort (clients per round)",
