@@ -338,18 +338,24 @@ def label(r: dict) -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     dev = meta["device"]
     out = [f"# {meta['suite']} suite: {meta['machine']}", "",
-           f"{meta['date']}; jax {dev['jax_version']}; total {meta['total_s'] / 60:.0f} min; "
-           f"load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at end.", "",
-           "Measured on this device at the start and the end of this run (the higher of "
-           "each): f32 matmul "
-           + ", ".join(f"{k}: {v} GFLOP/s" for k, v in dev["matmul_gflops"].items())
-           + f"; memory bandwidth {dev['bandwidth_gbs']} GB/s. Roofline floor = max(FLOPs / "
-           f"{dev['peak_gflops']} GFLOP/s, bytes / {dev['bandwidth_gbs']} GB/s).", "",
-           "`x fedjax_sim` = this row's s/round over fedjax_sim's (headline configuration) at "
-           "the same workload and cohort: how many times faster fedjax_sim is. `steps-only %` "
-           "(fedjax_sim rows) = the roofline fraction of the round's local SGD steps run back to "
-           "back, one client at a time, with nothing federated around them (`plain_steps_s`): "
-           "what small per-step matmuls reach on this device.", ""]
+           f"{meta['date']}; jax {dev['jax_version']}; this run took "
+           f"{meta['total_s'] / 60:.0f} min; load average {meta['loadavg_start']} at start, "
+           f"{meta['loadavg_end']} at end.", ""]
+    runs = meta.get("row_dates", [meta["date"]])
+    if len(runs) > 1:
+        out += [f"The rows come from {len(runs)} runs, ending {', '.join(runs)} (the last "
+                "is this one; `--merge` kept the others' rows, which each workload's section "
+                "names).", ""]
+    out += ["Measured on this device at the start and the end of this run (the higher of "
+            "each): f32 matmul "
+            + ", ".join(f"{k}: {v} GFLOP/s" for k, v in dev["matmul_gflops"].items())
+            + f"; memory bandwidth {dev['bandwidth_gbs']} GB/s. Roofline floor = max(FLOPs / "
+            f"{dev['peak_gflops']} GFLOP/s, bytes / {dev['bandwidth_gbs']} GB/s).", "",
+            "`x fedjax_sim` = this row's s/round over fedjax_sim's (headline configuration) "
+            "at the same workload and cohort: how many times faster fedjax_sim is. "
+            "`steps-only %` (fedjax_sim rows) = the roofline fraction of the round's local "
+            "SGD steps run back to back, one client at a time, with nothing federated around "
+            "them (`plain_steps_s`): what small per-step matmuls reach on this device.", ""]
     passes = max((len(r.get("passes", [1])) for r in rows), default=1)
     if passes > 1:
         out += [f"Cells with short rounds ran {passes} times, pass after pass: their s/round "
@@ -444,9 +450,8 @@ def main(argv=None) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{args.suite}-{slug}"
-    old_meta, kept, device = None, [], None
+    kept, device = [], None
     if args.merge and stem.with_suffix(".json").exists():
-        old_meta = json.loads(stem.with_suffix(".meta.json").read_text())
         kept = json.loads(stem.with_suffix(".json").read_text())
     # Each finished run is saved as it ends, so an interrupted suite loses no finished run.
     progress = stem.with_suffix(".partial.jsonl")
@@ -486,10 +491,9 @@ def main(argv=None) -> None:
                  bandwidth_gbs=device["bandwidth_gbs"])
     derive(rows, device, kept)
     rows = kept + combine_passes(rows)
-    if kept:
-        date = f"{old_meta['date']} (rows merged {date})"
-        t0 -= old_meta["total_s"]
-    meta = {"suite": args.suite, "machine": name, "date": date, "device": device,
+    # `date` and `total_s` are this run's; `row_dates`, the ends of the runs the rows are from.
+    meta = {"suite": args.suite, "machine": name, "date": date,
+            "row_dates": sorted({r["date"] for r in rows}), "device": device,
             "device_start_end": measured,
             "loadavg_start": loadavg_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],

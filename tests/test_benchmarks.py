@@ -1,10 +1,12 @@
 """The benchmark suite's analytic counts (benchmarks/workloads.py) against the models and XLA,
 and the suite end to end on a tiny plan."""
 
+import datetime
 import json
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -259,6 +261,11 @@ def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, 
 
 
 def test_a_merged_run_replaces_its_rows_and_keeps_the_others_limits(tmp_path, monkeypatch):
+    # Each run ends an hour after the one before (the real clock would give them one second).
+    hours = iter(range(24))
+    clock = types.SimpleNamespace(now=lambda tz: datetime.datetime(2026, 1, 1, next(hours),
+                                                                   tzinfo=tz))
+    monkeypatch.setattr(suite, "dt", types.SimpleNamespace(UTC=datetime.UTC, datetime=clock))
     monkeypatch.setattr(suite, "measure_device", lambda quick: fake_device(100.0))
     monkeypatch.setattr(suite, "execute", fake_execute([]))
     suite.main(["quick", "--out-dir", str(tmp_path)])
@@ -276,6 +283,15 @@ def test_a_merged_run_replaces_its_rows_and_keeps_the_others_limits(tmp_path, mo
     w1 = table[table.index("## W1"):table.index("## W2")]
     assert "earlier run" in w1 and "100.0 GFLOP/s" in w1
     assert "earlier run" not in table[table.index("## W2"):]
+    # The header names the runs the rows come from; the meta file dates this run.
+    meta = json.loads(next(tmp_path.glob("quick-*.meta.json")).read_text())
+    dates = sorted({r["date"] for r in after})
+    assert len(dates) == 2 and meta["row_dates"] == dates and meta["date"] == dates[1]
+    assert f"The rows come from 2 runs, ending {dates[0]}, {dates[1]}" in table
+    # Merged again over W2 only: the first run's W1 rows stay, so still two runs.
+    suite.main(["quick", "--workloads", "W2", "--out-dir", str(tmp_path), "--merge"])
+    again, _ = read_results(tmp_path)
+    assert {r["date"] for r in again if r["workload"] == "W1"} == {dates[0]}
 
 
 @pytest.mark.slow
