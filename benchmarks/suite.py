@@ -260,13 +260,15 @@ def lazy_compile_s(row: dict) -> float | None:
     return extra if extra > 0 else None
 
 
+def is_headline(r: dict) -> bool:
+    """A measured fedjax_sim row in its headline configuration (the one ratios refer to)."""
+    return r["system"] == "fedjax_sim" and r.get("variant") is None and "error" not in r
+
+
 def derive(rows: list[dict], device: dict, kept: list[dict] = ()) -> None:
     """Adds the figures computed from a row's measurements and the device's limits. A ratio
     to fedjax_sim is taken within the row's pass, or against the fedjax_sim row among `kept`
     (rows of an earlier run merged into this one) where this run did not measure it."""
-    def is_headline(r):
-        return r["system"] == "fedjax_sim" and r.get("variant") is None and "error" not in r
-
     in_pass = {(r["workload"], r["cohort"], r.get("repeat", 0)): r for r in rows
                if is_headline(r)}
     earlier = {(r["workload"], r["cohort"]): r for r in kept if is_headline(r)}
@@ -335,6 +337,32 @@ def label(r: dict) -> str:
     return r["system"] + (f" ({r['variant']})" if r.get("variant") else "")
 
 
+def scaling(wr: list[dict]) -> list[str]:
+    """fedjax_sim's cohort sweep in one workload's rows: throughput against cohort size, the
+    cohort where it levels off (90% of its best), the chosen K, and a client's bytes in
+    memory (the design's formula and XLA's temporaries per client)."""
+    head = sorted((r for r in wr if is_headline(r)), key=lambda r: r["cohort"])
+    if not head:
+        return []
+    top = max(head, key=lambda r: r["clients_per_s"])
+    best = top["clients_per_s"]
+    out = []
+    if len(head) > 1:
+        level = next(r["cohort"] for r in head if r["clients_per_s"] >= 0.9 * best)
+        out += [f"fedjax_sim's cohort sweep: clients/s grows with the cohort until the device "
+                f"is saturated; it first reaches 90% of the best ({best:.0f} clients/s, at "
+                f"{top['cohort']} clients) at {level} clients.", ""]
+    out += ["| cohort | K (auto) | clients/s | of best | bytes per client: formula | "
+            "measured |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in head:
+        measured = r.get("measured_bytes_per_client")
+        out.append(f"| {r['cohort']} | {fmt(r.get('chunk_size'))} x{r.get('devices', 1)} dev | "
+                   f"{r['clients_per_s']:.1f} | {r['clients_per_s'] / best:.0%} | "
+                   f"{r['footprint_bytes_per_client'] / 1e6:.2f} MB | "
+                   f"{fmt(measured and measured / 1e6, '.2f')} MB |")
+    return out + [""]
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     dev = meta["device"]
     out = [f"# {meta['suite']} suite: {meta['machine']}", "",
@@ -394,6 +422,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{100 * r['roofline_fraction']:.1f} | "
                 f"{fmt(r.get('plain_steps_roofline_fraction'), '.1%', '-').rstrip('%')} |")
         out.append("")
+        out += scaling(wr)
     skipped = sorted({f"{r['system']}: {r['error']}" for r in rows if "error" in r})
     if skipped:
         out += ["Not measured: " + "; ".join(skipped), ""]

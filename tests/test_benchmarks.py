@@ -186,6 +186,26 @@ def test_peers_run_in_their_environment_or_in_peer_python(tmp_path, monkeypatch)
     assert suite.command(suite.Run("W1", 100, "fedjax_sim"))[0] == sys.executable
 
 
+def test_scaling_names_where_throughput_levels_off():
+    def row(cohort, clients_per_s, **kw):
+        return {"workload": "W1", "cohort": cohort, "system": "fedjax_sim", "chunk_size": 4,
+                "devices": 2, "clients_per_s": clients_per_s,
+                "footprint_bytes_per_client": 1.5e6, "measured_bytes_per_client": 6e5, **kw}
+
+    rows = [row(10, 50.0), row(100, 92.0), row(1000, 100.0),
+            row(1000, 300.0, variant="1 device"),  # not the headline: left out
+            {"workload": "W1", "cohort": 1000, "system": "fedjax", "clients_per_s": 10.0}]
+    lines = suite.scaling(rows)
+    assert "90% of the best (100 clients/s, at 1000 clients) at 100 clients" in lines[0]
+    table = [ln for ln in lines if ln.startswith("| 10")]
+    assert table == ["| 10 | 4 x2 dev | 50.0 | 50% | 1.50 MB | 0.60 MB |",
+                     "| 100 | 4 x2 dev | 92.0 | 92% | 1.50 MB | 0.60 MB |",
+                     "| 1000 | 4 x2 dev | 100.0 | 100% | 1.50 MB | 0.60 MB |"]
+    one = suite.scaling([row(10, 5.0, measured_bytes_per_client=None)])
+    assert not any("90%" in ln for ln in one) and one[-2].endswith("| 1.50 MB | - MB |")
+    assert suite.scaling([rows[-1]]) == []
+
+
 def test_lazy_compile_time_is_the_first_rounds_excess_over_the_fastest():
     row = {"first_round_s": 10.0, "round_s": [3.0, 2.5, 4.0]}
     assert suite.lazy_compile_s(row) == pytest.approx(7.5)
