@@ -247,7 +247,7 @@ def autotune(algo, train, cohort: int, candidates=None) -> tuple[int, float]:
     arguments, unless `candidates` is given): returns the chosen K and the seconds it took."""
     params = algo.model.init(jax.random.key(SEED))
     state = fs.client.replicate(algo.init(params), fs.Engine(1))
-    pool = sim.resident_pool(train, None) if train.nbytes <= sim.RESIDENT_BYTES else None
+    pool = sim.resident_pool(train, None) if train.nbytes <= sim.resident_limit() else None
     t = time.perf_counter()
     k = sim.choose_chunk_size(algo, train, cohort, state,
                               sim.sample_cohort(train.num_clients, cohort, SEED, 0),

@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     w = WORKLOADS[args.workload]
     algo, train = build(w, args.cohort)
     mesh = fs.client_mesh() if jax.device_count() > 1 else None
-    resident = train.nbytes <= sim.RESIDENT_BYTES
+    resident = train.nbytes <= sim.resident_limit()
     pool = sim.resident_pool(train, mesh) if resident else None
     params = algo.model.init(jax.random.key(SEED))
     indices = sim.sample_cohort(train.num_clients, args.cohort, SEED, 0)

@@ -28,8 +28,24 @@ from fedjax_sim.data.federated import FederatedData, check_labels, check_rows
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.evaluation import Evaluator
 
-# A population up to this size stays on the device and cohorts are gathered there.
+# On a CPU, a population up to this size stays on the device and cohorts are gathered there
+# (the device copy is a second copy in host memory); on an accelerator, up to a quarter of
+# its memory (`resident_limit`).
 RESIDENT_BYTES = 2 << 30
+
+
+def resident_limit() -> int:
+    """The largest in-memory population `simulate` keeps on the device by default."""
+    memory = device_memory()
+    return memory // 4 if memory else RESIDENT_BYTES
+
+
+def device_memory() -> int | None:
+    """The memory an accelerator's allocator may use, or None where the device reports no
+    limit (a CPU)."""
+    device = jax.local_devices()[0]  # memory_stats() fails on another process's device
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
 @dataclasses.dataclass
@@ -222,10 +238,9 @@ def process0_decides(value: int) -> int:
 
 
 def _memory_budget() -> int:
-    device = jax.local_devices()[0]  # memory_stats() fails on another process's device
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] * 0.6)
+    memory = device_memory()
+    if memory:
+        return int(memory * 0.6)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.25)
 
 
@@ -275,7 +290,8 @@ def simulate(
       eval_clients: evaluate on this many clients of `eval_data` (a fixed seeded sample).
       chunk_size: the vectorization width K; None times a few on the first round.
       mesh: a mesh with a "clients" axis (`fs.client_mesh()`) to split cohorts over devices.
-      resident: keep `train` on the device; default when it is in memory and under 2 GiB.
+      resident: keep `train` on the device; default when it is in memory and takes under
+        2 GiB on a CPU, or under a quarter of an accelerator's memory (`resident_limit`).
         Otherwise each round reads its cohort's rows (from memory, a memory-mapped file or
         SQLite), on a background thread while the previous round runs.
       output_dir: where `history.jsonl` (one line per round, written as the run goes) goes.
@@ -300,7 +316,7 @@ def simulate(
         params = algorithm.model.init(jax.random.key(seed))
     check_model(algorithm, train, params, algorithm.batching.resolve_batch_size(train))
     if resident is None:
-        resident = is_in_memory(train) and train.nbytes <= RESIDENT_BYTES
+        resident = is_in_memory(train) and train.nbytes <= resident_limit()
     state = algorithm.init(params)
 
     state = replicate(state, Engine(1, mesh))

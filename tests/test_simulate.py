@@ -86,6 +86,24 @@ def test_memory_budget_skips_candidates_that_do_not_fit(population):
     assert k == 1  # nothing fits a 1-byte budget: the plain scan is the fallback
 
 
+def test_residency_and_search_budgets_follow_the_accelerators_memory(monkeypatch):
+    sim = importlib.import_module("fedjax_sim.simulate")
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    monkeypatch.setattr(sim.jax, "local_devices", lambda: [Device({"bytes_limit": 80 << 30})])
+    assert sim.device_memory() == 80 << 30
+    assert sim.resident_limit() == 20 << 30  # a quarter: W3's 10,000 clients (6.3 GB) fit
+    assert sim._memory_budget() == int((80 << 30) * 0.6)
+    monkeypatch.setattr(sim.jax, "local_devices", lambda: [Device(None)])  # a CPU
+    assert sim.device_memory() is None and sim.resident_limit() == sim.RESIDENT_BYTES
+
+
 def test_chunk_size_search_places_the_population_once(population, monkeypatch):
     """Every candidate program of the search shares one copy of the resident population (a
     copy per candidate once held ten copies of a 200 MB population at a time)."""
