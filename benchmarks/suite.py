@@ -398,8 +398,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{w.num_params:,} params; {w.flops_per_example() / 1e6:.2f} MFLOP per "
                 f"example per pass; client SGD {w.client_lr}, server SGD {w.server_lr}.", ""]
         earlier = sorted({(r["date"], r["peak_gflops"], r["bandwidth_gbs"]) for r in wr
-                          if (r.get("peak_gflops"), r.get("bandwidth_gbs"))
-                          != (dev["peak_gflops"], dev["bandwidth_gbs"])})
+                          if r["date"] != meta["date"]})
         out += [f"Rows measured in an earlier run ({d}), their roofline against that run's "
                 f"limits: {g} GFLOP/s, {b} GB/s." for d, g, b in earlier] + [""] * bool(earlier)
         out += ["| cohort | system | s/round | min | x fedjax_sim | clients/s | compile s "
