@@ -14,8 +14,10 @@ environment is missing is skipped and listed). Each driver builds the same data,
 warm-up round and `--rounds` timed rounds (more where they take under `min_seconds`, for the
 drivers that run their own rounds), and reports the median; peak host memory is that
 process's. Before and after the runs, the suite measures the device's f32 matmul rate and memory
-bandwidth; the roofline floor of a round is max(FLOPs / matmul rate, bytes / bandwidth) with
-FLOPs and bytes counted analytically (workloads.py), and `roofline_fraction` = floor / time.
+bandwidth (limits.py, in a child process); the roofline floor of a round is max(FLOPs / matmul
+rate, bytes / bandwidth) with FLOPs and bytes counted analytically (workloads.py), and
+`roofline_fraction` = floor / time against the higher of the two measurements;
+`roofline_fraction_beside` (fedjax_sim rows) uses the limits measured right after that run.
 Ratios to fedjax_sim are taken within the run.
 """
 
@@ -38,7 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from workloads import RESULT_PREFIX, WORKLOADS, time_rounds  # noqa: E402
+from workloads import RESULT_PREFIX, WORKLOADS  # noqa: E402
 
 PEERS = HERE / "peers"
 CPU_PASSES = 3
@@ -185,44 +187,31 @@ def execute(run: Run, timeout: float, log) -> dict:
 
 # -- the device's limits ----------------------------------------------------------------------
 
+def probe_device(*args: str) -> dict:
+    """`limits.py`'s JSON line, from a child process: the suite's own process never opens
+    the device (see limits.py)."""
+    proc = subprocess.run([sys.executable, str(HERE / "limits.py"), *args], capture_output=True,
+                          text=True, cwd=HERE.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmarks/limits.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def device_info() -> dict:
     """What the default device is (what `machine_name` needs), without measuring it."""
-    import jax
-
-    dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": dev.device_kind,
-            "device_count": jax.device_count(), "jax_version": jax.__version__}
+    return probe_device("--info-only")
 
 
 def measure_device(quick: bool) -> dict:
-    """f32 matmul rate (best of several square sizes) and memory bandwidth (the read rate of
-    a sum over an array far larger than the caches), measured with JAX on the default device.
-    (An elementwise op that writes a fresh output measures page faults on a CPU, not memory.)"""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax import lax
+    """The device's f32 matmul rate and memory bandwidth (`limits.measure`)."""
+    return probe_device(*["--quick"] * quick)
 
-    def best_time(f, *args, repeats):
-        return time_rounds(lambda: jax.block_until_ready(f(*args)), repeats)["s_per_round_min"]
 
-    gpu = jax.devices()[0].platform != "cpu"
-    sizes = (4096, 8192) if gpu else (1024, 2048)
-    rates = {}
-    for n in sizes:
-        reps = 8 if gpu else 2
-        rng = np.random.default_rng(0)
-        a = jnp.asarray(rng.standard_normal((reps, n, n), dtype=np.float32))
-        b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
-        f = jax.jit(lambda a, b: lax.map(lambda x: x @ b, a))
-        s = best_time(f, a, b, repeats=3 if quick else 5)
-        rates[f"{n}^3"] = reps * 2 * n**3 / s / 1e9
-    size = 2**30 // 4 if gpu else 2**28 // 4       # 1 GB on a GPU, 256 MB on a CPU
-    x = jnp.ones((size,), jnp.float32)
-    s = best_time(jax.jit(jnp.sum), x, repeats=5 if quick else 10)
-    return {"matmul_gflops": {k: round(v, 1) for k, v in rates.items()},
-            "peak_gflops": round(max(rates.values()), 1),
-            "bandwidth_gbs": round(size * 4 / s / 1e9, 1), **device_info()}
+def limits_beside() -> dict:
+    """The limits measured right after a fedjax_sim run, under the load it ran in (load from
+    other tenants of a shared machine lowers them): quick, about 2 s on the CPU."""
+    device = measure_device(quick=True)
+    return {k: device[k] for k in ("peak_gflops", "bandwidth_gbs")}
 
 
 def best_limits(start: dict, end: dict) -> dict:
@@ -265,6 +254,11 @@ def is_headline(r: dict) -> bool:
     return r["system"] == "fedjax_sim" and r.get("variant") is None and "error" not in r
 
 
+def floor_s(flops: float, traffic: float, limits: dict) -> float:
+    """The roofline floor of a round: max(FLOPs / matmul rate, bytes / bandwidth)."""
+    return max(flops / (limits["peak_gflops"] * 1e9), traffic / (limits["bandwidth_gbs"] * 1e9))
+
+
 def derive(rows: list[dict], device: dict, kept: list[dict] = ()) -> None:
     """Adds the figures computed from a row's measurements and the device's limits. A ratio
     to fedjax_sim is taken within the row's pass, or against the fedjax_sim row among `kept`
@@ -278,8 +272,7 @@ def derive(rows: list[dict], device: dict, kept: list[dict] = ()) -> None:
         w = WORKLOADS[r["workload"]]
         flops = w.flops_per_round(r["cohort"])
         traffic = w.traffic_bytes_per_round(r["cohort"])
-        floor = max(flops / (device["peak_gflops"] * 1e9),
-                    traffic / (device["bandwidth_gbs"] * 1e9))
+        floor = floor_s(flops, traffic, device)
         r.update(flops_per_round=flops, bytes_per_round=traffic,
                  gflops=flops / r["s_per_round"] / 1e9,
                  clients_per_s=r["cohort"] / r["s_per_round"],
@@ -287,6 +280,9 @@ def derive(rows: list[dict], device: dict, kept: list[dict] = ()) -> None:
                  footprint_bytes_per_client=w.footprint_bytes_per_client())
         if r["system"] == "fedjax":
             r["compile_s"] = lazy_compile_s(r)
+        if r.get("limits_beside"):
+            r["roofline_fraction_beside"] = (floor_s(flops, traffic, r["limits_beside"])
+                                             / r["s_per_round"])
         if r.get("plain_steps_s"):
             r["plain_steps_roofline_fraction"] = floor / r["plain_steps_s"]
         if r["system"] == "fedjax_sim" and r.get("temp_mb") is not None:
@@ -300,7 +296,8 @@ def derive(rows: list[dict], device: dict, kept: list[dict] = ()) -> None:
 
 # What a combined row keeps of each pass (`passes`).
 PASS_FIELDS = ("s_per_round", "s_per_round_min", "fedjax_sim_speedup", "compile_s",
-               "chunk_size", "roofline_fraction", "error")
+               "chunk_size", "roofline_fraction", "limits_beside", "roofline_fraction_beside",
+               "error")
 
 
 def combine_passes(rows: list[dict]) -> list[dict]:
@@ -383,7 +380,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "at the same workload and cohort: how many times faster fedjax_sim is. "
             "`steps-only %` (fedjax_sim rows) = the roofline fraction of the round's local "
             "SGD steps run back to back, one client at a time, with nothing federated around "
-            "them (`plain_steps_s`): what small per-step matmuls reach on this device.", ""]
+            "them (`plain_steps_s`): what small per-step matmuls reach on this device. "
+            "In parentheses after a fedjax_sim row's roofline %: against the limits measured "
+            "right after that run (`limits_beside`), in the load it ran in; other tenants of a "
+            "shared machine lower them.", ""]
     passes = max((len(r.get("passes", [1])) for r in rows), default=1)
     if passes > 1:
         out += [f"Cells with short rounds ran {passes} times, pass after pass: their s/round "
@@ -413,12 +413,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
             kstr = "-" if k is None else f"{k}" + (" (auto)" if r.get("autotune_s") else "")
             if r.get("devices", 1) > 1:
                 kstr += f" x{r['devices']} dev"
+            roof = f"{100 * r['roofline_fraction']:.1f}"
+            if r.get("roofline_fraction_beside"):
+                roof += f" ({100 * r['roofline_fraction_beside']:.0f})"
             out.append(
                 f"| {r['cohort']} | {label(r)} | {r['s_per_round']:.4g} | "
                 f"{r['s_per_round_min']:.4g} | {fmt(r['fedjax_sim_speedup'], '.2f')} | "
                 f"{r['clients_per_s']:.0f} | {fmt(r.get('compile_s'), '.2f')} | "
                 f"{r['peak_mem_mb']:.0f} | {kstr} | {r['gflops']:.1f} | "
-                f"{100 * r['roofline_fraction']:.1f} | "
+                f"{roof} | "
                 f"{fmt(r.get('plain_steps_roofline_fraction'), '.1%', '-').rstrip('%')} |")
         out.append("")
         out += scaling(wr)
@@ -503,6 +506,8 @@ def main(argv=None) -> None:
             row = done.get(run.key)
             if row is None:
                 row = execute(run, args.timeout, log)
+                if run.system == "fedjax_sim" and "error" not in row:
+                    row["limits_beside"] = limits_beside()
                 with open(progress, "a") as f:
                     f.write(json.dumps(row) + "\n")
             rows.append(row)

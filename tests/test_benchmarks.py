@@ -63,7 +63,8 @@ def test_derive_roofline_and_ratios():
     w = WORKLOADS["W1"]
     rows = [{"workload": "W1", "cohort": 100, "system": "fedjax_sim", "variant": None,
              "s_per_round": 0.5, "chunk_size": 4, "devices": 2, "temp_mb": 8.0,
-             "plain_steps_s": 0.25},
+             "plain_steps_s": 0.25,
+             "limits_beside": {"peak_gflops": 50.0, "bandwidth_gbs": 0.5e-3}},
             {"workload": "W1", "cohort": 100, "system": "fedjax", "variant": None,
              "s_per_round": 2.0, "first_round_s": 5.0, "round_s": [2.0, 1.5, 2.5]},
             {"workload": "W1", "cohort": 100, "system": "pfl", "error": "not installed"}]
@@ -75,6 +76,9 @@ def test_derive_roofline_and_ratios():
     assert rows[1]["fedjax_sim_speedup"] == pytest.approx(4.0)
     assert rows[0]["measured_bytes_per_client"] == pytest.approx(8 * 2**20 / 8)
     assert rows[0]["plain_steps_roofline_fraction"] == pytest.approx(floor / 0.25)
+    # Against the limits measured beside the run (half the bandwidth: twice the floor).
+    assert rows[0]["roofline_fraction_beside"] == pytest.approx(2 * floor / 0.5)
+    assert "roofline_fraction_beside" not in rows[1]
     assert "plain_steps_roofline_fraction" not in rows[1]
     assert rows[1]["compile_s"] == pytest.approx(3.5)  # FedJAX compiles in its first round
     assert "roofline_fraction" not in rows[2]
@@ -258,10 +262,24 @@ def read_results(out_dir):
     return json.loads(path.read_text()), path.with_suffix(".md").read_text()
 
 
+def test_the_suites_own_process_never_opens_the_device():
+    """On a GPU, a process that opens the device with JAX holds 75% of its memory until it
+    exits: the suite measures the device in child processes."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import suite; "
+            "info = suite.device_info(); limits = suite.limits_beside(); "
+            "assert 'jax' not in sys.modules, 'the suite imported jax'; "
+            "assert info['device_count'] >= 1 and limits['peak_gflops'] > 0; "
+            "assert limits['bandwidth_gbs'] > 0")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=BENCH.parent, timeout=300)
+
+
 def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
     measured = []
     monkeypatch.setattr(suite, "measure_device",
                         lambda quick: measured.append(1) or fake_device(100.0))
+    beside = []
+    monkeypatch.setattr(suite, "limits_beside",
+                        lambda: beside.append(1) or {"peak_gflops": 50.0, "bandwidth_gbs": 9.0})
     executed = []
     runs = suite.plan("quick")
     monkeypatch.setattr(suite, "execute", fake_execute(executed, fail_after=3))
@@ -273,11 +291,24 @@ def test_an_interrupted_suite_resumes_without_rerunning_finished_runs(tmp_path, 
     suite.main(["quick", "--out-dir", str(tmp_path), "--resume"])
     assert len(measured) == 1  # at the end only: the start is the interrupted run's
     assert executed == [(r.workload, r.cohort, r.system, r.variant) for r in runs]
-    rows, _ = read_results(tmp_path)
+    rows, table = read_results(tmp_path)
     assert len(rows) == len({r.key[:4] for r in runs})  # the passes of a cell make one row
     # The three runs finished before the interruption keep their measurements.
     assert [r["s_per_round"] for r in rows[:3]] == pytest.approx([0.1, 0.2, 0.3])
     assert not list(tmp_path.glob("*.partial.jsonl"))
+    # Every fedjax_sim run, and only those, has the limits measured beside it, once.
+    sims = [r for r in runs if r.system == "fedjax_sim"]
+    assert len(beside) == len(sims)
+    for r in rows:
+        assert (r["system"] == "fedjax_sim") == ("roofline_fraction_beside" in r)
+        assert (r["system"] == "fedjax_sim") == (" (" in _roofline_cell(table, r))
+
+
+def _roofline_cell(table: str, row: dict) -> str:
+    """The roofline % cell of `row`'s line in the Markdown table."""
+    line = next(ln for ln in table[table.index(f"## {row['workload']}"):].splitlines()
+                if ln.startswith(f"| {row['cohort']} | {row['system']} |"))
+    return line.split("|")[11]
 
 
 def test_a_merged_run_replaces_its_rows_and_keeps_the_others_limits(tmp_path, monkeypatch):
@@ -287,6 +318,8 @@ def test_a_merged_run_replaces_its_rows_and_keeps_the_others_limits(tmp_path, mo
                                                                    tzinfo=tz))
     monkeypatch.setattr(suite, "dt", types.SimpleNamespace(UTC=datetime.UTC, datetime=clock))
     monkeypatch.setattr(suite, "measure_device", lambda quick: fake_device(100.0))
+    monkeypatch.setattr(suite, "limits_beside", lambda: {"peak_gflops": 50.0,
+                                                         "bandwidth_gbs": 9.0})
     monkeypatch.setattr(suite, "execute", fake_execute([]))
     suite.main(["quick", "--out-dir", str(tmp_path)])
     before, _ = read_results(tmp_path)
@@ -329,5 +362,6 @@ def test_quick_suite_end_to_end(tmp_path):
         assert r["fedjax_sim_speedup"] > 0 and 0 < r["roofline_fraction"]
     sim = next(r for r in rows if r["system"] == "fedjax_sim")
     assert not sim["recompiled"] and 0 < sim["plain_steps_s"]
+    assert sim["limits_beside"]["peak_gflops"] > 0 and sim["roofline_fraction_beside"] > 0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "| 100 | loop |" in out.with_suffix(".md").read_text()
