@@ -1,7 +1,7 @@
 """Benchmark suites: fedjax_sim side by side with the per-client-jit loop, FedJAX, pfl and
 Flower on the workloads W1-W4 (workloads.py), in one run.
 
-  python benchmarks/suite.py cpu      # this machine's CPU suite (about 80 min on 2 cores)
+  python benchmarks/suite.py cpu      # this machine's CPU suite (65-90 min on 2 cores)
   python benchmarks/suite.py gpu      # the GPU suite (run on the GPU machine)
   python benchmarks/suite.py quick    # smoke test, about 2 min: W1/W2 small cohorts
 
