@@ -41,16 +41,14 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite  # noqa: E402
+from limits import matmul_rate  # noqa: E402
 from loop import LoopFedAvg, client_arrays  # noqa: E402
-from workloads import time_rounds  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
 
@@ -116,19 +114,6 @@ def machine_name() -> tuple[str, str]:
     dev = jax.devices()[0]
     return suite.machine_name({"platform": dev.platform, "device_kind": dev.device_kind,
                                "device_count": jax.device_count()})
-
-
-def matmul_rate(m: int, k: int, n: int, target_flops: float, repeats: int) -> float:
-    """GFLOP/s of an f32 [m,k] @ [k,n] matmul: `reps` different left operands through one
-    jitted `lax.map` (so per-call dispatch is not counted), best of `repeats`."""
-    flops = 2 * m * k * n
-    reps = max(1, int(target_flops // flops))
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((reps, m, k), dtype=np.float32))
-    b = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
-    f = jax.jit(lambda a, b: lax.map(lambda x: x @ b, a))
-    best = time_rounds(lambda: jax.block_until_ready(f(a, b)), repeats)["s_per_round_min"]
-    return reps * flops / best / 1e9
 
 
 def measure_matmuls(quick: bool) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
   python benchmarks/limits.py [--quick] [--info-only]    # prints one JSON line
 
-The suite runs this in a child process (`suite.measure_device`), never in its own: a process
+The suite runs this in a child process (`suite.probe_device`), never in its own: a process
 that opens a GPU with JAX holds most of its memory (JAX's allocator reserves 75% up front)
 until it exits, which would leave the drivers the suite starts too little.
 """
@@ -31,27 +31,31 @@ def device_info() -> dict:
             "device_count": jax.device_count(), "jax_version": jax.__version__}
 
 
+def matmul_rate(m: int, k: int, n: int, target_flops: float, repeats: int) -> float:
+    """GFLOP/s of an f32 [m,k] @ [k,n] matmul: `target_flops` / (2mkn) different left operands
+    through one jitted `lax.map` (so per-call dispatch is not counted), best of `repeats`."""
+    flops = 2 * m * k * n
+    reps = max(1, int(target_flops // flops))
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((reps, m, k), dtype=np.float32))
+    b = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
+    f = jax.jit(lambda a, b: lax.map(lambda x: x @ b, a))
+    best = time_rounds(lambda: jax.block_until_ready(f(a, b)), repeats)["s_per_round_min"]
+    return reps * flops / best / 1e9
+
+
 def measure(quick: bool) -> dict:
     """f32 matmul rate (best of several square sizes) and memory bandwidth (the read rate of
     a sum over an array far larger than the caches), measured on the default device.
     (An elementwise op that writes a fresh output measures page faults on a CPU, not memory.)"""
-    def best_time(f, *args, repeats):
-        return time_rounds(lambda: jax.block_until_ready(f(*args)), repeats)["s_per_round_min"]
-
     gpu = jax.devices()[0].platform != "cpu"
-    sizes = (4096, 8192) if gpu else (1024, 2048)
-    rates = {}
-    for n in sizes:
-        reps = 8 if gpu else 2
-        rng = np.random.default_rng(0)
-        a = jnp.asarray(rng.standard_normal((reps, n, n), dtype=np.float32))
-        b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
-        f = jax.jit(lambda a, b: lax.map(lambda x: x @ b, a))
-        s = best_time(f, a, b, repeats=3 if quick else 5)
-        rates[f"{n}^3"] = reps * 2 * n**3 / s / 1e9
+    reps = 8 if gpu else 2
+    rates = {f"{n}^3": matmul_rate(n, n, n, target_flops=reps * 2 * n**3,
+                                   repeats=3 if quick else 5)
+             for n in ((4096, 8192) if gpu else (1024, 2048))}
     size = 2**30 // 4 if gpu else 2**28 // 4       # 1 GB on a GPU, 256 MB on a CPU
-    x = jnp.ones((size,), jnp.float32)
-    s = best_time(jax.jit(jnp.sum), x, repeats=5 if quick else 10)
+    x, total = jnp.ones((size,), jnp.float32), jax.jit(jnp.sum)
+    s = time_rounds(lambda: jax.block_until_ready(total(x)), 5 if quick else 10)["s_per_round_min"]
     return {"matmul_gflops": {k: round(v, 1) for k, v in rates.items()},
             "peak_gflops": round(max(rates.values()), 1),
             "bandwidth_gbs": round(size * 4 / s / 1e9, 1), **device_info()}
