@@ -8,13 +8,15 @@ Example:
   >>> result = fs.simulate(algo, train, rounds=2, cohort_size=10, progress=False)
 """
 
-from fedjax_sim import aggregators, algorithms, data, models
+from fedjax_sim import aggregators, algorithms, data, health, models
 from fedjax_sim.client import ClientUpdate, Engine, client_mesh
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
+from fedjax_sim.health import DivergedError
 from fedjax_sim.simulate import SimulationResult, simulate
 
 __all__ = [
     "ClientUpdate",
+    "DivergedError",
     "Engine",
     "Evaluation",
     "SimulationResult",
@@ -24,6 +26,7 @@ __all__ = [
     "data",
     "evaluate",
     "evaluate_pooled",
+    "health",
     "models",
     "simulate",
 ]

@@ -10,14 +10,15 @@ import argparse
 import json
 import math
 import sys
-import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import optax
 
 from fedjax_sim import algorithms, data, models
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
 from fedjax_sim.evaluation import format_summary
+from fedjax_sim.health import DivergedError
 from fedjax_sim.simulate import simulate
 
 CLIENT_OPTIMIZERS = {
@@ -32,6 +33,7 @@ SERVER_OPTIMIZERS = {
     "yogi": lambda lr: algorithms.fedyogi(lr),
     "adagrad": lambda lr: algorithms.fedadagrad(lr),
 }
+RUN_FILES = ("history.jsonl", "summary.json")
 MODELS = {
     "logistic": lambda f, c: models.logistic_regression(f, c),
     "mlp": lambda f, c: models.mlp(f, c),
@@ -45,44 +47,97 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its own messages
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a simulation (default: FedAvg on Synthetic(1,1))")
-    run.add_argument("--rounds", type=_positive_int, default=200)
-    run.add_argument("--cohort-size", type=_positive_int, default=100)
-    run.add_argument("--num-clients", type=_positive_int, default=1000,
-                     help="clients in the Synthetic population")
-    run.add_argument("--alpha", type=_finite_float, default=1.0)
-    run.add_argument("--beta", type=_finite_float, default=1.0)
-    run.add_argument("--model", choices=sorted(MODELS), default="logistic")
-    run.add_argument("--client-optimizer", choices=sorted(CLIENT_OPTIMIZERS), default="sgd")
-    run.add_argument("--client-lr", type=_finite_float, default=0.05)
-    run.add_argument("--server-optimizer", choices=sorted(SERVER_OPTIMIZERS), default="sgd")
-    run.add_argument("--server-lr", type=_finite_float, default=1.0)
-    run.add_argument("--epochs", type=_positive_int, default=1)
-    run.add_argument("--batch-size", type=_positive_int, default=10)
-    run.add_argument("--max-examples-per-client", type=_positive_int, default=500)
-    run.add_argument("--weighting", choices=["num_examples", "uniform"], default="num_examples")
-    run.add_argument("--eval-every", type=int, default=20)
-    run.add_argument("--chunk-size", type=_positive_int, default=None,
-                     help="clients vectorized side by side (default: timed on round 1)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--output-dir", default="runs/synthetic",
-                     help="where history.jsonl and summary.json go")
-    run.add_argument("--no-progress", action="store_true")
+    run = sub.add_parser("run", help="run a simulation (default: FedAvg on Synthetic(1,1))",
+                         description="FedAvg-family training on the FedProx Synthetic(alpha, "
+                         "beta) task, then per-client test accuracy.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = run.add_argument
+    add("--rounds", type=_positive_int, default=200, help="training rounds")
+    add("--cohort-size", type=_positive_int, default=100, help="clients sampled per round")
+    add("--num-clients", type=_positive_int, default=1000,
+        help="clients in the Synthetic population")
+    add("--alpha", type=_non_negative_float, default=1.0,
+        help="Synthetic: how much the clients' models differ")
+    add("--beta", type=_non_negative_float, default=1.0,
+        help="Synthetic: how much the clients' inputs differ")
+    add("--model", choices=sorted(MODELS), default="logistic", help="the model trained")
+    add("--client-optimizer", choices=sorted(CLIENT_OPTIMIZERS), default="sgd",
+        help="the clients' local optimizer")
+    add("--client-lr", type=_finite_float, default=0.05, help="client learning rate")
+    add("--server-optimizer", choices=sorted(SERVER_OPTIMIZERS), default="sgd",
+        help="the server's optimizer on the averaged update (sgd at 1.0 is FedAvg)")
+    add("--server-lr", type=_finite_float, default=1.0, help="server learning rate")
+    add("--epochs", type=_positive_int, default=1, help="local epochs per round")
+    add("--batch-size", type=_positive_int, default=10, help="examples per local step")
+    add("--max-examples-per-client", type=_positive_int, default=500,
+        help="a larger client trains on its first this-many examples")
+    add("--weighting", choices=["num_examples", "uniform"], default="num_examples",
+        help="how client updates are weighted in the average")
+    add("--eval-every", type=_non_negative_int, default=20,
+        help="evaluate every this many rounds (0: only after the last)")
+    add("--chunk-size", type=_positive_int, default=None,
+        help="clients vectorized side by side; unset: an earlier run's choice for the same "
+        "program, else timed on round 1. A run's chunk_size reproduces it exactly")
+    add("--seed", type=_non_negative_int, default=0, help="the seed every random choice "
+        "derives from")
+    add("--output-dir", default="runs/synthetic",
+        help="where history.jsonl and summary.json go; one holding an earlier run is kept "
+        "and this run goes to the next free <dir>-N")
+    add("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
+    add("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
     return parser
 
 
+def fresh_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """`path`, or the first free `path-2`, `path-3`, ... when `path` holds an earlier run."""
+    path = Path(path)
+    if overwrite and path.is_dir():
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
+    if overwrite or not any((path / name).exists() for name in RUN_FILES):
+        return path
+    n = 2
+    while any((path.with_name(f"{path.name}-{n}") / name).exists() for name in RUN_FILES):
+        n += 1
+    fresh = path.with_name(f"{path.name}-{n}")
+    print(f"{path} holds an earlier run (kept); this run goes to {fresh} (--overwrite "
+          "replaces it instead)")
+    return fresh
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.cohort_size > args.num_clients:  # before generating the data
+        raise ValueError(f"--cohort-size {args.cohort_size} is larger than --num-clients "
+                         f"{args.num_clients}")
     train, test = data.synthetic(args.alpha, args.beta, num_clients=args.num_clients,
                                  seed=args.seed)
     model = MODELS[args.model](NUM_FEATURES, NUM_CLASSES)
@@ -95,35 +150,52 @@ def run(args: argparse.Namespace) -> dict:
         max_examples_per_client=args.max_examples_per_client,
         client_weighting=args.weighting,
     )
+    output_dir = fresh_output_dir(args.output_dir, args.overwrite)
     print(f"Synthetic({args.alpha:g},{args.beta:g}): train {train}\n  test {test}")
-    start = time.perf_counter()
     result = simulate(algo, train, rounds=args.rounds, cohort_size=args.cohort_size,
                       seed=args.seed, eval_data=test, eval_every=args.eval_every,
-                      chunk_size=args.chunk_size, output_dir=args.output_dir,
+                      chunk_size=args.chunk_size, output_dir=output_dir,
                       progress=not args.no_progress)
-    elapsed = time.perf_counter() - start
     final = result.history[-1]
+    t = result.timings
     summary = {
         "rounds": args.rounds,
-        "seconds": elapsed,
+        "seed": args.seed,
         "chunk_size": result.chunk_size,
+        "chunk_size_source": result.chunk_size_source,
+        "seconds": t,
         "train_loss": final["train_loss"],
         "eval": final["eval"],
     }
-    with open(f"{args.output_dir}/summary.json", "w") as f:
+    with open(output_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     acc = final["eval"]["accuracy"]
-    print(f"\n{args.rounds} rounds in {elapsed:.1f} s (chunk size {result.chunk_size}); "
-          f"per-client test accuracy over {test.num_clients} clients (chance 0.10):")
+    choice = {"search": f"chunk-size search {t['chunk_size_choice_s']:.1f} s (chose K = "
+                        f"{result.chunk_size}, kept for the next run)",
+              "cache": f"chunk size {result.chunk_size} from an earlier run's search "
+                       f"({t['chunk_size_choice_s']:.1f} s)",
+              "given": f"chunk size {result.chunk_size} (given)"}[result.chunk_size_source]
+    before = [choice, f"compile {t['compile_s']:.1f} s"]
+    print(f"\n{args.rounds} rounds in {t['rounds_s']:.1f} s "
+          f"({1000 * t['rounds_s'] / args.rounds:.0f} ms a round); before them "
+          f"{', '.join(before)}; evaluation {t['eval_s']:.1f} s")
+    print(f"per-client test accuracy over {test.num_clients} clients (chance 0.10):")
     print("  " + format_summary(acc))
-    print(f"history: {args.output_dir}/history.jsonl")
+    print(f"history: {output_dir}/history.jsonl; rerun exactly with --seed {args.seed} "
+          f"--chunk-size {result.chunk_size}")
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
-        run(args)
+        try:
+            run(args)
+        except (ValueError, TypeError) as e:  # a bad combination of flags: say which, not where
+            args.subparser.error(str(e))
+        except DivergedError as e:
+            print(f"fedjax-sim run: error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -81,14 +81,19 @@ class ClientResults(NamedTuple):
     total: Any  # the aggregator's partial, summed over all clients (and devices)
     metrics: dict[str, jax.Array]  # per-client metrics, [C]
     finite: jax.Array  # bool[C], False where a client's output had a NaN or inf
+    norms: jax.Array  # f32[C], the L2 norm of each client's output (NaN where not finite)
 
 
-def _finite_rows(tree, n: int) -> jax.Array:
-    """bool[n]: whether every value in row i of every leaf is finite."""
+def _row_checks(tree, n: int) -> tuple[jax.Array, jax.Array]:
+    """(bool[n], f32[n]): whether every value in row i of every leaf is finite, and the L2
+    norm of row i over all leaves (what a user sees of a client whose update is far off)."""
     ok = jnp.ones((n,), bool)
+    sq = jnp.zeros((n,), jnp.float32)
     for x in jax.tree.leaves(tree):
-        ok &= jnp.all(jnp.isfinite(x.reshape(n, -1)), axis=1)
-    return ok
+        rows = x.reshape(n, -1)
+        ok &= jnp.all(jnp.isfinite(rows), axis=1)
+        sq += jnp.sum(jnp.square(rows.astype(jnp.float32)), axis=1)
+    return ok, jnp.where(ok, jnp.sqrt(sq), jnp.nan)
 
 
 def run_clients(
@@ -107,7 +112,8 @@ def run_clients(
 
     Client c's randomness is `fold_in(key, client_ids[c])`: independent of K, the device count
     and the client's position in the cohort. A client whose output is not finite gets weight 0
-    and a zeroed output, so it cannot poison the aggregate; `finite` reports it.
+    and a zeroed output, so it cannot poison the aggregate; `finite` reports it, and `norms`
+    each output's L2 norm.
     """
     b = batch_size
     arange_b = jnp.arange(b, dtype=jnp.int32)
@@ -137,13 +143,13 @@ def run_clients(
         else:
             outputs, metrics = jax.vmap(one_client, in_axes=(None, None, 0, 0, 0, 0))(
                 bcast, rows, start, length, num_steps, keys)
-        finite = _finite_rows(outputs, ids.shape[0])
+        finite, norms = _row_checks(outputs, ids.shape[0])
         weights = jnp.where(finite, weights, 0.0)
         outputs = jax.tree.map(
             lambda o: jnp.where(finite.reshape((-1,) + (1,) * (o.ndim - 1)), o, 0), outputs)
         agg_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         partial = aggregator.contribution(outputs, weights, agg_keys, agg_state)
-        return partial, (metrics, finite)
+        return partial, (metrics, finite, norms)
 
     def local(bcast, rows, start, length, num_steps, weights, ids):
         k = engine.chunk_size
@@ -155,11 +161,11 @@ def run_clients(
             partial, per_client = chunk(bcast, rows, x)
             return jax.tree.map(jnp.add, acc, partial), per_client
 
-        total, (metrics, finite) = lax.scan(body, zeros, xs)
+        total, (metrics, finite, norms) = lax.scan(body, zeros, xs)
         flat = lambda a: a.reshape((-1,) + a.shape[2:])
         if engine.mesh is not None:
             total = lax.psum(total, CLIENTS)
-        return total, jax.tree.map(flat, metrics), flat(finite)
+        return total, jax.tree.map(flat, metrics), flat(finite), flat(norms)
 
     # The order and the pool are explicit (replicated) shard_map inputs: gathering from a
     # closed-over array whose sharding names the Auto mesh fails inside the Manual body.
@@ -167,20 +173,20 @@ def run_clients(
     per_client = (cohort.start, cohort.length, cohort.num_steps, cohort.weights,
                   cohort.client_ids)
     if engine.mesh is None:
-        total, metrics, finite = local(broadcast, rows, *per_client)
+        total, metrics, finite, norms = local(broadcast, rows, *per_client)
     else:
-        total, metrics, finite = jax.shard_map(
+        total, metrics, finite, norms = jax.shard_map(
             local,
             mesh=engine.mesh,
             in_specs=(P(), P()) + (P(CLIENTS),) * 5,
-            out_specs=(P(), P(CLIENTS), P(CLIENTS)),
+            out_specs=(P(), P(CLIENTS), P(CLIENTS), P(CLIENTS)),
             # Without the varying-axes check the body traces as on one device: user models may
             # scan from constant carries (Flax's nn.RNN) they do not mark varying, and the
             # gradient with respect to the replicated params stays per device (with the check,
             # it would be summed over devices unless the params were cast to varying).
             check_vma=False,
         )(broadcast, rows, *per_client)
-    return ClientResults(total, metrics, finite)
+    return ClientResults(total, metrics, finite, norms)
 
 
 def place_cohort(cohort: Cohort, engine: Engine) -> Cohort:

@@ -18,6 +18,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fedjax_sim import aggregators
+from fedjax_sim.checks import (
+    check_data,
+    check_eval_clients,
+    check_features,
+    check_integer,
+    check_model,
+    check_params,
+)
 from fedjax_sim.client import ClientUpdate, Engine, place_cohort, replicate, run_clients
 from fedjax_sim.data.cohort import Batching, CohortShape, pack_cohort, resident_order
 from fedjax_sim.data.federated import FederatedData, check_labels
@@ -134,11 +142,14 @@ class Evaluator:
     def __init__(self, model: Model, data: FederatedData, *, batch_size: int = 64,
                  num_clients: int | None = None, chunk_size: int | None = None,
                  engine: Engine | None = None, seed: int = 0):
+        model = check_model(model)
+        data = check_data("data", data)
+        check_features(data, "data")
         if model.label is not None:
             check_labels(data, *model.label)
-        n = data.num_clients if num_clients is None else min(num_clients, data.num_clients)
-        if n < 1:
-            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        n = (data.num_clients if num_clients is None
+             else check_eval_clients(num_clients, data, "num_clients"))
+        batch_size = check_integer("batch_size", batch_size, 1)
         self.model, self.data = model, data
         self.indices = (np.arange(n) if n == data.num_clients else
                         np.sort(np.random.default_rng(seed).choice(data.num_clients, n,
@@ -161,6 +172,7 @@ class Evaluator:
 
     def __call__(self, params: Any) -> Evaluation:
         if self._update is None:  # built once: a new update would compile a new program
+            check_params(self.model, params)
             self._names = metric_names(self.model, self.data, params)
             self._update = metric_update(self.model, tuple(self._names))
         sums = _run(self._update, replicate(params, self.engine), self.cohort, self.pool,
@@ -205,6 +217,10 @@ def evaluate(model: Model, params: Any, data: FederatedData, *, batch_size: int 
 def evaluate_pooled(model: Model, params: Any, data: FederatedData, *,
                     batch_size: int = 1024) -> dict[str, float]:
     """Centralized evaluation: the mean of each metric over all examples pooled together."""
+    model = check_model(model)
+    data = check_data("data", data)
+    check_features(data, "data")
+    check_params(model, params)
     if model.label is not None:
         check_labels(data, *model.label)
     names = metric_names(model, data, params)

@@ -13,7 +13,6 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,12 +20,22 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
+from fedjax_sim import chunk_cache
+from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState, tree_norm
+from fedjax_sim.checks import (
+    check_data,
+    check_eval_clients,
+    check_features,
+    check_integer,
+    check_model_fits,
+    check_output_dir,
+)
 from fedjax_sim.client import Engine, place_cohort, replicate
 from fedjax_sim.data.cohort import Cohort, CohortShape, host_pool, pack_cohort, resident_order
-from fedjax_sim.data.federated import FederatedData, check_labels, check_rows
+from fedjax_sim.data.federated import FederatedData, check_rows
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.evaluation import Evaluator
+from fedjax_sim.health import DivergedError, Monitor
 
 # On a CPU, a population up to this size stays on the device and cohorts are gathered there
 # (the device copy is a second copy in host memory); on an accelerator, up to a quarter of
@@ -55,18 +64,28 @@ class SimulationResult:
     Attributes:
       params: the final server params.
       state: the final server state (params, optimizer and aggregator state, round).
-      history: one dict per round: "round", "wall_time", "train_loss", "num_included",
-        "num_excluded", "excluded_clients", "step_efficiency" (useful over executed local
-        steps: a vmapped chunk runs to its longest client), "clients" (per-client train
-        metrics), and on
+      history: one dict per round: "round", "wall_time", "train_loss" (NaN when every
+        client was excluded), "num_included", "num_excluded", "excluded_clients",
+        "update_norm" and "params_norm" (the server's), "outlier_clients" (clients whose
+        update norm is far above the cohort's, `health.outliers`), "chunk_size",
+        "step_efficiency" (useful over executed local steps: a vmapped chunk runs to its
+        longest client), "clients" (per-client train metrics and update norms), and on
         evaluation rounds "eval" (summary) and "eval_clients" (per-client metrics).
       chunk_size: the vectorization width K used.
+      chunk_size_source: "given" (passed in), "cache" (an earlier run's choice for the same
+        program on the same devices) or "search" (timed on the first cohort).
+      timings: seconds spent in "chunk_size_choice_s" (the cache lookup, or the search),
+        "compile_s" (the round program),
+        "rounds_s" (the rounds, evaluation apart), "eval_s" (evaluation, its compile
+        included) and "total_s".
     """
 
     params: Any
     state: ServerState
     history: list[dict]
     chunk_size: int
+    chunk_size_source: str = "given"
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 def sample_cohort(num_clients: int, cohort_size: int, seed: int, round_num: int) -> np.ndarray:
@@ -76,25 +95,6 @@ def sample_cohort(num_clients: int, cohort_size: int, seed: int, round_num: int)
             f"cohort_size {cohort_size} is larger than the population of {num_clients} clients")
     rng = np.random.default_rng([seed, round_num])
     return rng.choice(num_clients, cohort_size, replace=False)
-
-
-def check_model(algorithm: FederatedAlgorithm, data: FederatedData, params: Any,
-                batch_size: int) -> None:
-    """Fails early, with a clear message, on a model that does not fit the data."""
-    model = algorithm.model
-    if model.label is not None:
-        check_labels(data, *model.label)
-    b = min(batch_size, data.total_examples)
-    sample = {k: v[:b] for k, v in data.features.items()}
-    try:
-        out = jax.eval_shape(model.loss, params, sample, jax.random.key(0))
-    except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
-        raise ValueError(f"model.loss failed on a batch of {b} examples with features "
-                         f"{ {k: v.shape for k, v in sample.items()} }: {e}") from e
-    if out.shape != (b,):
-        raise ValueError(
-            f"model.loss must return one value per example: shape ({b},) for a batch of {b}, "
-            f"got {out.shape}")
 
 
 def resident_pool(data: FederatedData, mesh: jax.sharding.Mesh | None) -> dict[str, jax.Array]:
@@ -107,7 +107,8 @@ class RoundRunner:
     """Packs cohorts and runs the jitted round for one engine (one compiled program).
 
     `pool` is the population on the device(s) (`resident_pool`), or None to read each
-    cohort's rows on the host.
+    cohort's rows on the host. The seed's key is an input of the program, not a constant in
+    it, so one program serves every seed.
     """
 
     def __init__(self, algorithm: FederatedAlgorithm, data: FederatedData, cohort_size: int,
@@ -116,13 +117,14 @@ class RoundRunner:
         self.pool = pool
         self.shape = CohortShape.for_population(data, algorithm.batching, cohort_size,
                                                 engine.cohort_multiple)
+        self.key = replicate(jax.random.key(seed), Engine(1, engine.mesh))
+        self.compiled = None
 
-        def round_fn(state, cohort, pool, round_num, *, batch_size, engine):
+        def round_fn(state, cohort, pool, key, round_num, *, batch_size, engine):
             # The round's key is derived inside the program: deriving and placing it from
             # the host cost milliseconds per round, a tenth of a small round on a CPU.
-            key = jax.random.fold_in(jax.random.key(seed), round_num)
-            return algorithm.round(state, cohort, pool, key, batch_size=batch_size,
-                                   engine=engine)
+            return algorithm.round(state, cohort, pool, jax.random.fold_in(key, round_num),
+                                   batch_size=batch_size, engine=engine)
 
         self.fn = jax.jit(round_fn, static_argnames=("batch_size", "engine"))
 
@@ -138,14 +140,21 @@ class RoundRunner:
         return place_cohort(cohort, self.engine), replicate(pool, self.engine)
 
     def lower(self, state, packed) -> jax.stages.Lowered:
-        """The round program for these shapes, to compile ahead of time (call with the
-        compiled program's `(state, *packed, np.int32(round_num))`)."""
-        return self.fn.lower(state, *packed, np.int32(0), batch_size=self.shape.batch_size,
-                             engine=self.engine)
+        """The round program for these shapes."""
+        return self.fn.lower(state, *packed, self.key, np.int32(0),
+                             batch_size=self.shape.batch_size, engine=self.engine)
+
+    def compile(self, state, packed) -> float:
+        """Compiles the round program ahead of time, for `__call__`; returns the seconds."""
+        start = time.perf_counter()
+        self.compiled = self.lower(state, packed).compile()
+        return time.perf_counter() - start
 
     def __call__(self, state, packed, round_num: int):
         cohort, pool = packed
-        return self.fn(state, cohort, pool, np.int32(round_num),
+        if self.compiled is not None:
+            return self.compiled(state, cohort, pool, self.key, np.int32(round_num))
+        return self.fn(state, cohort, pool, self.key, np.int32(round_num),
                        batch_size=self.shape.batch_size, engine=self.engine)
 
 
@@ -167,8 +176,7 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
     784-200-10 MLP: K = 1 to 8 best, K = C 2x slower; accelerators favour far wider K).
     Candidates (`chunk_candidates`) are compiled and timed by `autotune`; one whose compiled
     program needs more than `memory_budget` bytes of temporaries (XLA's own memory analysis)
-    ends the search. The chosen program stays in JAX's compilation cache, so the run does not
-    compile it again. Every candidate shares `pool` (`RoundRunner`), and a cohort is packed
+    ends the search. Every candidate shares `pool` (`RoundRunner`), and a cohort is packed
     for each timed run rather than kept per candidate: a host-packed cohort can be large.
     """
     devices = 1 if mesh is None else mesh.shape["clients"]
@@ -176,23 +184,42 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
         candidates = chunk_candidates(-(-cohort_size // devices))
     if memory_budget is None:
         memory_budget = _memory_budget()
-    programs = {}
+    runners = {}
 
     def build(k):
-        runner = RoundRunner(algorithm, data, cohort_size, Engine(k, mesh), seed, pool)
-        compiled = runner.lower(state, runner.pack(indices, 0)).compile()
-        mem = compiled.memory_analysis()
-        programs[k] = (runner, compiled)
+        runner = runners[k] = RoundRunner(algorithm, data, cohort_size, Engine(k, mesh), seed,
+                                          pool)
+        runner.compile(state, runner.pack(indices, 0))
+        mem = runner.compiled.memory_analysis()
         return mem is None or mem.temp_size_in_bytes <= memory_budget
 
     def seconds(k):
-        runner, compiled = programs[k]
+        runner = runners[k]
         packed = jax.block_until_ready(runner.pack(indices, 0))
         t = time.perf_counter()
-        jax.block_until_ready(compiled(state, *packed, np.int32(0)))
+        jax.block_until_ready(runner(state, packed, 0))
         return time.perf_counter() - t
 
     return autotune(sorted(candidates), build, seconds, repeats=repeats)
+
+
+def cached_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh,
+                      pool) -> tuple[int, str]:
+    """(K, "cache" or "search"): the K an earlier run chose for this very program on these
+    devices (`chunk_cache`), else `choose_chunk_size`'s choice, which is then stored. So the
+    same call gives the same K, and the same bits, run after run."""
+    devices = 1 if mesh is None else mesh.shape["clients"]
+    runner = RoundRunner(algorithm, data, cohort_size, Engine(1, mesh), seed, pool)
+    key = chunk_cache.program_key(runner.lower(state, runner.pack(indices, 0)).as_text(),
+                                  devices)
+    k = process0_decides((chunk_cache.load(key) if jax.process_index() == 0 else None) or 0)
+    if k:
+        return k, "cache"
+    k = choose_chunk_size(algorithm, data, cohort_size, state, indices, seed=seed, mesh=mesh,
+                          pool=pool)
+    if jax.process_index() == 0:
+        chunk_cache.store(key, k, {"cohort_size": cohort_size, "devices": devices})
+    return k, "search"
 
 
 def autotune(candidates, build, seconds, *, repeats=1, give_up=2.0) -> int:
@@ -288,7 +315,10 @@ def simulate(
       params: initial params; default `algorithm.model.init(key(seed))`.
       eval_data: population to evaluate on every `eval_every` rounds and after the last.
       eval_clients: evaluate on this many clients of `eval_data` (a fixed seeded sample).
-      chunk_size: the vectorization width K; None times a few on the first round.
+      chunk_size: the vectorization width K. None: the K an earlier run chose for the same
+        round program on the same devices (`chunk_cache`), else the fastest of a few timed
+        on the first cohort (then kept for the next run). The K used is in the result and
+        every history record: passing it reproduces the run.
       mesh: a mesh with a "clients" axis (`fs.client_mesh()`) to split cohorts over devices.
       resident: keep `train` on the device; default when it is in memory and takes under
         2 GiB on a CPU, or under a quarter of an accelerator's memory (`resident_limit`).
@@ -300,65 +330,101 @@ def simulate(
     Returns:
       A `SimulationResult`.
     """
-    if rounds < 0:
-        raise ValueError(f"rounds must be >= 0, got {rounds}")
-    if not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if cohort_size < 1:
-        raise ValueError(f"cohort_size must be >= 1, got {cohort_size}")
+    if not isinstance(algorithm, FederatedAlgorithm):
+        raise TypeError(f"algorithm must be a FederatedAlgorithm (e.g. fs.algorithms.fedavg("
+                        f"model, optax.sgd(0.1))), got {type(algorithm).__name__}")
+    train = check_data("train", train)
+    rounds = check_integer("rounds", rounds, 0)
+    cohort_size = check_integer("cohort_size", cohort_size, 1)
+    seed = check_integer("seed", seed, 0)
+    eval_every = check_integer("eval_every", eval_every, 0)
+    eval_batch_size = check_integer("eval_batch_size", eval_batch_size, 1)
     if cohort_size > train.num_clients:
         raise ValueError(
             f"cohort_size {cohort_size} is larger than the population of {train.num_clients} "
             "clients")
-    if eval_every and eval_data is None:
-        raise ValueError("eval_every is set but no eval_data was given")
+    if eval_data is not None:
+        eval_data = check_data("eval_data", eval_data)
+        check_features(eval_data, "eval_data")
+    elif eval_every or eval_clients is not None:
+        raise ValueError(f"{'eval_every' if eval_every else 'eval_clients'} is set but no "
+                         "eval_data was given")
+    if eval_clients is not None:
+        check_eval_clients(eval_clients, eval_data, "eval_clients")
+    devices = 1 if mesh is None else mesh.shape["clients"]
+    if chunk_size is not None:
+        per_device = -(-cohort_size // devices)
+        if check_integer("chunk_size", chunk_size, 1) > per_device:
+            raise ValueError(
+                f"chunk_size {chunk_size} is larger than the {per_device} client(s) per device "
+                f"(cohort {cohort_size} over {devices} device(s)): the rest of every chunk would "
+                f"be padding; use chunk_size <= {per_device}")
+    if output_dir is not None:
+        output_dir = check_output_dir(output_dir)
     if params is None:
         params = algorithm.model.init(jax.random.key(seed))
-    check_model(algorithm, train, params, algorithm.batching.resolve_batch_size(train))
+    check_model_fits(algorithm.model, train, params, algorithm.batching.resolve_batch_size(train))
     if resident is None:
         resident = is_in_memory(train) and train.nbytes <= resident_limit()
     state = algorithm.init(params)
+    monitor = Monitor(sum(int(np.size(x)) for x in jax.tree.leaves(params)),
+                      float(tree_norm(state.params)))
 
+    timings = {"chunk_size_choice_s": 0.0, "compile_s": 0.0, "rounds_s": 0.0, "eval_s": 0.0}
+    start = time.perf_counter()
     state = replicate(state, Engine(1, mesh))
     pool = resident_pool(train, mesh) if resident else None
+    source = "given"
     if chunk_size is None:
-        chunk_size = choose_chunk_size(algorithm, train, cohort_size, state,
-                                       sample_cohort(train.num_clients, cohort_size, seed, 0),
-                                       seed=seed, mesh=mesh, pool=pool)
+        chunk_size, source = cached_chunk_size(
+            algorithm, train, cohort_size, state,
+            sample_cohort(train.num_clients, cohort_size, seed, 0), seed=seed, mesh=mesh,
+            pool=pool)
+        timings["chunk_size_choice_s"] = time.perf_counter() - start
     runner = RoundRunner(algorithm, train, cohort_size, Engine(chunk_size, mesh), seed, pool)
     evaluator = (Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
                            num_clients=eval_clients, engine=Engine(1, mesh), seed=seed)
                  if eval_data is not None else None)
 
-    sink = None
-    if output_dir is not None:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        sink = open(Path(output_dir) / "history.jsonl", "w")  # noqa: SIM115 - closed below
-
-    history: list[dict] = []
-    bar = tqdm(range(rounds), desc="rounds", unit="round", disable=not progress)
-    start = time.perf_counter()
-    # Round r+1's cohort is sampled, read and packed on a background thread while round r runs.
-    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjax_sim-prefetch")
-
     def pack(r):
         return runner.pack(sample_cohort(train.num_clients, cohort_size, seed, r), r)
 
+    history: list[dict] = []
+    sink = None
+    if output_dir is not None:
+        if (output_dir / "history.jsonl").exists():
+            warnings.warn(f"output_dir {str(output_dir)!r} holds an earlier run's "
+                          "history.jsonl; this run overwrites it", stacklevel=2)
+        sink = open(output_dir / "history.jsonl", "w")  # noqa: SIM115 - closed below
+    # Round r+1's cohort is sampled, read and packed on a background thread while round r runs.
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjax_sim-prefetch")
+
+    def result():
+        timings["total_s"] = time.perf_counter() - start
+        return SimulationResult(params=_to_host(state.params), state=state, history=history,
+                                chunk_size=chunk_size, chunk_size_source=source,
+                                timings=dict(timings))
+
     try:
         upcoming = prefetch.submit(pack, 0) if rounds else None
+        if rounds:
+            compile_start = time.perf_counter()
+            runner.compile(state, upcoming.result())
+            timings["compile_s"] = time.perf_counter() - compile_start
+        loop_start = time.perf_counter()
+        bar = tqdm(range(rounds), desc="rounds", unit="round", disable=not progress)
         for r in bar:
             packed = upcoming.result()
             if r + 1 < rounds:
                 upcoming = prefetch.submit(pack, r + 1)
             state, metrics = runner(state, packed, r)
             record = _round_record(r, metrics, train, time.perf_counter() - start, chunk_size)
-            if record["num_excluded"]:
-                msg = (f"round {r}: excluded {record['num_excluded']} client(s) with non-finite "
-                       f"updates: {record['excluded_clients'][:5]}")
-                warnings.warn(msg, stacklevel=2)
+            monitor.check(record)
             if evaluator is not None and ((eval_every and (r + 1) % eval_every == 0)
                                           or r + 1 == rounds):
+                eval_start = time.perf_counter()
                 ev = evaluator(state.params)
+                timings["eval_s"] += time.perf_counter() - eval_start
                 record["eval"] = ev.summary
                 record["eval_clients"] = {k: v.tolist() for k, v in ev.clients.items()}
             history.append(record)
@@ -366,16 +432,21 @@ def simulate(
                 sink.write(json.dumps({k: v for k, v in record.items()
                                        if k not in ("clients", "eval_clients")}) + "\n")
                 sink.flush()
+            if monitor.stuck:
+                raise monitor.stuck
             postfix = {"loss": f"{record['train_loss']:.4f}"}
             if "eval" in record and "accuracy" in record["eval"]:
                 postfix["acc"] = f"{record['eval']['accuracy']['weighted_mean']:.3f}"
             bar.set_postfix(postfix, refresh=False)
+        timings["rounds_s"] = time.perf_counter() - loop_start - timings["eval_s"]
+    except DivergedError as e:
+        e.result = result()
+        raise
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
         if sink is not None:
             sink.close()
-    return SimulationResult(params=_to_host(state.params), state=state, history=history,
-                            chunk_size=chunk_size)
+    return result()
 
 
 def step_efficiency(num_steps: np.ndarray, chunk_size: int) -> float:
@@ -400,6 +471,9 @@ def _round_record(r: int, metrics, data: FederatedData, wall_time: float,
         "num_included": int(m.num_included),
         "num_excluded": int(m.num_excluded),
         "excluded_clients": excluded,
+        "update_norm": float(m.update_norm),
+        "params_norm": float(m.params_norm),
+        "chunk_size": chunk_size,
         "step_efficiency": step_efficiency(m.clients["num_steps"], chunk_size),
         "clients": clients,
     }

@@ -1,20 +1,63 @@
 """The `fedjax-sim` command line."""
 
 import json
+import warnings
 
 from fedjax_sim import cli
 
+ARGS = ["run", "--rounds", "3", "--num-clients", "40", "--cohort-size", "10", "--eval-every", "2",
+        "--no-progress"]
+
 
 def test_run_writes_history_and_summary(tmp_path, capsys):
-    code = cli.main(["run", "--rounds", "3", "--num-clients", "40", "--cohort-size", "10",
-                     "--eval-every", "2", "--chunk-size", "2", "--output-dir", str(tmp_path),
-                     "--no-progress"])
+    code = cli.main(ARGS + ["--chunk-size", "2", "--output-dir", str(tmp_path)])
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["rounds"] == 3 and summary["chunk_size"] == 2
+    assert summary["rounds"] == 3 and summary["chunk_size"] == 2 and summary["seed"] == 0
+    assert summary["chunk_size_source"] == "given"
     acc = summary["eval"]["accuracy"]
     assert 0.0 <= acc["worst10"] <= acc["p50"] <= acc["p90"] <= 1.0
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert len(lines) == 3
+    assert all(json.loads(line)["chunk_size"] == 2 for line in lines)
     out = capsys.readouterr().out
     assert "per-client test accuracy over 40 clients" in out and "p90" in out
+    # The rounds' time is apart from the compile (and search) before them.
+    assert "3 rounds in " in out and "before them chunk size 2 (given), compile " in out
+    assert "rerun exactly with --seed 0 --chunk-size 2" in out
+
+
+def test_an_earlier_run_is_kept_and_the_next_goes_to_a_numbered_directory(tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setenv("FEDJAX_SIM_CACHE_DIR", str(tmp_path / "cache"))
+    out_dir = tmp_path / "synthetic"
+    assert cli.main(ARGS + ["--output-dir", str(out_dir)]) == 0
+    first = (out_dir / "history.jsonl").read_text()
+    assert cli.main(ARGS + ["--output-dir", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"{out_dir} holds an earlier run (kept); this run goes to {out_dir}-2" in out
+    assert (out_dir / "history.jsonl").read_text() == first
+    second = json.loads((tmp_path / "synthetic-2" / "summary.json").read_text())
+    assert second["chunk_size_source"] == "cache"  # the first run's search, reused
+    assert "chunk-size search" in out and "from an earlier run's search" in out
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "wall_time"}
+                          for line in text.splitlines()]
+    assert strip(first) == strip((tmp_path / "synthetic-2" / "history.jsonl").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning about overwriting
+        assert cli.main(ARGS + ["--output-dir", str(out_dir), "--overwrite"]) == 0
+    assert not (tmp_path / "synthetic-3").exists()
+
+
+def test_help_gives_every_flag_a_line_and_its_default(capsys):
+    try:
+        cli.main(["run", "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    text = capsys.readouterr().out
+    assert "training rounds (default: 200)" in text
+    assert "client learning rate (default: 0.05)" in text
+    parser = cli.build_parser()
+    run = parser._subparsers._group_actions[0].choices["run"]
+    for action in run._actions:
+        assert action.help, f"{action.option_strings} has no help line"

@@ -39,7 +39,7 @@ def test_from_arrays_mismatched_feature_lengths():
 
 
 def test_from_arrays_scalar_feature():
-    with pytest.raises(ValueError, match="mismatched lengths"):
+    with pytest.raises(ValueError, match=r"feature 'y' is a scalar.*one row per example"):
         from_arrays(["a"] * 4, {"x": np.zeros((4, 2)), "y": np.float32(1.0)})
 
 
@@ -149,8 +149,10 @@ def test_cohort_larger_than_population():
 
 @pytest.mark.parametrize("batch_size", [0, -1])
 def test_bad_batch_size(batch_size):
-    with pytest.raises(ValueError, match=rf"batch_size must be an integer >= 1.*{batch_size}"):
+    with pytest.raises(ValueError, match=rf"batch_size must be >= 1, got {batch_size}"):
         fs.algorithms.fedavg(model(), optax.sgd(0.1), batch_size=batch_size)
+    with pytest.raises(TypeError, match=r"batch_size must be an integer, got 2.5"):
+        fs.algorithms.fedavg(model(), optax.sgd(0.1), batch_size=2.5)
 
 
 def test_bad_batching_arguments():
@@ -188,11 +190,18 @@ def test_loss_not_per_example():
 
 
 def test_loss_that_fails_on_the_data():
-    bad = fs.models.logistic_regression(NUM_FEATURES + 1, NUM_CLASSES)  # wrong input width
+    bad = fs.models.from_function(  # wrong input width, and no input shape to check first
+        lambda key: {"w": jnp.zeros((NUM_FEATURES + 1, NUM_CLASSES))}, lambda p, x: x @ p["w"],
+        NUM_CLASSES)
     algorithm = fs.algorithms.fedavg(bad, optax.sgd(0.1), batch_size=2)
     data = from_client_dict(clients_dict())
     with pytest.raises(ValueError, match="model.loss failed on a batch"):
         fs.simulate(algorithm, data, rounds=1, cohort_size=2, chunk_size=1, progress=False)
+    built_in = fs.algorithms.fedavg(fs.models.logistic_regression(NUM_FEATURES + 1, NUM_CLASSES),
+                                    optax.sgd(0.1), batch_size=2)
+    with pytest.raises(ValueError, match=r"feature 'x' has 5 value\(s\) per example \(shape "
+                       r"\(5,\)\) but the model expects 6 \(shape \(6,\)\)$"):
+        fs.simulate(built_in, data, rounds=1, cohort_size=2, chunk_size=1, progress=False)
 
 
 def test_metrics_not_per_example():
@@ -215,9 +224,10 @@ def test_metrics_that_fail_on_the_data():
         fs.evaluate(model(), params, data)
     with pytest.raises(ValueError, match="model.metrics failed"):
         fs.evaluate_pooled(model(), params, data)
+    no_init = model()._replace(init=lambda key: None)  # nothing to check params against
     wrong = {"w": jnp.zeros((NUM_FEATURES + 2, NUM_CLASSES)), "b": jnp.zeros(NUM_CLASSES)}
     with pytest.raises(ValueError, match="model.metrics failed on one example"):
-        fs.evaluate(model(), wrong, from_client_dict(clients_dict()))
+        fs.evaluate(no_init, wrong, from_client_dict(clients_dict()))
 
 
 def test_from_nnx_rejects_non_param_state():
@@ -291,8 +301,406 @@ def test_diverging_client_is_excluded():
     assert np.any(result.params["w"] != 0)
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5])
-def test_bad_seed(seed):
+@pytest.mark.parametrize("seed, error, message", [
+    (-1, ValueError, "seed must be >= 0, got -1"),
+    (1.5, TypeError, r"seed must be an integer, got 1.5 \(float\)"),
+])
+def test_bad_seed(seed, error, message):
     train = from_client_dict(clients_dict())
-    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+    with pytest.raises(error, match=message):
         fs.simulate(algo(), train, rounds=1, cohort_size=2, seed=seed, progress=False)
+
+
+# -- issue 15: every case a new user hit -----------------------------------------------------
+def wide_clients(sizes=(6, 8, 5), features=60, classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return {f"c{i}": {"x": rng.normal(size=(n, features)).astype(np.float32),
+                      "y": rng.integers(0, classes, n).astype(np.int32)}
+            for i, n in enumerate(sizes)}
+
+
+def logreg60():
+    return fs.models.logistic_regression(60, 10)
+
+
+def run(data, model_=None, **kwargs):
+    algorithm = fs.algorithms.fedavg(model_ or logreg60(), optax.sgd(0.1), batch_size=2)
+    kwargs = {"rounds": 1, "cohort_size": 2, "chunk_size": 1, "progress": False, **kwargs}
+    return fs.simulate(algorithm, data, **kwargs)
+
+
+def test_from_client_dict_names_the_client_whose_feature_is_another_width():
+    clients = wide_clients()
+    clients["c1"]["x"] = clients["c1"]["x"][:, :30]
+    with pytest.raises(ValueError, match=r"client 'c1': feature 'x' has float32 examples of "
+                       r"shape \(30,\), but earlier clients have float32 examples of shape "
+                       r"\(60,\)"):
+        from_client_dict(clients)
+
+
+def test_from_client_dict_zero_d_feature():
+    clients = wide_clients()
+    clients["c1"]["y"] = np.int32(3)
+    with pytest.raises(ValueError, match=r"client 'c1': feature 'y' is a scalar.*one row per "
+                       "example"):
+        from_client_dict(clients)
+
+
+def test_from_client_dict_mixed_label_dtypes_are_refused_not_merged():
+    clients = wide_clients()
+    clients["c1"]["y"] = clients["c1"]["y"].astype(np.float32)
+    with pytest.raises(ValueError, match=r"client 'c1': feature 'y' has float32 examples.*"
+                       r"earlier clients have int32"):
+        from_client_dict(clients)
+
+
+def test_string_features_are_named_before_anything_compiles():
+    clients = wide_clients()
+    for c in clients.values():
+        c["x"] = np.array(["word"] * len(c["y"]))
+    data = from_client_dict(clients)
+    with pytest.raises(ValueError, match=r"train: feature 'x' has dtype <U4 \(strings.*must be "
+                       r"numeric.*data.map"):
+        run(data)
+    with pytest.raises(ValueError, match=r"data: feature 'x' has dtype <U4"):
+        fs.evaluate(logreg60(), logreg60().init(None), data)
+
+
+@pytest.mark.parametrize("shift, message", [
+    (0.5, r"'y' must be integer class ids in \[0, 10\); it holds non-integer values such as "
+          r"\d\.5 \(client 'c0'\)"),
+    (0.0, r"'y' must be integer class ids in \[0, 10\)\. Its values are whole numbers, so "
+          r"casting is safe: data.map\(lambda f: \{\*\*f, 'y': f\['y'\].astype\(np.int32\)\}\)"),
+])
+def test_float_labels_say_labels_are_class_ids(shift, message):
+    clients = wide_clients()
+    for c in clients.values():
+        c["y"] = c["y"].astype(np.float32) + shift
+    data = from_client_dict(clients)
+    with pytest.raises(ValueError, match=message):
+        run(data)
+    with pytest.raises(ValueError, match=message):
+        fs.evaluate(logreg60(), logreg60().init(None), data)
+
+
+def test_one_number_per_example_for_a_60_feature_mlp():
+    clients = wide_clients()
+    for c in clients.values():
+        c["x"] = c["x"][:, 0]
+    with pytest.raises(ValueError, match=r"feature 'x' has 1 value\(s\) per example \(shape "
+                       r"\(\)\) but the model expects 60 \(shape \(60,\)\)"):
+        run(from_client_dict(clients), fs.models.mlp(60, 10))
+
+
+def test_params_missing_a_leaf():
+    with pytest.raises(ValueError, match="params do not fit the model: missing leaf 'b'"):
+        run(from_client_dict(wide_clients()), params={"w": jnp.zeros((60, 10))})
+
+
+@pytest.mark.parametrize("w, b, message", [
+    ((30, 10), (10,), r"leaf 'w' has shape \(30, 10\) where the model's init gives \(60, 10\)"),
+    ((60, 5), (5,), r"leaf 'w' has shape \(60, 5\) where the model's init gives \(60, 10\)"),
+])
+def test_params_of_another_shape(w, b, message):
+    data = from_client_dict(wide_clients())
+    params = {"w": jnp.zeros(w), "b": jnp.zeros(b)}
+    with pytest.raises(ValueError, match=message):
+        fs.evaluate(logreg60(), params, data)
+    with pytest.raises(ValueError, match=message):
+        run(data, params=params)
+    with pytest.raises(ValueError, match=message):
+        fs.evaluate_pooled(logreg60(), params, data)
+
+
+def test_a_classifier_with_fewer_logits_than_classes_is_named():
+    """A label past the logits gives a NaN loss silently: the width is checked when traced."""
+    five = fs.models.from_function(lambda key: {"w": jnp.zeros((60, 5))},
+                                   lambda p, x: x @ p["w"], num_classes=10)
+    with pytest.raises(ValueError, match="gives 5 logits per example but is a classifier of "
+                       "10 classes"):
+        run(from_client_dict(wide_clients()), five)
+
+
+def test_evaluate_with_params_none():
+    with pytest.raises(ValueError, match=r"params is None: pass the model's params"):
+        fs.evaluate(logreg60(), None, from_client_dict(wide_clients()))
+
+
+def test_a_linen_module_or_a_function_is_refused_where_a_model_goes():
+    from flax import linen as nn
+    from flax import nnx
+
+    cases = [(nn.Dense(10), r"a flax.linen.Module \(Dense\): wrap it with "
+                            r"fs.models.from_linen\(module, input_shape, num_classes\)"),
+             (nnx.Linear(60, 10, rngs=nnx.Rngs(0)),
+              r"a flax.nnx.Module.*fs.models.from_nnx\(module, num_classes\)"),
+             (lambda p, x: x, r"a function \(<lambda>\).*fs.models.from_function")]
+    data = from_client_dict(wide_clients())
+    for module, message in cases:
+        with pytest.raises(TypeError, match="model must be a fs.models.Model, got " + message):
+            fs.algorithms.fedavg(module, optax.sgd(0.1))
+        with pytest.raises(TypeError, match="model must be a fs.models.Model"):
+            fs.evaluate(module, {}, data)
+
+
+def test_a_number_where_an_optimizer_goes():
+    with pytest.raises(TypeError, match=r"client_optimizer must be an optax.GradientTransform"
+                       r"ation \(e.g. optax.sgd\(0.01\)\) or a function of the round number "
+                       r"that returns one, got float 0.01"):
+        fs.algorithms.fedavg(logreg60(), 0.01)
+    with pytest.raises(TypeError, match=r"server_optimizer must be an optax.*got float 1.0"):
+        fs.algorithms.fedavg(logreg60(), optax.sgd(0.1), 1.0)
+    with pytest.raises(TypeError, match=r"got the function optax.sgd itself: call it, e.g. "
+                       r"optax.sgd\(0.01\)"):
+        fs.algorithms.fedavg(logreg60(), optax.sgd)
+    with pytest.raises(TypeError, match=r"client_optimizer\(round\) must return an optax"):
+        fs.algorithms.fedavg(logreg60(), lambda r: 0.1)
+
+
+@pytest.mark.parametrize("argument", ["rounds", "cohort_size"])
+def test_fractional_counts_to_simulate(argument):
+    with pytest.raises(TypeError, match=rf"{argument} must be an integer, got 2.5 \(float\)"):
+        run(from_client_dict(wide_clients()), **{argument: 2.5})
+
+
+def test_fractional_epochs():
+    with pytest.raises(TypeError, match=r"num_epochs must be an integer, got 1.5 \(float\)"):
+        fs.algorithms.fedavg(logreg60(), optax.sgd(0.1), num_epochs=1.5)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "history"
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"output_dir '.*history' is a file, not a directory"):
+        run(from_client_dict(wide_clients()), output_dir=path)
+
+
+def test_an_output_dir_with_an_earlier_run_is_overwritten_with_a_warning(tmp_path):
+    data = from_client_dict(wide_clients())
+    run(data, output_dir=tmp_path)
+    with pytest.warns(UserWarning, match="holds an earlier run's history.jsonl; this run "
+                      "overwrites it"):
+        run(data, output_dir=tmp_path)
+
+
+def test_loaders_given_a_directory(tmp_path):
+    (tmp_path / "emnist_train.sqlite").write_bytes(b"")
+    with pytest.raises(IsADirectoryError, match=r"is a directory; pass the SQLite file itself "
+                       r"\(this directory holds \['emnist_train.sqlite'\]\)"):
+        fs.data.load_tff_sqlite(tmp_path, "train")
+    with pytest.raises(IsADirectoryError, match="is a directory; pass the SQLite file itself"):
+        fs.data.load_fedjax_sqlite(tmp_path)
+
+
+def test_a_dict_where_a_population_goes():
+    clients = wide_clients()
+    message = (r"must be a fs.data.FederatedData, got dict: for \{client id: \{feature: "
+               r"array\}\} use fs.data.from_client_dict")
+    with pytest.raises(TypeError, match="train " + message):
+        run(clients)
+    with pytest.raises(TypeError, match="eval_data " + message):
+        run(from_client_dict(clients), eval_data=clients, eval_every=1)
+    with pytest.raises(TypeError, match="data " + message):
+        fs.evaluate(logreg60(), logreg60().init(None), clients)
+    with pytest.raises(TypeError, match=r"did you pass the \(train, test\) pair"):
+        run(fs.data.synthetic(num_clients=4))
+
+
+def test_params_with_nan_are_refused_before_the_first_round():
+    params = {"w": jnp.full((60, 10), jnp.nan), "b": jnp.zeros(10)}
+    with pytest.raises(ValueError, match=r"params hold non-finite values \(NaN or inf\): 600 "
+                       r"of 600 in leaf 'w'"):
+        run(from_client_dict(wide_clients()), params=params)
+
+
+def test_rounds_that_exclude_every_client_report_nan_and_then_stop_the_run(tmp_path):
+    """Every client's training overflows (finite features of 1e30): each round keeps the
+    server state, reports a NaN training loss (never 0.0), and the third such round stops the
+    run with an error naming the likely cause, the rounds so far kept."""
+    from fedjax_sim.health import MAX_ROUNDS_ALL_EXCLUDED, DivergedError
+
+    clients = wide_clients()
+    for c in clients.values():
+        c["x"][:, 0] = 1e30
+    params = logreg60().init(None)
+    with pytest.warns(UserWarning, match="excluded 2 client"), \
+            pytest.raises(DivergedError, match=r"every client's update was non-finite in rounds "
+                          r"0-2 \(3 rounds in a row\), so the server params have not changed "
+                          r"since the start.*Likely causes: learning rates too large") as info:
+        run(from_client_dict(clients), params=params, rounds=10, output_dir=tmp_path)
+    history = info.value.result.history
+    assert len(history) == MAX_ROUNDS_ALL_EXCLUDED == 3
+    assert all(np.isnan(r["train_loss"]) and r["num_included"] == 0 for r in history)
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 3
+    np.testing.assert_array_equal(info.value.result.params["w"], params["w"])
+
+
+def test_the_monitor_lets_a_run_recover_from_rounds_that_exclude_everyone():
+    from fedjax_sim.health import Monitor
+
+    def record(r, included):
+        n = 3
+        return {"round": r, "num_included": included, "num_excluded": n - included,
+                "excluded_clients": [], "train_loss": 0.5 if included else float("nan"),
+                "update_norm": 1.0, "params_norm": 1.0,
+                "clients": {"client_id": ["a", "b", "c"], "update_norm": [1.0] * n,
+                            "finite": [bool(included)] * n}}
+
+    monitor = Monitor(num_params=10, params_norm=1.0)
+    with pytest.warns(UserWarning, match="excluded 3 client"):
+        for r, included in enumerate([3, 0, 0, 3, 0, 0, 3]):
+            monitor.check(record(r, included))  # never three in a row: no error
+            assert monitor.stuck is None
+        monitor.check(record(7, 0))
+        monitor.check(record(8, 0))
+        assert monitor.stuck is None
+        monitor.check(record(9, 0))
+    assert "rounds 7-9" in str(monitor.stuck) and "since round 6" in str(monitor.stuck)
+
+
+def test_client_ids_that_print_alike():
+    clients = wide_clients()
+    with pytest.raises(ValueError, match=r"client ids 1 and '1' are different keys but both "
+                       r"name client '1'"):
+        from_client_dict({1: clients["c0"], "1": clients["c1"]})
+    with pytest.raises(ValueError, match=r"client_ids mix types \(int, str\), so ids such as 1 "
+                       r"and '1' would name one client"):
+        from_arrays([1, "1", 1], {"x": np.zeros((3, 2))})
+    assert from_arrays([1, 2, 1], {"x": np.zeros((3, 2))}).num_clients == 2
+
+
+@pytest.mark.parametrize("which", ["client", "server"])
+def test_negative_learning_rates(which):
+    opts = ((optax.sgd(-0.1), None) if which == "client" else (optax.sgd(0.1), optax.sgd(-1.0)))
+    with pytest.raises(ValueError, match=rf"{which}_optimizer moves along the gradient, not "
+                       r"against it.*is its learning rate negative\?"):
+        fs.algorithms.fedavg(logreg60(), *opts)
+    with pytest.raises(ValueError, match="is its learning rate negative"):
+        fs.algorithms.fedavg(logreg60(), optax.adam(-0.1) if which == "client" else
+                             optax.sgd(0.1), None if which == "client" else
+                             fs.algorithms.fedadam(-0.1))
+
+
+def test_negative_eval_every():
+    with pytest.raises(ValueError, match="eval_every must be >= 0, got -1"):
+        run(from_client_dict(wide_clients()), eval_every=-1)
+
+
+def test_more_eval_clients_than_the_evaluation_population():
+    data = from_client_dict(wide_clients())
+    with pytest.raises(ValueError, match="eval_clients 500 is larger than the evaluation "
+                       "population of 3 clients"):
+        run(data, eval_data=data, eval_clients=500)
+    with pytest.raises(ValueError, match="eval_clients is set but no eval_data"):
+        run(data, eval_clients=2)
+
+
+def test_chunk_size_larger_than_the_cohort():
+    data = from_client_dict(wide_clients())
+    with pytest.raises(ValueError, match=r"chunk_size 64 is larger than the 2 client\(s\) per "
+                       r"device \(cohort 2 over 1 device\(s\)\).*use chunk_size <= 2"):
+        run(data, chunk_size=64)
+    with pytest.raises(ValueError, match=r"chunk_size 2 is larger than the 1 client\(s\) per "
+                       r"device \(cohort 2 over 2 device\(s\)\)"):
+        run(data, chunk_size=2, mesh=fs.client_mesh(jax.devices()[:2]))
+
+
+def test_a_learning_rate_of_1e30_is_warned_about_when_built_and_when_it_diverges():
+    with pytest.warns(UserWarning, match=r"client_optimizer takes a step of 1e\+30 for a unit "
+                      "gradient: is its learning rate that large on purpose"):
+        algorithm = fs.algorithms.fedavg(logreg60(), optax.sgd(1e30), batch_size=2)
+    with pytest.warns(UserWarning, match=r"round 0: the server's update has norm [\d.e+]+, "
+                      r"[\d.e+]+x the scale of the params it changes.*training is diverging"):
+        result = fs.simulate(algorithm, from_client_dict(wide_clients()), rounds=2,
+                             cohort_size=3, chunk_size=1, progress=False)
+    assert result.history[0]["update_norm"] > 1e25
+
+
+def test_the_server_update_growing_a_thousandfold_in_a_round_is_warned_about():
+    from fedjax_sim.health import Monitor
+
+    monitor = Monitor(num_params=4, params_norm=1e9)  # a large model scale: no jump warning
+    base = {"num_excluded": 0, "num_included": 3, "excluded_clients": [], "train_loss": 1.0,
+            "params_norm": 1e9, "clients": {"client_id": ["a"], "update_norm": [1.0],
+                                            "finite": [True]}}
+    monitor.check({**base, "round": 0, "update_norm": 1.0})
+    with pytest.warns(UserWarning, match=r"round 1: the server's update has norm 5e\+03, "
+                      r"5e\+03x the previous round's"):
+        monitor.check({**base, "round": 1, "update_norm": 5e3})
+
+
+def scaled_population(factor):
+    train, _ = fs.data.synthetic(1.0, 1.0, num_clients=20, max_examples_per_client=60, seed=2)
+    x = train.features["x"].copy()
+    lo, hi = train.offsets[3], train.offsets[4]
+    x[lo:hi] *= factor
+    return fs.data.FederatedData(train.client_ids, {"x": x, "y": train.features["y"]},
+                                 train.offsets)
+
+
+def test_a_client_with_data_scaled_by_1e4_is_flagged_and_warned_about():
+    data = scaled_population(1e4)
+    bad = str(data.client_ids[3])
+    with pytest.warns(UserWarning, match=rf"round 0: client '{bad}' sent an update of norm "
+                      r"[\d.e+]+, [\d.e+]+x the cohort's median \(robust z-score [\d.]+\): "
+                      r"check its data"):
+        result = run(data, rounds=1, cohort_size=20, chunk_size=4)
+    record = result.history[0]
+    assert record["outlier_clients"] == [bad]
+    norms = dict(zip(record["clients"]["client_id"], record["clients"]["update_norm"],
+                     strict=True))
+    assert norms[bad] > 1000 * np.median(list(norms.values()))
+
+
+def test_an_outlier_client_is_warned_about_once_a_run_and_flagged_every_round():
+    from fedjax_sim.health import Monitor
+
+    monitor = Monitor(num_params=4, params_norm=1.0)
+    norms = [1.0, 1.1, 0.9, 1.2, 500.0]
+    with pytest.warns(UserWarning, match="client 'e' sent an update") as caught:
+        for r in range(3):
+            record = {"round": r, "num_excluded": 0, "num_included": 5, "excluded_clients": [],
+                      "train_loss": 1.0, "update_norm": 1.0, "params_norm": 1.0,
+                      "clients": {"client_id": list("abcde"), "update_norm": norms,
+                                  "finite": [True] * 5}}
+            monitor.check(record)
+            assert record["outlier_clients"] == ["e"]
+    assert len(caught) == 1
+
+
+def test_a_clean_run_flags_no_client():
+    result = run(scaled_population(1.0), rounds=5, cohort_size=20, chunk_size=4)
+    assert all(r["outlier_clients"] == [] for r in result.history)
+    assert all(len(r["clients"]["update_norm"]) == 20 for r in result.history)
+
+
+def test_outliers_by_robust_z_score_of_log_norms():
+    from fedjax_sim.health import outliers
+
+    flagged, z, median = outliers([1.0, 1.2, 0.9, 1.1, 1e3], [True] * 5)
+    assert flagged.tolist() == [False] * 4 + [True] and median == pytest.approx(1.1)
+    # A spread of 5x is natural (clients of different sizes), even at a high z-score.
+    assert not outliers([1.0, 1.0, 1.0, 1.0, 5.0], [True] * 5)[0].any()
+    # Excluded clients do not count; a finite update whose norm overflows f32 is an outlier.
+    flagged, _, _ = outliers([1.0, 1.1, np.nan, 0.9, np.inf], [True, True, False, True, True])
+    assert flagged.tolist() == [False, False, False, False, True]
+    assert not outliers([1.0, 1e6], [True, True])[0].any()  # too few to tell
+
+
+# -- the command line ------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["run", "--alpha", "-1"], "argument --alpha: must be >= 0, got -1"),
+    (["run", "--eval-every", "-2"], "argument --eval-every: must be >= 0, got -2"),
+    (["run", "--rounds", "2.5"], "argument --rounds: must be an integer, got '2.5'"),
+    (["run", "--cohort-size", "200", "--num-clients", "100"],
+     "--cohort-size 200 is larger than --num-clients 100"),
+])
+def test_cli_errors_print_the_run_usage_not_a_traceback(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("usage: fedjax-sim run ")
+    assert "Traceback" not in err

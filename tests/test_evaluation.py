@@ -151,9 +151,12 @@ def test_num_clients_sampling(setup):
     others = {tuple(Evaluator(model, data, num_clients=3, seed=s).positions.tolist())
               for s in range(2, 6)}
     assert others - {tuple(a.positions.tolist())}
-    # More clients than the population: all of them.
-    ev_all = fs.evaluate(model, params, data, num_clients=100)
+    # All the population, or more than it: refused, since it cannot be a sample.
+    ev_all = fs.evaluate(model, params, data, num_clients=data.num_clients)
     assert ev_all.clients["client_id"].tolist() == data.client_ids.tolist()
+    with pytest.raises(ValueError, match=r"num_clients 100 is larger than the evaluation "
+                       rf"population of {data.num_clients} clients"):
+        fs.evaluate(model, params, data, num_clients=100)
     with pytest.raises(ValueError, match="num_clients must be >= 1"):
         Evaluator(model, data, num_clients=0)
 

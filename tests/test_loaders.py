@@ -423,7 +423,7 @@ def test_leaf_ragged_x_names_file_and_user(tmp_path):
         tmp_path / "s.json", {"a": ([[1.0, 2.0]], [0]), "b": ([[1.0, 2.0, 3.0]], [0])}
     )
     with pytest.raises(
-        ValueError, match=r"s\.json: user 'b': feature 'x' has examples of shape \(3,\)"
+        ValueError, match=r"s\.json: user 'b': feature 'x' has float32 examples of shape \(3,\)"
     ):
         load_leaf(path)
 

@@ -156,3 +156,46 @@ def test_chunk_candidates_are_powers_of_two_then_the_whole_device_cohort():
     assert chunk_candidates(1) == [1]
     assert chunk_candidates(8) == [1, 2, 4, 8]
     assert chunk_candidates(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_the_default_call_twice_gives_the_same_bits(population, tmp_path, monkeypatch):
+    """chunk_size=None searches once; the next run of the same program takes the stored K
+    instead of timing again (timings drift: the same call once chose K = 8, then 16)."""
+    monkeypatch.setenv("FEDJAX_SIM_CACHE_DIR", str(tmp_path))
+    train, test = population
+    kwargs = dict(rounds=3, cohort_size=12, eval_data=test, eval_every=3, progress=False)
+    a = fs.simulate(_algo(), train, **kwargs)
+    b = fs.simulate(_algo(), train, **kwargs)
+    assert (a.chunk_size_source, b.chunk_size_source) == ("search", "cache")
+    assert a.chunk_size == b.chunk_size
+    assert all(r["chunk_size"] == a.chunk_size for r in a.history + b.history)
+    for k in a.params:
+        assert a.params[k].tobytes() == b.params[k].tobytes()
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+    assert a.history[-1]["eval"] == b.history[-1]["eval"]
+    # The seed is an input of the program, so another seed reuses the choice too.
+    assert fs.simulate(_algo(), train, seed=3, **kwargs).chunk_size_source == "cache"
+    # Another program (here another cohort size) is searched for.
+    assert fs.simulate(_algo(), train, **{**kwargs, "cohort_size": 6}).chunk_size_source == \
+        "search"
+    t = b.timings
+    assert set(t) == {"chunk_size_choice_s", "compile_s", "rounds_s", "eval_s", "total_s"}
+    assert t["compile_s"] > 0 and t["rounds_s"] > 0 and t["eval_s"] > 0
+    assert t["total_s"] >= t["compile_s"] + t["rounds_s"] + t["eval_s"]
+
+
+def test_the_chunk_size_cache_can_be_turned_off_and_survives_a_corrupt_entry(
+        population, tmp_path, monkeypatch):
+    train, _ = population
+    monkeypatch.setenv("FEDJAX_SIM_CACHE_DIR", "")
+    runs = [fs.simulate(_algo(), train, rounds=1, cohort_size=4, progress=False)
+            for _ in range(2)]
+    assert [r.chunk_size_source for r in runs] == ["search", "search"]
+    monkeypatch.setenv("FEDJAX_SIM_CACHE_DIR", str(tmp_path))
+    fs.simulate(_algo(), train, rounds=1, cohort_size=4, progress=False)
+    (entry,) = (tmp_path / "chunk_size").iterdir()
+    assert json.loads(entry.read_text())["chunk_size"] in (1, 2, 4)
+    entry.write_text("{not json")
+    again = fs.simulate(_algo(), train, rounds=1, cohort_size=4, progress=False)
+    assert again.chunk_size_source == "search"
+    assert json.loads(entry.read_text())["chunk_size"] == again.chunk_size

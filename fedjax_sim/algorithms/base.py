@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from fedjax_sim.data.cohort import Batching
@@ -27,16 +28,22 @@ class RoundMetrics(NamedTuple):
     """What one round reports.
 
     Attributes:
-      train_loss: f32[], the example-weighted mean training loss of the included clients.
+      train_loss: f32[], the example-weighted mean training loss of the included clients;
+        NaN when no client was included.
       num_included: i32[], clients whose update entered the aggregate.
       num_excluded: i32[], clients dropped because their update was not finite.
+      update_norm: f32[], the L2 norm of the update the server applied to its params.
+      params_norm: f32[], the L2 norm of the server params after the round.
       clients: per-client arrays [C] (padding clients included; `client_ids >= num_clients`):
-        "train_loss", "num_examples", "num_steps", "finite", "client_ids".
+        "train_loss", "num_examples", "num_steps", "update_norm" (of the client's output),
+        "finite", "client_ids".
     """
 
     train_loss: jax.Array
     num_included: jax.Array
     num_excluded: jax.Array
+    update_norm: jax.Array
+    params_norm: jax.Array
     clients: dict[str, jax.Array]
 
 
@@ -63,3 +70,14 @@ def resolve_optimizer(opt: ClientOptimizer, round_num: jax.Array) -> optax.Gradi
     if isinstance(opt, optax.GradientTransformation):
         return opt
     return opt(round_num)
+
+
+def tree_norm(tree) -> jax.Array:
+    """The L2 norm of all leaves together, without overflow: f32 squares overflow past 1.8e19,
+    and a diverging run's updates get there (scaled by the largest magnitude first)."""
+    leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in leaves]))
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return safe * jnp.sqrt(sum(jnp.sum(jnp.square(x / safe)) for x in leaves))

@@ -26,7 +26,9 @@ from fedjax_sim.algorithms.base import (
     RoundMetrics,
     ServerState,
     resolve_optimizer,
+    tree_norm,
 )
+from fedjax_sim.checks import check_model, check_optimizer
 from fedjax_sim.client import ClientUpdate, Engine, run_clients
 from fedjax_sim.data.cohort import Batching
 from fedjax_sim.models.core import Model
@@ -85,17 +87,6 @@ def optimizer_client_update(model: Model, client_optimizer: ClientOptimizer) -> 
     return ClientUpdate(init=init, step=step, finalize=finalize)
 
 
-def check_optimizer(opt: optax.GradientTransformation, name: str) -> None:
-    """Raises if `opt` turns a unit gradient into a non-finite update (a NaN or inf learning
-    rate, say), which would otherwise surface rounds later as a NaN model."""
-    params = jnp.ones((), jnp.float32)
-    updates, _ = opt.update(jnp.ones((), jnp.float32), opt.init(params), params)
-    if not bool(jnp.isfinite(updates)):
-        raise ValueError(
-            f"{name} gives a non-finite update ({float(updates)}) for a unit gradient: is its "
-            "learning rate finite?")
-
-
 def fedopt(
     model: Model,
     client_optimizer: ClientOptimizer,
@@ -128,11 +119,12 @@ def fedopt(
       >>> model = fs.models.logistic_regression(60, 10)
       >>> algo = fedopt(model, optax.sgd(0.1), optax.adam(0.01), batch_size=10)
     """
+    check_model(model)
     if client_weighting not in ("num_examples", "uniform"):
         raise ValueError(
             f"client_weighting must be 'num_examples' or 'uniform', got {client_weighting!r}")
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    check_optimizer(resolve_optimizer(client_optimizer, jnp.int32(0)), "client_optimizer")
+    check_optimizer(client_optimizer, "client_optimizer", allow_schedule=True)
     check_optimizer(server_optimizer, "server_optimizer")
     aggregator = aggregators_lib.mean() if aggregator is None else aggregator
     update = optimizer_client_update(model, client_optimizer)
@@ -167,13 +159,17 @@ def fedopt(
         )
         n = cohort.num_examples.astype(jnp.float32) * included
         loss = results.metrics["train_loss"]
-        train_loss = jnp.sum(jnp.where(included, loss, 0.0) * n) / jnp.maximum(jnp.sum(n), 1.0)
+        total = jnp.sum(jnp.where(included, loss, 0.0) * n) / jnp.maximum(jnp.sum(n), 1.0)
+        train_loss = jnp.where(any_included, total, jnp.nan)
         clients = dict(results.metrics, num_examples=cohort.num_examples,
-                       finite=results.finite, client_ids=cohort.client_ids)
+                       update_norm=results.norms, finite=results.finite,
+                       client_ids=cohort.client_ids)
         return new_state, RoundMetrics(
             train_loss=train_loss,
             num_included=jnp.sum(included, dtype=jnp.int32),
             num_excluded=jnp.sum(real & ~results.finite, dtype=jnp.int32),
+            update_norm=jnp.where(any_included, tree_norm(updates), 0.0),
+            params_norm=tree_norm(new_state.params),
             clients=clients,
         )
 

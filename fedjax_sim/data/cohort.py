@@ -17,6 +17,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from fedjax_sim.checks import check_integer
 from fedjax_sim.data.federated import FederatedData, rows_of
 
 
@@ -66,19 +67,10 @@ class Batching:
     shuffle: bool = True
 
     def __post_init__(self):
-        if self.batch_size is not None and (
-            not isinstance(self.batch_size, int | np.integer) or self.batch_size < 1
-        ):
-            raise ValueError(
-                f"batch_size must be an integer >= 1 (or None), got {self.batch_size!r}")
-        if self.num_epochs < 1:
-            raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.max_examples_per_client is not None and self.max_examples_per_client < 1:
-            raise ValueError(
-                f"max_examples_per_client must be >= 1, got {self.max_examples_per_client}"
-            )
+        for name in ("batch_size", "num_epochs", "max_steps", "max_examples_per_client"):
+            value = getattr(self, name)
+            if value is not None or name == "num_epochs":
+                check_integer(name, value, 1)
 
     def examples_used(self, num_examples: np.ndarray) -> np.ndarray:
         n = np.asarray(num_examples, dtype=np.int64)

@@ -158,8 +158,12 @@ def _check_features(features: Mapping[str, np.ndarray], where: str) -> Features:
     if not features:
         raise ValueError(f"{where}: no features given")
     out = {k: np.asarray(v) for k, v in features.items()}
-    lengths = {k: v.shape[0] if v.ndim else None for k, v in out.items()}
-    if None in lengths.values() or len(set(lengths.values())) != 1:
+    for k, v in out.items():
+        if v.ndim == 0:
+            raise ValueError(f"{where}: feature {k!r} is a scalar ({v!r}); every feature needs "
+                             "one row per example, an array of shape (num_examples, ...)")
+    lengths = {k: v.shape[0] for k, v in out.items()}
+    if len(set(lengths.values())) != 1:
         raise ValueError(
             f"{where}: features have mismatched lengths {lengths}; every feature needs one row "
             "per example"
@@ -189,6 +193,13 @@ def from_arrays(
     Clients are ordered by first appearance; each client's examples keep their input order.
     """
     features = _check_features(features, "from_arrays")
+    if not isinstance(client_ids, np.ndarray) or client_ids.dtype == object:
+        kinds = {type(c) for c in client_ids}
+        if len(kinds) > 1:  # np.asarray would turn 1 and "1" into one client
+            names = sorted(t.__name__ for t in kinds)
+            raise ValueError(f"from_arrays: client_ids mix types ({', '.join(names)}), so "
+                             "ids such as 1 and '1' would name one client; give every id the "
+                             "same type")
     client_ids = np.asarray(client_ids)
     n = next(iter(features.values())).shape[0]
     if client_ids.shape != (n,):
@@ -220,12 +231,19 @@ def from_client_dict(clients: Mapping[str, Mapping[str, np.ndarray]]) -> Federat
         raise ValueError("from_client_dict: no clients given")
     keys = None
     kept, empty = [], []
+    spec: dict = {}  # feature -> (dtype kind, example shape, dtype)
+    named: dict[str, object] = {}
     for cid, feats in clients.items():
+        if named.setdefault(str(cid), cid) is not cid:  # dict keys 1 and "1" print alike
+            raise ValueError(f"from_client_dict: client ids {named[str(cid)]!r} and {cid!r} "
+                             f"are different keys but both name client {str(cid)!r}; give "
+                             "every id the same type")
         feats = _check_features(feats, f"client {cid!r}")
         if keys is None:
             keys = sorted(feats)
         elif sorted(feats) != keys:
             raise ValueError(f"client {cid!r} has features {sorted(feats)}, expected {keys}")
+        check_like_earlier(f"client {cid!r}", feats, spec)
         n = next(iter(feats.values())).shape[0]
         (kept if n else empty).append((str(cid), feats, n))
     if not kept:
@@ -244,19 +262,20 @@ def from_client_dict(clients: Mapping[str, Mapping[str, np.ndarray]]) -> Federat
 
 
 def check_like_earlier(
-    where: str, features: Features, spec: dict[str, tuple[str, tuple[int, ...]]]
+    where: str, features: Features, spec: dict[str, tuple[str, tuple[int, ...], str]]
 ) -> None:
     """Raises unless each feature has the dtype kind and example shape of earlier clients'
     (recorded in `spec`, which this fills): loaders build columns client by client."""
     for name, column in features.items():
         if not len(column):
             continue  # An empty client has no shape to compare, and is dropped later.
-        got = (column.dtype.kind, column.shape[1:])
+        got = (column.dtype.kind, column.shape[1:], str(column.dtype))
         want = spec.setdefault(name, got)
-        if got != want:
+        if got[:2] != want[:2]:
             raise ValueError(
-                f"{where}: feature {name!r} has examples of shape {got[1]} and dtype kind "
-                f"{got[0]!r}, but earlier clients have shape {want[1]} and kind {want[0]!r}"
+                f"{where}: feature {name!r} has {got[2]} examples of shape {got[1]}, but "
+                f"earlier clients have {want[2]} examples of shape {want[1]}: every client's "
+                "feature needs the same example shape and kind of dtype"
             )
 
 
@@ -269,8 +288,28 @@ def check_labels(data: FederatedData, key: str, num_classes: int) -> None:
     if key not in data.features:
         raise ValueError(f"data has no label feature {key!r}; features: {sorted(data.features)}")
     y = data.features[key]
+    if not np.issubdtype(y.dtype, np.integer):
+        _check_label_dtype(data, y, key, num_classes)
     if isinstance(y, np.ndarray):
         _check_label_values(data, y, np.arange(len(y)), key, num_classes)
+
+
+def _check_label_dtype(data, y, key, num_classes) -> None:
+    problem = (f"feature {key!r} has dtype {y.dtype}, but {key!r} must be integer class ids in "
+               f"[0, {num_classes})")
+    values = np.asarray(y) if isinstance(y, np.ndarray) else None
+    if values is None or values.dtype.kind not in "fb":
+        raise ValueError(f"{problem}; convert it, e.g. data.map(lambda f: {{**f, {key!r}: "
+                         f"f[{key!r}].astype(np.int32)}})")
+    whole = values == np.round(values) if values.dtype.kind == "f" else np.ones(len(values), bool)
+    if whole.all():
+        raise ValueError(f"{problem}. Its values are whole numbers, so casting is safe: "
+                         f"data.map(lambda f: {{**f, {key!r}: f[{key!r}].astype(np.int32)}})")
+    bad = int(np.flatnonzero(~whole)[0])
+    row = bad // max(1, values[0].size)
+    raise ValueError(f"{problem}; it holds non-integer values such as {values.flat[bad]:g} "
+                     f"(client {_client_of_row(data, row)!r}): a regression target or soft "
+                     "labels need a model with a loss of their own (fs.models.Model)")
 
 
 def check_rows(data: FederatedData, rows: np.ndarray, columns: Features,

@@ -85,7 +85,7 @@ def load_fedjax_sqlite(path: str | Path) -> FederatedData:
         with the arrays, or features that differ between clients in name, dtype or shape.
     """
     clients: dict[str, Features] = {}
-    spec: dict[str, tuple[str, tuple[int, ...]]] = {}  # feature -> (dtype kind, example shape)
+    spec: dict = {}  # feature -> (dtype kind, example shape, dtype)
     with closing(open_readonly(path)) as conn:
         try:
             rows = conn.execute(

@@ -56,7 +56,7 @@ def load_leaf(
     paths = _json_paths(paths_or_dir)
     clients: dict[str, Features] = {}
     file_of: dict[str, Path] = {}
-    spec: dict[str, tuple[str, tuple[int, ...]]] = {}  # feature -> (dtype kind, example shape)
+    spec: dict = {}  # feature -> (dtype kind, example shape, dtype)
     for path in paths:
         for user, features in _read_file(path):
             if user in file_of:

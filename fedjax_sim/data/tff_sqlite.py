@@ -26,6 +26,10 @@ Decoder = Callable[[bytes], Mapping[str, FeatureValue]]
 def open_readonly(path: str | Path) -> sqlite3.Connection:
     """Opens an existing SQLite file read-only (a plain `connect` would create a missing one)."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.sqlite"))[:5]
+        raise IsADirectoryError(f"{path} is a directory; pass the SQLite file itself"
+                                + (f" (this directory holds {inside})" if inside else ""))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)

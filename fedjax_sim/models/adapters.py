@@ -39,7 +39,7 @@ def from_linen(
         rngs = {"dropout": key} if train and key is not None else {}
         return module.apply({"params": params}, inputs, rngs=rngs, **flag(train))
 
-    return classifier(init, apply, num_classes, x=x, y=y)
+    return classifier(init, apply, num_classes, x=x, y=y, input_shape=tuple(input_shape))
 
 
 def from_nnx(module: nnx.Module, num_classes: int, *, x: str = "x", y: str = "y") -> Model:

@@ -29,12 +29,16 @@ class Model(NamedTuple):
         metrics averaged over something other than examples (next-token accuracy over the
         valid tokens of each sequence): evaluation sums both and divides.
       label: `(feature name, number of classes)` for label range checks, or None.
+      inputs: `(feature name, per-example shape)` the model reads, to check the data's
+        shape before anything compiles (the number of values per example must match), or
+        None.
     """
 
     init: Callable[[jax.Array], Params]
     loss: Callable[[Params, Batch, jax.Array], jax.Array]
     metrics: Callable[[Params, Batch], dict[str, jax.Array]]
     label: tuple[str, int] | None = None
+    inputs: tuple[str, tuple[int, ...]] | None = None
 
 
 ApplyFn = Callable[..., jax.Array]  # (params, x, *, train: bool, key) -> logits
@@ -47,22 +51,32 @@ def classifier(
     *,
     x: str = "x",
     y: str = "y",
+    input_shape: tuple[int, ...] | None = None,
 ) -> Model:
     """A softmax classifier from `apply(params, inputs, train=..., key=...) -> logits`.
 
-    Loss is softmax cross-entropy; metrics are loss and accuracy.
+    Loss is softmax cross-entropy; metrics are loss and accuracy. `input_shape`, where
+    known, is one example's shape of `x` (`Model.inputs`).
     """
 
+    def logits_of(params, inputs, train, key):
+        logits = apply(params, inputs, train=train, key=key)
+        if logits.shape[-1] != num_classes:  # a label past the logits would give a NaN loss
+            raise ValueError(f"the model gives {logits.shape[-1]} logits per example but is "
+                             f"a classifier of {num_classes} classes")
+        return logits
+
     def loss(params, batch, key):
-        logits = apply(params, batch[x], train=True, key=key)
+        logits = logits_of(params, batch[x], True, key)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[y])
 
     def metrics(params, batch):
-        logits = apply(params, batch[x], train=False, key=None)
+        logits = logits_of(params, batch[x], False, None)
         labels = batch[y]
         return {
             "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
             "accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32),
         }
 
-    return Model(init=init, loss=loss, metrics=metrics, label=(y, num_classes))
+    inputs = None if input_shape is None else (x, tuple(input_shape))
+    return Model(init=init, loss=loss, metrics=metrics, label=(y, num_classes), inputs=inputs)

@@ -26,7 +26,7 @@ def logistic_regression(num_features: int, num_classes: int, *, x: str = "x",
         del train, key
         return inputs.reshape(inputs.shape[0], -1) @ params["w"] + params["b"]
 
-    return classifier(init, apply, num_classes, x=x, y=y)
+    return classifier(init, apply, num_classes, x=x, y=y, input_shape=(num_features,))
 
 
 class _MLP(nn.Module):

@@ -1,0 +1,215 @@
+"""Checks of what a user passes in, run before anything compiles.
+
+Each names the argument, the client or the feature at fault and says what to do instead: a
+mistake caught here costs a user a line of reading, where the same mistake caught by numpy,
+Flax or XLA costs an afternoon.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim.data.federated import FederatedData, check_labels
+from fedjax_sim.models.core import Model
+
+# A unit gradient turned into a step larger than this is almost surely a typo'd learning rate.
+HUGE_STEP = 1e4
+
+
+def check_integer(name: str, value: Any, minimum: int | None = None) -> int:
+    """`value` as an int; TypeError unless it is an integer (not a bool, not 2.0), ValueError
+    below `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_data(name: str, value: Any) -> FederatedData:
+    """Raises TypeError unless `value` is a `FederatedData`, saying how to build one."""
+    if isinstance(value, FederatedData):
+        return value
+    hint = ""
+    if isinstance(value, dict):
+        hint = (": for {client id: {feature: array}} use fs.data.from_client_dict(...), for "
+                "flat arrays plus a client id per example fs.data.from_arrays(ids, features)")
+    elif isinstance(value, tuple) and len(value) == 2:
+        hint = ": did you pass the (train, test) pair? Unpack it: train, test = ..."
+    raise TypeError(f"{name} must be a fs.data.FederatedData, got {type(value).__name__}{hint}")
+
+
+def check_eval_clients(value: Any, data: FederatedData, name: str) -> int:
+    """The number of evaluation clients, at most the population's."""
+    check_integer(name, value, 1)
+    if value > data.num_clients:
+        raise ValueError(f"{name} {value} is larger than the evaluation population of "
+                         f"{data.num_clients} clients; pass None to evaluate all of them")
+    return int(value)
+
+
+def check_model(value: Any, name: str = "model") -> Model:
+    """Raises TypeError unless `value` is a `fs.models.Model`, naming the adapter that makes
+    one from what was passed."""
+    if isinstance(value, Model):
+        return value
+    from flax import linen as nn
+    from flax import nnx
+
+    if isinstance(value, nn.Module):
+        hint = (f"a flax.linen.Module ({type(value).__name__}): wrap it with "
+                "fs.models.from_linen(module, input_shape, num_classes)")
+    elif isinstance(value, nnx.Module):
+        hint = (f"a flax.nnx.Module ({type(value).__name__}): wrap it with "
+                "fs.models.from_nnx(module, num_classes)")
+    elif callable(value):
+        hint = (f"a function ({getattr(value, '__name__', type(value).__name__)}): wrap "
+                "init(key) -> params and apply(params, x) -> logits with "
+                "fs.models.from_function(init, apply, num_classes)")
+    else:
+        hint = f"{type(value).__name__} {value!r}"[:200]
+    raise TypeError(f"{name} must be a fs.models.Model, got {hint}")
+
+
+def check_optimizer(value: Any, name: str, *, allow_schedule: bool = False):
+    """Checks an optax transformation (or, with `allow_schedule`, a function of the round
+    that builds one) and returns it.
+
+    One update of a unit gradient must be finite and point against the gradient (a negative
+    learning rate climbs the loss); a step of over `HUGE_STEP` is warned about.
+    """
+    if not isinstance(value, optax.GradientTransformation):
+        kind = "an optax.GradientTransformation (e.g. optax.sgd(0.01))"
+        if allow_schedule:
+            kind += " or a function of the round number that returns one"
+        if callable(value) and getattr(value, "__module__", "").startswith("optax"):
+            raise TypeError(f"{name} must be {kind}; got the function optax."
+                            f"{value.__name__} itself: call it, e.g. optax.{value.__name__}(0.01)")
+        if not (allow_schedule and callable(value)):
+            raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}"[:300])
+        built = value(jnp.int32(0))
+        if not isinstance(built, optax.GradientTransformation):
+            raise TypeError(f"{name}(round) must return an optax.GradientTransformation, got "
+                            f"{type(built).__name__}")
+        _check_unit_step(built, name)
+        return value
+    _check_unit_step(value, name)
+    return value
+
+
+def _check_unit_step(opt: optax.GradientTransformation, name: str) -> None:
+    params = jnp.ones((), jnp.float32)
+    updates, _ = opt.update(jnp.ones((), jnp.float32), opt.init(params), params)
+    step = float(updates)
+    if not math.isfinite(step):
+        raise ValueError(f"{name} gives a non-finite update ({step}) for a unit gradient: is "
+                         "its learning rate finite?")
+    if step > 0:
+        raise ValueError(f"{name} moves along the gradient, not against it (update {step:+g} "
+                         "for a unit gradient): is its learning rate negative?")
+    if -step > HUGE_STEP:
+        warnings.warn(f"{name} takes a step of {-step:g} for a unit gradient: is its learning "
+                      "rate that large on purpose?", stacklevel=3)
+
+
+def _path(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/") or "(root)"
+
+
+def check_params(model: Model, params: Any, name: str = "params") -> None:
+    """Raises unless `params` has the leaves and shapes `model.init` gives, and finite values.
+
+    Params of another shape fail deep inside the model (or, for a classifier with too few
+    outputs, silently give NaN losses), so they are compared with the model's own init first.
+    """
+    if params is None:
+        raise ValueError(f"{name} is None: pass the model's params, e.g. result.params or "
+                         "model.init(jax.random.key(0))")
+    try:
+        expected = jax.eval_shape(model.init, jax.random.key(0))
+    except Exception:  # noqa: BLE001 - an init that needs concrete values: nothing to compare
+        expected = None
+    given = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if expected is not None:
+        want = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+        problems = [f"missing leaf {k!r}" for k in want if k not in given]
+        problems += [f"unexpected leaf {k!r}" for k in given if k not in want]
+        problems += [f"leaf {k!r} has shape {tuple(np.shape(given[k]))} where the model's init "
+                     f"gives {tuple(v.shape)}"
+                     for k, v in want.items() if k in given and np.shape(given[k]) != v.shape]
+        if problems:
+            raise ValueError(f"{name} do not fit the model: {'; '.join(problems[:5])}. Start "
+                             "from the model's own params (model.init(key)) or a run's "
+                             "result.params")
+    for k, x in given.items():
+        if isinstance(x, jax.core.Tracer):
+            continue
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+            bad = int(np.sum(~np.isfinite(x)))
+            raise ValueError(f"{name} hold non-finite values (NaN or inf): {bad} of {x.size} in "
+                             f"leaf {k!r}; every client would diverge from them")
+
+
+def check_features(data: FederatedData, name: str) -> None:
+    """Raises if a feature cannot go to the device (strings, bytes, Python objects)."""
+    for k, v in data.features.items():
+        if np.dtype(v.dtype).kind in "USO":
+            raise ValueError(
+                f"{name}: feature {k!r} has dtype {v.dtype} (strings, bytes or objects); every "
+                "feature goes to the device, so each must be numeric: encode it (e.g. "
+                "data.map(fn) to token ids) or drop it")
+
+
+def check_model_fits(model: Model, data: FederatedData, params: Any, batch_size: int,
+                     name: str = "train") -> None:
+    """Fails early, with a clear message, on a model that does not fit the data or params."""
+    check_features(data, name)
+    check_params(model, params)
+    if model.inputs is not None:
+        key, shape = model.inputs
+        if key not in data.features:
+            raise ValueError(f"{name} has no input feature {key!r} for the model; features: "
+                             f"{sorted(data.features)}")
+        got = tuple(data.features[key].shape[1:])
+        if math.prod(got) != math.prod(shape):
+            hint = ("; a 1-D array holds one number per example: give it a trailing axis of "
+                    "features" if got == () else "")
+            raise ValueError(
+                f"{name}: feature {key!r} has {math.prod(got)} value(s) per example (shape "
+                f"{got}) but the model expects {math.prod(shape)} (shape {tuple(shape)}){hint}")
+    if model.label is not None:
+        check_labels(data, *model.label)
+    b = min(batch_size, data.total_examples)
+    sample = {k: v[:b] for k, v in data.features.items()}
+    try:
+        out = jax.eval_shape(model.loss, params, sample, jax.random.key(0))
+    except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
+        raise ValueError(f"model.loss failed on a batch of {b} examples with features "
+                         f"{ {k: v.shape for k, v in sample.items()} }: {e}") from e
+    if out.shape != (b,):
+        raise ValueError(
+            f"model.loss must return one value per example: shape ({b},) for a batch of {b}, "
+            f"got {out.shape}")
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """The output directory, created; raises naming it when it is a file or cannot be made."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {str(path)!r} is a file, not a directory: pass a "
+                         "directory (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output_dir {str(path)!r} cannot be created: {e.strerror}") from e
+    return path
