@@ -74,8 +74,8 @@ class SimulationResult:
       chunk_size: the vectorization width K used.
       chunk_size_source: "given" (passed in), "cache" (an earlier run's choice for the same
         program on the same devices) or "search" (timed on the first cohort).
-      timings: seconds spent in "chunk_size_choice_s" (the cache lookup, or the search),
-        "compile_s" (the round program),
+      timings: seconds spent in "chunk_size_choice_s" (the cache lookup, or the search and
+        its compiles), "compile_s" (the round program; 0 when the search compiled it),
         "rounds_s" (the rounds, evaluation apart), "eval_s" (evaluation, its compile
         included) and "total_s".
     """
@@ -169,7 +169,18 @@ def chunk_candidates(per_device: int) -> list[int]:
 
 def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh, pool,
                       candidates=None, memory_budget=None, repeats=1) -> int:
-    """Times vectorization widths K on the first cohort and returns the fastest.
+    """Times vectorization widths K on the first cohort and returns the fastest (see
+    `search_chunk_size`)."""
+    return search_chunk_size(algorithm, data, cohort_size, state, indices, seed=seed,
+                             mesh=mesh, pool=pool, candidates=candidates,
+                             memory_budget=memory_budget, repeats=repeats)[0]
+
+
+def search_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh, pool,
+                      candidates=None, memory_budget=None,
+                      repeats=1) -> tuple[int, RoundRunner]:
+    """Times vectorization widths K on the first cohort; returns the fastest and its runner,
+    compiled (the run reuses it rather than compile it again).
 
     Time per round falls with K while vmapping amortizes per-step overhead, then rises once
     per-client batched matmuls or memory traffic dominate (measured on a 2-core CPU with a
@@ -200,26 +211,29 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
         jax.block_until_ready(runner(state, packed, 0))
         return time.perf_counter() - t
 
-    return autotune(sorted(candidates), build, seconds, repeats=repeats)
+    k = autotune(sorted(candidates), build, seconds, repeats=repeats)
+    return k, runners.get(k) or RoundRunner(algorithm, data, cohort_size, Engine(k, mesh),
+                                            seed, pool)
 
 
 def cached_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh,
-                      pool) -> tuple[int, str]:
-    """(K, "cache" or "search"): the K an earlier run chose for this very program on these
-    devices (`chunk_cache`), else `choose_chunk_size`'s choice, which is then stored. So the
-    same call gives the same K, and the same bits, run after run."""
+                      pool) -> tuple[int, str, RoundRunner | None]:
+    """(K, "cache" or "search", the search's compiled runner or None): the K an earlier run
+    chose for this very program on these devices (`chunk_cache`), else the search's choice,
+    which is then stored. So the same call gives the same K, and the same bits, run after
+    run."""
     devices = 1 if mesh is None else mesh.shape["clients"]
     runner = RoundRunner(algorithm, data, cohort_size, Engine(1, mesh), seed, pool)
     key = chunk_cache.program_key(runner.lower(state, runner.pack(indices, 0)).as_text(),
                                   devices)
     k = process0_decides((chunk_cache.load(key) if jax.process_index() == 0 else None) or 0)
     if k:
-        return k, "cache"
-    k = choose_chunk_size(algorithm, data, cohort_size, state, indices, seed=seed, mesh=mesh,
-                          pool=pool)
+        return k, "cache", None
+    k, searched = search_chunk_size(algorithm, data, cohort_size, state, indices, seed=seed,
+                                    mesh=mesh, pool=pool)
     if jax.process_index() == 0:
         chunk_cache.store(key, k, {"cohort_size": cohort_size, "devices": devices})
-    return k, "search"
+    return k, "search", searched
 
 
 def autotune(candidates, build, seconds, *, repeats=1, give_up=2.0) -> int:
@@ -374,14 +388,16 @@ def simulate(
     start = time.perf_counter()
     state = replicate(state, Engine(1, mesh))
     pool = resident_pool(train, mesh) if resident else None
-    source = "given"
+    source, runner = "given", None
     if chunk_size is None:
-        chunk_size, source = cached_chunk_size(
+        chunk_size, source, runner = cached_chunk_size(
             algorithm, train, cohort_size, state,
             sample_cohort(train.num_clients, cohort_size, seed, 0), seed=seed, mesh=mesh,
             pool=pool)
         timings["chunk_size_choice_s"] = time.perf_counter() - start
-    runner = RoundRunner(algorithm, train, cohort_size, Engine(chunk_size, mesh), seed, pool)
+    if runner is None:
+        runner = RoundRunner(algorithm, train, cohort_size, Engine(chunk_size, mesh), seed,
+                             pool)
     evaluator = (Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
                            num_clients=eval_clients, engine=Engine(1, mesh), seed=seed)
                  if eval_data is not None else None)
@@ -407,10 +423,8 @@ def simulate(
 
     try:
         upcoming = prefetch.submit(pack, 0) if rounds else None
-        if rounds:
-            compile_start = time.perf_counter()
-            runner.compile(state, upcoming.result())
-            timings["compile_s"] = time.perf_counter() - compile_start
+        if rounds and runner.compiled is None:  # a search's winner is compiled already
+            timings["compile_s"] = runner.compile(state, upcoming.result())
         loop_start = time.perf_counter()
         bar = tqdm(range(rounds), desc="rounds", unit="round", disable=not progress)
         for r in bar:
