@@ -19,20 +19,41 @@ import numpy as np
 import optax
 
 from fedjax_sim.data.federated import FederatedData, check_labels
-from fedjax_sim.models.core import Model
 
 # A unit gradient turned into a step larger than this is almost surely a typo'd learning rate.
 HUGE_STEP = 1e4
 
 
-def check_integer(name: str, value: Any, minimum: int | None = None) -> int:
+def check_integer(name: str, value: Any, minimum: int | None = None,
+                  maximum: int | None = None) -> int:
     """`value` as an int; TypeError unless it is an integer (not a bool, not 2.0), ValueError
-    below `minimum`."""
+    outside [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """`value` as a bool; TypeError for anything else ("False" is a truthy string)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def check_mesh(mesh: Any) -> None:
+    """Raises unless `mesh` is None or a `jax.sharding.Mesh` with a "clients" axis."""
+    if mesh is None:
+        return
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh with a 'clients' axis, e.g. "
+                        f"fs.client_mesh() (over all devices), got {type(mesh).__name__}")
+    if "clients" not in mesh.axis_names:
+        raise ValueError(f"mesh has axes {mesh.axis_names} but no 'clients' axis to split the "
+                         "cohort over: build it with fs.client_mesh(devices)")
 
 
 def check_data(name: str, value: Any) -> FederatedData:
@@ -48,6 +69,13 @@ def check_data(name: str, value: Any) -> FederatedData:
     raise TypeError(f"{name} must be a fs.data.FederatedData, got {type(value).__name__}{hint}")
 
 
+def check_not_empty(data: FederatedData, name: str) -> FederatedData:
+    if data.num_clients == 0:
+        raise ValueError(f"{name} has no clients (a split that left every client without a "
+                         "test example gives none, for instance)")
+    return data
+
+
 def check_eval_clients(value: Any, data: FederatedData, name: str) -> int:
     """The number of evaluation clients, at most the population's."""
     check_integer(name, value, 1)
@@ -57,9 +85,11 @@ def check_eval_clients(value: Any, data: FederatedData, name: str) -> int:
     return int(value)
 
 
-def check_model(value: Any, name: str = "model") -> Model:
+def check_model(value: Any, name: str = "model"):
     """Raises TypeError unless `value` is a `fs.models.Model`, naming the adapter that makes
     one from what was passed."""
+    from fedjax_sim.models.core import Model  # models import these checks
+
     if isinstance(value, Model):
         return value
     from flax import linen as nn
@@ -80,24 +110,42 @@ def check_model(value: Any, name: str = "model") -> Model:
     raise TypeError(f"{name} must be a fs.models.Model, got {hint}")
 
 
+def _factory_name(value: Any) -> str | None:
+    """"optax.sgd" when `value` is a public optimizer factory itself (passed uncalled)."""
+    import fedjax_sim.algorithms as algorithms
+
+    name = getattr(value, "__name__", None)
+    for prefix, module in (("optax", optax), ("fs.algorithms", algorithms)):
+        if name and getattr(module, name, None) is value:
+            return f"{prefix}.{name}"
+    return None
+
+
 def check_optimizer(value: Any, name: str, *, allow_schedule: bool = False):
     """Checks an optax transformation (or, with `allow_schedule`, a function of the round
     that builds one) and returns it.
 
     One update of a unit gradient must be finite and point against the gradient (a negative
-    learning rate climbs the loss); a step of over `HUGE_STEP` is warned about.
+    learning rate climbs the loss); a step of 0 (a zero learning rate) or over `HUGE_STEP` is
+    warned about.
     """
     if not isinstance(value, optax.GradientTransformation):
         kind = "an optax.GradientTransformation (e.g. optax.sgd(0.01))"
         if allow_schedule:
             kind += " or a function of the round number that returns one"
-        if callable(value) and getattr(value, "__module__", "").startswith("optax"):
-            raise TypeError(f"{name} must be {kind}; got the function optax."
-                            f"{value.__name__} itself: call it, e.g. optax.{value.__name__}(0.01)")
+        factory = _factory_name(value)
+        if factory:
+            raise TypeError(f"{name} must be {kind}; got the function {factory} itself: call "
+                            f"it, e.g. {factory}(0.01)")
         if not (allow_schedule and callable(value)):
             raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}"[:300])
         built = value(jnp.int32(0))
         if not isinstance(built, optax.GradientTransformation):
+            if np.ndim(built) == 0 and np.issubdtype(np.asarray(built).dtype, np.number):
+                raise TypeError(f"{name} is a learning-rate schedule (it returned "
+                                f"{float(built):g} for round 0), not an optimizer: pass "
+                                "optax.sgd(schedule) for a schedule over local steps, or "
+                                "lambda r: optax.sgd(schedule(r)) for one over rounds")
             raise TypeError(f"{name}(round) must return an optax.GradientTransformation, got "
                             f"{type(built).__name__}")
         _check_unit_step(built, name)
@@ -108,7 +156,14 @@ def check_optimizer(value: Any, name: str, *, allow_schedule: bool = False):
 
 def _check_unit_step(opt: optax.GradientTransformation, name: str) -> None:
     params = jnp.ones((), jnp.float32)
-    updates, _ = opt.update(jnp.ones((), jnp.float32), opt.init(params), params)
+    try:
+        updates, _ = opt.update(jnp.ones((), jnp.float32), opt.init(params), params)
+    except TypeError as e:
+        if "keyword" not in str(e):
+            raise
+        raise TypeError(f"{name} needs extra arguments in its update ({e}); the engine calls "
+                        "update(grads, state, params) only, so line searches (optax.lbfgs) and "
+                        "reduce_on_plateau are not supported") from None
     step = float(updates)
     if not math.isfinite(step):
         raise ValueError(f"{name} gives a non-finite update ({step}) for a unit gradient: is "
@@ -119,13 +174,16 @@ def _check_unit_step(opt: optax.GradientTransformation, name: str) -> None:
     if -step > HUGE_STEP:
         warnings.warn(f"{name} takes a step of {-step:g} for a unit gradient: is its learning "
                       "rate that large on purpose?", stacklevel=3)
+    if step == 0:
+        warnings.warn(f"{name} does not move for a unit gradient (update 0): is its learning "
+                      "rate 0 (or a schedule starting at 0)?", stacklevel=3)
 
 
 def _path(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/") or "(root)"
 
 
-def check_params(model: Model, params: Any, name: str = "params") -> None:
+def check_params(model, params: Any, name: str = "params") -> None:
     """Raises unless `params` has the leaves and shapes `model.init` gives, and finite values.
 
     Params of another shape fail deep inside the model (or, for a classifier with too few
@@ -146,6 +204,10 @@ def check_params(model: Model, params: Any, name: str = "params") -> None:
         problems += [f"leaf {k!r} has shape {tuple(np.shape(given[k]))} where the model's init "
                      f"gives {tuple(v.shape)}"
                      for k, v in want.items() if k in given and np.shape(given[k]) != v.shape]
+        problems += [f"leaf {k!r} has dtype {np.asarray(given[k]).dtype} where the model's init "
+                     f"gives {v.dtype} (params are trained by gradients: floating point)"
+                     for k, v in want.items() if k in given and jnp.issubdtype(v.dtype, jnp.inexact)
+                     and not jnp.issubdtype(jnp.result_type(given[k]), jnp.inexact)]
         if problems:
             raise ValueError(f"{name} do not fit the model: {'; '.join(problems[:5])}. Start "
                              "from the model's own params (model.init(key)) or a run's "
@@ -160,28 +222,60 @@ def check_params(model: Model, params: Any, name: str = "params") -> None:
                              f"leaf {k!r}; every client would diverge from them")
 
 
-def check_features(data: FederatedData, name: str) -> None:
-    """Raises if a feature cannot go to the device (strings, bytes, Python objects)."""
+def check_features(data: FederatedData, name: str, *, finite: bool = True) -> None:
+    """Raises if a feature cannot go to the device (strings, bytes, Python objects) or, for
+    an in-memory population (`finite`), holds NaN or inf values, naming the first client.
+
+    A population read cohort by cohort is checked as it is read (`check_rows`); one resident
+    on the device would otherwise take NaNs (from a `data.map` dividing by a zero standard
+    deviation, say) into every client's training, and the run would read as diverging.
+    """
     for k, v in data.features.items():
         if np.dtype(v.dtype).kind in "USO":
             raise ValueError(
                 f"{name}: feature {k!r} has dtype {v.dtype} (strings, bytes or objects); every "
                 "feature goes to the device, so each must be numeric: encode it (e.g. "
                 "data.map(fn) to token ids) or drop it")
+        if not (finite and isinstance(v, np.ndarray) and np.dtype(v.dtype).kind == "f"):
+            continue
+        step = max(1, (1 << 24) // max(1, int(np.prod(v.shape[1:]))))  # bounded temporaries
+        for lo in range(0, len(v), step):
+            ok = np.isfinite(v[lo:lo + step].reshape(min(step, len(v) - lo), -1)).all(axis=1)
+            if not ok.all():
+                row = lo + int(np.argmin(ok))
+                client = data.client_ids[int(np.searchsorted(data.offsets, row, "right") - 1)]
+                raise ValueError(f"{name}: feature {k!r} has non-finite values (NaN or inf), "
+                                 f"first in example {row} (client {str(client)!r})")
 
 
-def check_model_fits(model: Model, data: FederatedData, params: Any, batch_size: int,
-                     name: str = "train") -> None:
-    """Fails early, with a clear message, on a model that does not fit the data or params."""
-    check_features(data, name)
+def check_some_client_trains(batching, data: FederatedData) -> None:
+    """Raises when no client of `data` takes a local step (with `drop_remainder`, clients
+    smaller than a batch get weight 0), which would otherwise read as a run whose every
+    client is excluded."""
+    b = batching.resolve_batch_size(data)
+    steps, _ = batching.steps_and_length(batching.examples_used(data.num_examples), b)
+    if data.num_clients and not np.any(steps > 0):
+        largest = int(batching.examples_used(data.num_examples).max())
+        raise ValueError(f"no client has a full batch of {b} examples with drop_remainder=True "
+                         f"(the largest uses {largest}): lower batch_size, or turn "
+                         "drop_remainder off")
+
+
+def check_model_fits(model, data: FederatedData, params: Any, batch_size: int,
+                     name: str = "train", *, finite: bool = True) -> None:
+    """Fails early, with a clear message, on a model that does not fit the data or params;
+    `finite` checks every in-memory value (see `check_features`)."""
+    check_features(data, name, finite=finite)
     check_params(model, params)
     if model.inputs is not None:
-        key, shape = model.inputs
+        key, shape, num_ids = model.inputs
         if key not in data.features:
             raise ValueError(f"{name} has no input feature {key!r} for the model; features: "
                              f"{sorted(data.features)}")
         got = tuple(data.features[key].shape[1:])
-        if math.prod(got) != math.prod(shape):
+        if num_ids is not None:
+            check_labels(data, key, num_ids, what="token")
+        if shape is not None and math.prod(got) != math.prod(shape):
             hint = ("; a 1-D array holds one number per example: give it a trailing axis of "
                     "features" if got == () else "")
             raise ValueError(
@@ -200,6 +294,17 @@ def check_model_fits(model: Model, data: FederatedData, params: Any, batch_size:
         raise ValueError(
             f"model.loss must return one value per example: shape ({b},) for a batch of {b}, "
             f"got {out.shape}")
+
+
+def check_sizes(name: str, value: Any) -> tuple[int, ...]:
+    """A shape or list of layer widths as a tuple of positive ints; one int is one entry."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, tuple | list):
+        raise TypeError(f"{name} must be a tuple of positive integers, e.g. (200,), got {value!r}")
+    for v in value:
+        check_integer(f"each entry of {name}", v, 1)
+    return tuple(int(v) for v in value)
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 def fresh_output_dir(path: str | Path, overwrite: bool) -> Path:
     """`path`, or the first free `path-2`, `path-3`, ... when `path` holds an earlier run."""
     path = Path(path)
+    if not path.name:  # "." or "": a sibling needs a name
+        path = path.resolve()
     if overwrite and path.is_dir():
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from fedjax_sim.checks import (
     check_features,
     check_integer,
     check_model,
+    check_not_empty,
     check_params,
 )
 from fedjax_sim.client import ClientUpdate, Engine, place_cohort, replicate, run_clients
@@ -141,15 +142,16 @@ class Evaluator:
 
     def __init__(self, model: Model, data: FederatedData, *, batch_size: int = 64,
                  num_clients: int | None = None, chunk_size: int | None = None,
-                 engine: Engine | None = None, seed: int = 0):
+                 engine: Engine | None = None, seed: int = 0, name: str = "data"):
         model = check_model(model)
-        data = check_data("data", data)
-        check_features(data, "data")
+        data = check_not_empty(check_data(name, data), name)
+        check_features(data, name)
         if model.label is not None:
             check_labels(data, *model.label)
         n = (data.num_clients if num_clients is None
              else check_eval_clients(num_clients, data, "num_clients"))
         batch_size = check_integer("batch_size", batch_size, 1)
+        seed = check_integer("seed", seed, 0)
         self.model, self.data = model, data
         self.indices = (np.arange(n) if n == data.num_clients else
                         np.sort(np.random.default_rng(seed).choice(data.num_clients, n,
@@ -170,11 +172,16 @@ class Evaluator:
         self._names: list[str] | None = None
         self._update: ClientUpdate | None = None
 
-    def __call__(self, params: Any) -> Evaluation:
-        if self._update is None:  # built once: a new update would compile a new program
+    def check(self, params: Any) -> None:
+        """Checks `params` and the model's metrics on this data (once: this also builds the
+        program's client update, and a new one would compile a new program)."""
+        if self._update is None:
             check_params(self.model, params)
             self._names = metric_names(self.model, self.data, params)
             self._update = metric_update(self.model, tuple(self._names))
+
+    def __call__(self, params: Any) -> Evaluation:
+        self.check(params)
         sums = _run(self._update, replicate(params, self.engine), self.cohort, self.pool,
                     batch_size=self.batch_size, engine=self.engine)
         if not all(x.is_fully_addressable for x in jax.tree.leaves(sums)):
@@ -218,7 +225,8 @@ def evaluate_pooled(model: Model, params: Any, data: FederatedData, *,
                     batch_size: int = 1024) -> dict[str, float]:
     """Centralized evaluation: the mean of each metric over all examples pooled together."""
     model = check_model(model)
-    data = check_data("data", data)
+    data = check_not_empty(check_data("data", data), "data")
+    batch_size = check_integer("batch_size", batch_size, 1)
     check_features(data, "data")
     check_params(model, params)
     if model.label is not None:

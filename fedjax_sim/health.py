@@ -90,14 +90,15 @@ class Monitor:
             warnings.warn(f"round {r}: excluded {record['num_excluded']} client(s) with "
                           f"non-finite updates: {record['excluded_clients'][:5]}", stacklevel=3)
         self._check_outliers(record)
-        if record["num_included"] == 0:
+        if record["num_included"] == 0 and record["num_excluded"]:
             self.all_excluded.append(r)
             if len(self.all_excluded) >= MAX_ROUNDS_ALL_EXCLUDED:
                 self.stuck = DivergedError(self._diverged_message(record))
             return
         self.all_excluded = []
-        self.last_good = record
-        self._check_update(record)
+        if record["num_included"]:  # not a round whose clients all had weight 0
+            self.last_good = record
+            self._check_update(record)
 
     def _check_outliers(self, record: dict) -> None:
         clients = record["clients"]

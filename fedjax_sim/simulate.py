@@ -23,12 +23,15 @@ from tqdm.auto import tqdm
 from fedjax_sim import chunk_cache
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState, tree_norm
 from fedjax_sim.checks import (
+    check_bool,
     check_data,
     check_eval_clients,
-    check_features,
     check_integer,
+    check_mesh,
     check_model_fits,
+    check_not_empty,
     check_output_dir,
+    check_some_client_trains,
 )
 from fedjax_sim.client import Engine, place_cohort, replicate
 from fedjax_sim.data.cohort import Cohort, CohortShape, host_pool, pack_cohort, resident_order
@@ -347,10 +350,15 @@ def simulate(
     if not isinstance(algorithm, FederatedAlgorithm):
         raise TypeError(f"algorithm must be a FederatedAlgorithm (e.g. fs.algorithms.fedavg("
                         f"model, optax.sgd(0.1))), got {type(algorithm).__name__}")
-    train = check_data("train", train)
+    train = check_not_empty(check_data("train", train), "train")
     rounds = check_integer("rounds", rounds, 0)
     cohort_size = check_integer("cohort_size", cohort_size, 1)
-    seed = check_integer("seed", seed, 0)
+    # JAX keys take 32 bits of a seed without x64: 2**32 would train as seed 0 does.
+    seed = check_integer("seed", seed, 0, 2**32 - 1)
+    progress = check_bool("progress", progress)
+    if resident is not None:
+        resident = check_bool("resident", resident)
+    check_mesh(mesh)
     eval_every = check_integer("eval_every", eval_every, 0)
     eval_batch_size = check_integer("eval_batch_size", eval_batch_size, 1)
     if cohort_size > train.num_clients:
@@ -358,8 +366,7 @@ def simulate(
             f"cohort_size {cohort_size} is larger than the population of {train.num_clients} "
             "clients")
     if eval_data is not None:
-        eval_data = check_data("eval_data", eval_data)
-        check_features(eval_data, "eval_data")
+        eval_data = check_not_empty(check_data("eval_data", eval_data), "eval_data")
     elif eval_every or eval_clients is not None:
         raise ValueError(f"{'eval_every' if eval_every else 'eval_clients'} is set but no "
                          "eval_data was given")
@@ -376,10 +383,16 @@ def simulate(
     if output_dir is not None:
         output_dir = check_output_dir(output_dir)
     if params is None:
-        params = algorithm.model.init(jax.random.key(seed))
-    check_model_fits(algorithm.model, train, params, algorithm.batching.resolve_batch_size(train))
+        try:
+            params = algorithm.model.init(jax.random.key(seed))
+        except TypeError as e:
+            raise TypeError(f"model.init(key) failed ({e}): a Model's init takes one PRNG key "
+                            "and returns the params") from e
     if resident is None:
         resident = is_in_memory(train) and train.nbytes <= resident_limit()
+    check_model_fits(algorithm.model, train, params, algorithm.batching.resolve_batch_size(train),
+                     finite=resident)
+    check_some_client_trains(algorithm.batching, train)
     state = algorithm.init(params)
     monitor = Monitor(sum(int(np.size(x)) for x in jax.tree.leaves(params)),
                       float(tree_norm(state.params)))
@@ -398,9 +411,12 @@ def simulate(
     if runner is None:
         runner = RoundRunner(algorithm, train, cohort_size, Engine(chunk_size, mesh), seed,
                              pool)
-    evaluator = (Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
-                           num_clients=eval_clients, engine=Engine(1, mesh), seed=seed)
-                 if eval_data is not None else None)
+    evaluator = None
+    if eval_data is not None:  # checked against the params now, not after the training
+        evaluator = Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
+                              num_clients=eval_clients, engine=Engine(1, mesh), seed=seed,
+                              name="eval_data")
+        evaluator.check(params)
 
     def pack(r):
         return runner.pack(sample_cohort(train.num_clients, cohort_size, seed, r), r)

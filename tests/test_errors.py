@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -454,7 +456,7 @@ def test_a_number_where_an_optimizer_goes():
                        r"optax.sgd\(0.01\)"):
         fs.algorithms.fedavg(logreg60(), optax.sgd)
     with pytest.raises(TypeError, match=r"client_optimizer\(round\) must return an optax"):
-        fs.algorithms.fedavg(logreg60(), lambda r: 0.1)
+        fs.algorithms.fedavg(logreg60(), lambda r: "sgd")
 
 
 @pytest.mark.parametrize("argument", ["rounds", "cohort_size"])
@@ -704,3 +706,246 @@ def test_cli_errors_print_the_run_usage_not_a_traceback(argv, message, capsys):
     assert message in err
     assert err.startswith("usage: fedjax-sim run ")
     assert "Traceback" not in err
+
+
+# -- more mistakes, found by a probe of 231 bad inputs ------------------------------------------
+def test_subset_and_client_take_positions_and_say_so():
+    data = from_client_dict(wide_clients((4, 6, 3, 5)))
+    mask = data.num_examples > 4
+    assert data.subset(mask).client_ids.tolist() == ["c1", "c3"]  # a mask, not positions 0/1
+    with pytest.raises(TypeError, match=r"subset takes client positions \(integers\); for "
+                       r"client ids use data.index_of"):
+        data.subset(["c1", "c2"])
+    with pytest.raises(IndexError, match="subset: client position 10 is out of range for 4"):
+        data.subset([10])
+    with pytest.raises(IndexError, match="client position -1 is out of range"):
+        data.subset([-1])
+    with pytest.raises(TypeError, match=r"got dtype float64"):
+        data.subset([0.7, 1.9])
+    with pytest.raises(TypeError, match="client takes client positions"):
+        data.client("c1")
+    assert list(data.get_clients("c1")) == ["c1"]  # one id, not its characters
+
+
+def test_a_federated_data_built_by_hand_is_checked():
+    x, ids = np.zeros((5, 2), np.float32), np.array(["a", "b"])
+    FederatedData = fs.data.FederatedData
+    cases = [
+        ({"x": x}, [1, 3, 5], ValueError, r"offsets must start at 0 and never decrease"),
+        ({"x": x}, [0, 3, 2], ValueError, r"offsets must start at 0 and never decrease"),
+        ({"x": x}, [0, 3], ValueError, r"offsets must have one entry per client plus one \(3 "
+                                       r"for 2 clients\)"),
+        ({"x": x}, [0, 3, 4], ValueError, r"feature 'x' has 5 rows but the offsets count 4"),
+        ({"x": x.tolist()}, [0, 3, 5], TypeError, r"feature 'x' must be an array"),
+        ({"x": x}, [0.0, 3.0, 5.0], TypeError, r"offsets must be integers"),
+        ((x,), [0, 3, 5], TypeError, r"features must be a dict"),
+    ]
+    for features, offsets, error, message in cases:
+        with pytest.raises(error, match=message):
+            FederatedData(ids, features, np.asarray(offsets))
+
+
+def test_feature_builders_name_what_they_were_given():
+    x, y = np.zeros((3, 2)), np.zeros(3, np.int32)
+    with pytest.raises(TypeError, match=r"from_arrays: features must be a dict \{name: array\}, "
+                       "got tuple"):
+        from_arrays(["a", "a", "b"], (x, y))
+    with pytest.raises(TypeError, match="from_client_dict takes a dict"):
+        from_client_dict([{"x": x}])
+    with pytest.raises(TypeError, match="client 'a': features must be a dict"):
+        from_client_dict({"a": (x, y)})
+    with pytest.raises(ValueError, match=r"feature 'x' is ragged.*pad them to one shape"):
+        from_arrays(["a", "a", "b"], {"x": [[1.0, 2.0], [3.0], [4.0, 5.0]]})
+    data = from_client_dict(wide_clients())
+    with pytest.raises(TypeError, match=r"map: fn must return a dict of features, got NoneType "
+                       r"\(does it end with a return\?\)"):
+        data.map(lambda f: None)
+    with pytest.raises(ValueError, match="map: batch_size must be an integer >= 1, got 0"):
+        data.map(lambda f: f, batch_size=0)
+
+
+def test_sequence_labels_and_token_ids_out_of_the_vocabulary():
+    rng = np.random.default_rng(0)
+    clients = {f"c{i}": {"x": rng.integers(0, 10, (3, 6)).astype(np.int32),
+                         "y": rng.integers(0, 10, (3, 6)).astype(np.int32)} for i in range(3)}
+    model_ = fs.models.char_lstm(vocab_size=10, hidden=8, num_layers=1)
+    clients["c1"]["y"][2, 4] = 40
+    with pytest.raises(ValueError, match=r"labels out of range: feature 'y' has 1 value\(s\) "
+                       r"outside \[0, 10\) \(e.g. 40 for client 'c1'\)"):
+        run(from_client_dict(clients), model_)
+    clients["c1"]["y"][2, 4] = 3
+    clients["c2"]["x"][0, 0] = 50
+    with pytest.raises(ValueError, match=r"token ids out of range: feature 'x'.*e.g. 50 for "
+                       r"client 'c2'.*10 token ids in its vocabulary"):
+        run(from_client_dict(clients), model_)
+
+
+def test_nan_features_of_a_resident_population_are_named_before_training():
+    """A `map` dividing by a zero standard deviation makes NaNs that no builder sees."""
+    data = from_client_dict(wide_clients((6, 8, 5)))
+    scaled = data.map(lambda f: {**f, "x": f["x"] / np.where(np.arange(60) == 7, 0.0, 1.0)})
+    with pytest.raises(ValueError, match=r"train: feature 'x' has non-finite values \(NaN or "
+                       r"inf\), first in example 0 \(client 'c0'\)"):
+        run(scaled)
+    with pytest.raises(ValueError, match=r"eval_data: feature 'x' has non-finite values"):
+        run(data, eval_data=scaled, eval_every=1)
+
+
+def test_eval_data_is_checked_before_training(tmp_path):
+    data = from_client_dict(wide_clients())
+    narrow = {c: {"x": f["x"][:, :7], "y": f["y"]} for c, f in wide_clients().items()}
+    with pytest.raises(ValueError, match=r"model.metrics failed on one example"):
+        run(data, eval_data=from_client_dict(narrow), eval_every=5, rounds=4, output_dir=tmp_path)
+    assert not (tmp_path / "history.jsonl").exists()  # nothing trained, nothing lost
+
+
+def test_no_client_with_a_full_batch_under_drop_remainder():
+    data = from_client_dict(wide_clients((6, 8, 5)))
+    algorithm = fs.algorithms.fedavg(logreg60(), optax.sgd(0.1), batch_size=50,
+                                     drop_remainder=True)
+    with pytest.raises(ValueError, match=r"no client has a full batch of 50 examples with "
+                       r"drop_remainder=True \(the largest uses 8\)"):
+        fs.simulate(algorithm, data, rounds=1, cohort_size=2, chunk_size=1, progress=False)
+
+
+def test_flags_that_must_be_booleans():
+    data = from_client_dict(wide_clients())
+    with pytest.raises(TypeError, match=r"shuffle must be True or False, got 'False'"):
+        fs.algorithms.fedavg(logreg60(), optax.sgd(0.1), shuffle="False")
+    with pytest.raises(TypeError, match=r"drop_remainder must be True or False, got 'no'"):
+        fs.algorithms.fedavg(logreg60(), optax.sgd(0.1), drop_remainder="no")
+    with pytest.raises(TypeError, match=r"resident must be True or False, got 'no'"):
+        run(data, resident="no")
+    with pytest.raises(TypeError, match=r"progress must be True or False"):
+        run(data, progress="False")
+
+
+def test_optimizer_mistakes_beyond_a_number():
+    with pytest.raises(TypeError, match=r"got the function fs.algorithms.fedadam itself: call "
+                       r"it, e.g. fs.algorithms.fedadam\(0.01\)"):
+        fs.algorithms.fedavg(logreg60(), fs.algorithms.fedadam)
+    with pytest.raises(TypeError, match=r"client_optimizer is a learning-rate schedule \(it "
+                       r"returned 0.1 for round 0\), not an optimizer: pass optax.sgd\(schedule\)"):
+        fs.algorithms.fedavg(logreg60(), optax.linear_schedule(0.1, 0.0, 100))
+    with pytest.raises(TypeError, match=r"needs extra arguments in its update.*optax.lbfgs"):
+        fs.algorithms.fedavg(logreg60(), optax.lbfgs())
+    with pytest.warns(UserWarning, match=r"server_optimizer does not move for a unit gradient "
+                      r"\(update 0\): is its learning rate 0"):
+        fs.algorithms.fedavg(logreg60(), optax.sgd(0.1), optax.sgd(0.0))
+    with pytest.raises(TypeError, match=r"aggregator must be a fs.aggregators.Aggregator, e.g. "
+                       r"fs.aggregators.mean\(\), got function"):
+        fs.algorithms.fedavg(logreg60(), optax.sgd(0.1), aggregator=fs.aggregators.mean)
+    with pytest.raises(TypeError, match=r"fedsgd takes one full-batch step per client, so it "
+                       r"does not take \['batch_size'\]"):
+        fs.algorithms.fedsgd(logreg60(), optax.sgd(1.0), batch_size=5)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: fs.algorithms.fedadam(0.01, tau=0.0), r"tau must be > 0"),
+    (lambda: fs.algorithms.fedadam(0.01, b1=1.0), r"b1 must be in \[0, 1\)"),
+    (lambda: fs.algorithms.fedyogi(0.01, b2=-0.5), r"b2 must be in \[0, 1\)"),
+    (lambda: fs.algorithms.fedavgm(1.0, momentum=1.5), r"momentum must be in \[0, 1\)"),
+])
+def test_server_optimizer_hyperparameters(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_model_constructor_mistakes():
+    from flax import linen as nn
+    from flax import nnx
+
+    with pytest.raises(TypeError, match=r"num_features must be an integer, got 5.0"):
+        fs.models.logistic_regression(5.0, 3)
+    with pytest.raises(ValueError, match=r"num_features must be >= 1, got -5"):
+        fs.models.logistic_regression(-5, 3)
+    with pytest.raises(ValueError, match=r"num_classes must be >= 2, got 1"):
+        fs.models.logistic_regression(5, 1)
+    with pytest.raises(ValueError, match=r"each entry of hidden must be >= 1, got 0"):
+        fs.models.mlp(5, 3, hidden=(0,))
+    assert fs.models.mlp(5, 3, hidden=16).inputs.shape == (5,)  # one width is one layer
+    with pytest.raises(ValueError, match=r"hidden must be >= 1, got 0"):
+        fs.models.char_lstm(hidden=0)
+    with pytest.raises(ValueError, match=r"d_model 10 must be a multiple of num_heads 3"):
+        fs.models.causal_transformer(d_model=10, num_heads=3)
+    with pytest.raises(TypeError, match=r"from_linen takes a module instance, e.g. Dense\(...\), "
+                       "not the class Dense"):
+        fs.models.from_linen(nn.Dense, (5,), 3)
+    with pytest.raises(TypeError, match=r"from_nnx takes an nnx.Module instance.*the class "
+                       "Linear"):
+        fs.models.from_nnx(nnx.Linear, 3)
+    no_train = fs.models.from_linen(nn.Dense(3), 5, 3)  # input_shape 5 is (5,)
+    with pytest.raises(TypeError, match=r"Dense.__call__ takes no 'train' argument: pass "
+                       r"train_arg=None to from_linen"):
+        no_train.init(jax.random.key(0))
+    assert fs.models.from_linen(nn.Dense(3), (5,), 3, train_arg=None).init(
+        jax.random.key(0))["kernel"].shape == (5, 3)
+
+
+def test_simulate_argument_mistakes_beyond_counts():
+    data = from_client_dict(wide_clients())
+    with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh with a 'clients' "
+                       r"axis, e.g. fs.client_mesh\(\)"):
+        run(data, mesh=jax.devices())
+    with pytest.raises(ValueError, match=r"mesh has axes \('data',\) but no 'clients' axis"):
+        run(data, mesh=jax.make_mesh((2,), ("data",), devices=jax.devices()[:2]))
+    with pytest.raises(ValueError, match=r"seed must be <= 4294967295, got 4294967296"):
+        run(data, seed=2**32)  # JAX keys take 32 bits: it would train as seed 0
+    params = {"w": jnp.zeros((60, 10), jnp.int32), "b": jnp.zeros(10, jnp.int32)}
+    with pytest.raises(ValueError, match=r"leaf 'w' has dtype int32 where the model's init "
+                       r"gives float32"):
+        run(data, params=params)
+    empty = fs.data.FederatedData(np.array([], str), {"x": np.zeros((0, 60), np.float32),
+                                                      "y": np.zeros(0, np.int32)}, np.zeros(1, int))
+    with pytest.raises(ValueError, match="data has no clients"):
+        fs.evaluate(logreg60(), logreg60().init(None), empty)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got -1"):
+        fs.evaluate_pooled(logreg60(), logreg60().init(None), data, batch_size=-1)
+
+
+def test_synthetic_argument_mistakes():
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1e6\]"):
+        fs.data.synthetic(alpha=-1)
+    with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1e6\]"):
+        fs.data.synthetic(beta=1e39)  # inf features and a dead run, before
+    with pytest.raises(TypeError, match=r"num_clients must be an integer, got 10.5"):
+        fs.data.synthetic(num_clients=10.5)
+    with pytest.raises(ValueError, match=r"num_examples must be one integer or one per client"):
+        fs.data.synthetic(num_clients=10, num_examples=[5, 5])
+
+
+def test_storage_and_text_loader_mistakes(tmp_path):
+    data = from_client_dict(wide_clients())
+    assert fs.data.storage.save_sqlite(data, tmp_path / "new" / "dir" / "p.sqlite").exists()
+    with pytest.raises(ValueError, match=r"feature name\(s\) \['offsets'\] would overwrite"):
+        fs.data.storage.save_npy(data.map(lambda f: {**f, "offsets": f["y"]}), tmp_path / "n")
+    play = tmp_path / "play.txt"
+    play.write_bytes("\ufeffROMEO:\nHello there.\n\nJULIET:\nHi.\n".encode())
+    parse_speeches = importlib.import_module("fedjax_sim.data.shakespeare").parse_speeches
+    assert list(parse_speeches(play)) == ["ROMEO", "JULIET"]  # no role named "\ufeffROMEO"
+    play.write_bytes(b"ROMEO:\n\xff\xfe bad\n")
+    with pytest.raises(ValueError, match=r"play.txt: not UTF-8 text"):
+        parse_speeches(play)
+
+
+def test_partition_argument_mistakes():
+    from fedjax_sim.data import partition
+
+    features = {"x": np.zeros((100, 3), np.float32), "y": np.arange(100) % 5}
+    with pytest.raises(ValueError, match=r"dirichlet: alpha must be a finite number > 0"):
+        partition.dirichlet(features, 5, alpha=np.inf)
+    with pytest.raises(ValueError, match=r"iid: seed must be a non-negative integer"):
+        partition.iid(features, 5, seed=None)
+    with pytest.raises(TypeError, match=r"shards_per_client must be an integer, got 2.5"):
+        partition.shards(features, 5, shards_per_client=2.5)
+    continuous = {"x": features["x"], "y": np.linspace(0, 1, 100)}
+    with pytest.raises(ValueError, match=r"label column 'y' holds non-integer values"):
+        partition.dirichlet(continuous, 5, alpha=0.5)
+
+
+def test_cli_output_dir_dot_twice(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--rounds", "1", "--num-clients", "20", "--cohort-size", "5",
+            "--chunk-size", "1", "--no-progress", "--output-dir", "."]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    assert (tmp_path.parent / f"{tmp_path.name}-2" / "history.jsonl").exists()

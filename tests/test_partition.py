@@ -116,7 +116,7 @@ def test_statistics_exact_values():
 
 
 def test_bad_arguments_give_clear_errors(arrays):
-    with pytest.raises(ValueError, match="alpha must be > 0"):
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
         P.dirichlet(arrays, 10, 0.0)
     with pytest.raises(ValueError, match="more than the examples allow"):
         P.iid(arrays, N + 1)

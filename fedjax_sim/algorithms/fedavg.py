@@ -127,6 +127,10 @@ def fedopt(
     check_optimizer(client_optimizer, "client_optimizer", allow_schedule=True)
     check_optimizer(server_optimizer, "server_optimizer")
     aggregator = aggregators_lib.mean() if aggregator is None else aggregator
+    if not isinstance(aggregator, aggregators_lib.Aggregator):
+        raise TypeError(f"aggregator must be a fs.aggregators.Aggregator, e.g. "
+                        f"fs.aggregators.mean(), got {type(aggregator).__name__} "
+                        f"{aggregator!r}"[:300])
     update = optimizer_client_update(model, client_optimizer)
     batching = Batching(batch_size, num_epochs, max_steps, drop_remainder,
                         max_examples_per_client, shuffle)
@@ -195,5 +199,9 @@ def fedsgd(model: Model, server_optimizer: optax.GradientTransformation,
     (client SGD at learning rate 1, one step), the server averages the gradients weighted by
     example count and applies `server_optimizer`.
     """
+    fixed = {"batch_size", "num_epochs", "max_steps"} & set(kwargs)
+    if fixed:
+        raise TypeError(f"fedsgd takes one full-batch step per client, so it does not take "
+                        f"{sorted(fixed)}: use fedavg (or fedopt) to choose the local work")
     return fedopt(model, optax.sgd(1.0), server_optimizer, batch_size=None, num_epochs=1,
                   max_steps=1, **kwargs)

@@ -36,6 +36,10 @@ def scale_by_fedopt(
     """Scales the pseudo-gradient by Reddi et al.'s adaptive rule (before the learning rate)."""
     if kind not in ("adagrad", "adam", "yogi"):
         raise ValueError(f"kind must be 'adagrad', 'adam' or 'yogi', got {kind!r}")
+    _check_decay("b1", b1)
+    _check_decay("b2", b2)
+    if not tau > 0:  # v starts at tau^2 and tau guards the division: 0 / 0 where g is 0
+        raise ValueError(f"tau must be > 0 (the adaptivity floor, 1e-3 in the paper), got {tau}")
 
     def init(params):
         return ScaleByFedOptState(
@@ -59,6 +63,11 @@ def scale_by_fedopt(
         return scaled, ScaleByFedOptState(m, v)
 
     return optax.GradientTransformation(init, update)
+
+
+def _check_decay(name: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1) (a moving average's decay), got {value}")
 
 
 def _fedopt_optimizer(kind, learning_rate, b1, b2, tau):
@@ -87,4 +96,5 @@ def fedadagrad(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
 def fedavgm(learning_rate: optax.ScalarOrSchedule,
             momentum: float = 0.9) -> optax.GradientTransformation:
     """FedAvgM's server optimizer: SGD with heavy-ball momentum (Hsu et al. 2019)."""
+    _check_decay("momentum", momentum)
     return optax.sgd(learning_rate, momentum=momentum)

@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from fedjax_sim.checks import check_integer
+from fedjax_sim.checks import check_bool, check_integer
 from fedjax_sim.data.federated import FederatedData, rows_of
 
 
@@ -71,6 +71,8 @@ class Batching:
             value = getattr(self, name)
             if value is not None or name == "num_epochs":
                 check_integer(name, value, 1)
+        check_bool("drop_remainder", self.drop_remainder)
+        check_bool("shuffle", self.shuffle)
 
     def examples_used(self, num_examples: np.ndarray) -> np.ndarray:
         n = np.asarray(num_examples, dtype=np.int64)

@@ -28,8 +28,38 @@ class FederatedData:
 
     def __init__(self, client_ids: np.ndarray, features: Features, offsets: np.ndarray):
         self.client_ids = np.asarray(client_ids)
+        if not isinstance(features, Mapping):
+            raise TypeError(f"FederatedData: features must be a dict {{name: array}}, got "
+                            f"{type(features).__name__}")
         self.features = dict(features)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.offsets = np.asarray(offsets)
+        if self.offsets.dtype.kind not in "iu":
+            raise TypeError(f"FederatedData: offsets must be integers, got {self.offsets.dtype}")
+        self.offsets = self.offsets.astype(np.int64)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Cheap checks of the layout (O(clients)), so a population built by hand fails here
+        and not as a wrong gather rounds later."""
+        n, off = len(self.client_ids), self.offsets
+        if self.client_ids.ndim != 1:
+            raise ValueError(f"FederatedData: client_ids must be 1-D, got shape "
+                             f"{self.client_ids.shape}")
+        if off.shape != (n + 1,):
+            raise ValueError(f"FederatedData: offsets must have one entry per client plus one "
+                             f"({n + 1} for {n} clients), got shape {off.shape}; client i's rows "
+                             "are offsets[i]:offsets[i + 1]")
+        if off[0] != 0 or np.any(np.diff(off) < 0):
+            raise ValueError("FederatedData: offsets must start at 0 and never decrease (they "
+                             f"are cumulative example counts), got {off[:5].tolist()}...")
+        for k, v in self.features.items():
+            if not (hasattr(v, "shape") and hasattr(v, "dtype")):
+                raise TypeError(f"FederatedData: feature {k!r} must be an array (numpy), got "
+                                f"{type(v).__name__}")
+            rows = v.shape[0] if v.shape else 0
+            if rows != off[-1]:
+                raise ValueError(f"FederatedData: feature {k!r} has {rows} rows but the offsets "
+                                 f"count {int(off[-1])} examples")
 
     # -- size -------------------------------------------------------------------------------
     @property
@@ -61,6 +91,8 @@ class FederatedData:
     # -- access -----------------------------------------------------------------------------
     def index_of(self, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Positions of the named clients; raises KeyError naming any unknown id."""
+        if isinstance(ids, str):
+            ids = [ids]
         lookup = {cid: i for i, cid in enumerate(self.client_ids.tolist())}
         missing = [c for c in ids if c not in lookup]
         if missing:
@@ -68,17 +100,40 @@ class FederatedData:
         return np.array([lookup[c] for c in ids], dtype=np.int64)
 
     def client(self, index: int) -> Features:
-        """One client's examples, by position."""
+        """One client's examples, by position (`get_clients` takes ids)."""
+        (index,) = self._positions([index], "client")
         lo, hi = self.offsets[index], self.offsets[index + 1]
         return {k: v[lo:hi] for k, v in self.features.items()}
 
     def get_clients(self, ids: Sequence[str]) -> dict[str, Features]:
         """Examples of the named clients, as {client id: features}."""
+        ids = [ids] if isinstance(ids, str) else ids
         return {cid: self.client(int(i)) for cid, i in zip(ids, self.index_of(ids), strict=True)}
 
+    def _positions(self, indices, where: str) -> np.ndarray:
+        """Client positions as int64, or an error saying what was passed instead."""
+        arr = np.asarray(indices)
+        if arr.dtype.kind in "USO":
+            raise TypeError(f"{where} takes client positions (integers); for client ids use "
+                            f"data.index_of(ids) or data.get_clients(ids)")
+        if arr.dtype == bool:
+            if arr.shape != (self.num_clients,):
+                raise ValueError(f"{where}: a boolean mask needs one entry per client "
+                                 f"({self.num_clients}), got shape {arr.shape}")
+            return np.flatnonzero(arr)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"{where} takes client positions (integers), got dtype {arr.dtype}")
+        arr = arr.astype(np.int64).reshape(-1)
+        bad = arr[(arr < 0) | (arr >= self.num_clients)]
+        if bad.size:
+            raise IndexError(f"{where}: client position {int(bad[0])} is out of range for "
+                             f"{self.num_clients} clients")
+        return arr
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> FederatedData:
-        """A new population holding the clients at `indices`, in that order."""
-        indices = np.asarray(indices, dtype=np.int64)
+        """A new population holding the clients at `indices` (positions, in that order, or a
+        boolean mask over the clients)."""
+        indices = self._positions(indices, "subset")
         rows = rows_of(self.offsets, indices)
         counts = self.num_examples[indices]
         return FederatedData(
@@ -99,8 +154,10 @@ class FederatedData:
         keeps at least one in train; clients left with no test example are not in the test
         population. Seeded and vectorized: no per-client Python objects.
         """
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        if not isinstance(test_fraction, float | int) or not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         n = self.num_examples
         n_test = np.minimum(np.round(test_fraction * n).astype(np.int64), n - 1)
         owner = np.repeat(np.arange(self.num_clients), n)
@@ -126,6 +183,8 @@ class FederatedData:
         Example:
           >>> scaled = data.map(lambda f: {**f, "x": f["x"] / 255.0})   # doctest: +SKIP
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"map: batch_size must be an integer >= 1, got {batch_size!r}")
         if jit:
             import jax  # the data layer stays numpy-only unless asked
 
@@ -136,6 +195,10 @@ class FederatedData:
         for lo in range(0, max(total, 1), batch_size):
             batch = {k: np.asarray(v[lo:lo + batch_size]) for k, v in self.features.items()}
             out = fn(batch)
+            if not isinstance(out, Mapping):
+                raise TypeError(f"map: fn must return a dict of features, got "
+                                f"{type(out).__name__}"
+                                + (" (does it end with a return?)" if out is None else ""))
             rows = min(batch_size, total - lo)
             bad = {k: np.shape(v) for k, v in out.items() if np.shape(v)[:1] != (rows,)}
             if bad:
@@ -155,9 +218,18 @@ def rows_of(offsets: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 
 def _check_features(features: Mapping[str, np.ndarray], where: str) -> Features:
+    if not isinstance(features, Mapping):
+        raise TypeError(f"{where}: features must be a dict {{name: array}}, got "
+                        f"{type(features).__name__}")
     if not features:
         raise ValueError(f"{where}: no features given")
-    out = {k: np.asarray(v) for k, v in features.items()}
+    out = {}
+    for k, v in features.items():
+        try:
+            out[k] = np.asarray(v)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"{where}: feature {k!r} is ragged (its examples differ in "
+                             f"shape: {e}); pad them to one shape first") from None
     for k, v in out.items():
         if v.ndim == 0:
             raise ValueError(f"{where}: feature {k!r} is a scalar ({v!r}); every feature needs "
@@ -227,6 +299,9 @@ def from_client_dict(clients: Mapping[str, Mapping[str, np.ndarray]]) -> Federat
     Clients with zero examples are dropped with a warning; if every client is empty this is an
     error.
     """
+    if not isinstance(clients, Mapping):
+        raise TypeError(f"from_client_dict takes a dict {{client id: {{feature: array}}}}, got "
+                        f"{type(clients).__name__}")
     if not clients:
         raise ValueError("from_client_dict: no clients given")
     keys = None
@@ -279,23 +354,25 @@ def check_like_earlier(
             )
 
 
-def check_labels(data: FederatedData, key: str, num_classes: int) -> None:
-    """Raises if `data[key]` holds labels outside [0, num_classes).
+def check_labels(data: FederatedData, key: str, num_classes: int, what: str = "class") -> None:
+    """Raises if `data[key]` holds labels outside [0, num_classes) (or, with `what="token"`,
+    token ids outside the vocabulary), or is not integer.
 
     A lazily read column (a SQLite-backed population) is not read here: `check_rows` checks it
     cohort by cohort as the simulation reads it.
     """
     if key not in data.features:
-        raise ValueError(f"data has no label feature {key!r}; features: {sorted(data.features)}")
+        raise ValueError(f"data has no {'label' if what == 'class' else 'input'} feature {key!r}; "
+                         f"features: {sorted(data.features)}")
     y = data.features[key]
     if not np.issubdtype(y.dtype, np.integer):
-        _check_label_dtype(data, y, key, num_classes)
+        _check_label_dtype(data, y, key, num_classes, what)
     if isinstance(y, np.ndarray):
-        _check_label_values(data, y, np.arange(len(y)), key, num_classes)
+        _check_label_values(data, y, np.arange(len(y)), key, num_classes, what)
 
 
-def _check_label_dtype(data, y, key, num_classes) -> None:
-    problem = (f"feature {key!r} has dtype {y.dtype}, but {key!r} must be integer class ids in "
+def _check_label_dtype(data, y, key, num_classes, what) -> None:
+    problem = (f"feature {key!r} has dtype {y.dtype}, but {key!r} must be integer {what} ids in "
                f"[0, {num_classes})")
     values = np.asarray(y) if isinstance(y, np.ndarray) else None
     if values is None or values.dtype.kind not in "fb":
@@ -334,11 +411,14 @@ def _client_of_row(data: FederatedData, row: int) -> str:
     return str(data.client_ids[int(np.searchsorted(data.offsets, row, side="right") - 1)])
 
 
-def _check_label_values(data, y, rows, key, num_classes) -> None:
+def _check_label_values(data, y, rows, key, num_classes, what="class") -> None:
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        bad = np.nonzero((y < 0) | (y >= num_classes))[0]
+        flat = y.reshape(len(y), -1)  # sequence labels: [examples, tokens]
+        bad = np.flatnonzero((flat < 0) | (flat >= num_classes))
+        kinds = "classes" if what == "class" else "token ids in its vocabulary"
         raise ValueError(
-            f"labels out of range: feature {key!r} has {len(bad)} value(s) outside "
-            f"[0, {num_classes}) (e.g. {int(y[bad[0]])} for client "
-            f"{_client_of_row(data, rows[bad[0]])!r}); the model has {num_classes} classes"
+            f"{'labels' if what == 'class' else 'token ids'} out of range: feature {key!r} has "
+            f"{len(bad)} value(s) outside [0, {num_classes}) (e.g. {int(flat.flat[bad[0]])} for "
+            f"client {_client_of_row(data, rows[bad[0] // flat.shape[1]])!r}); the model has "
+            f"{num_classes} {kinds}"
         )

@@ -134,6 +134,9 @@ def write_fedjax_sqlite(path: str | Path, data: FederatedData) -> Path:
       The path written.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"write_fedjax_sqlite writes one file; {path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
 

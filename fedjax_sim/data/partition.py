@@ -40,6 +40,7 @@ def iid(features: Any, num_clients: int, *, seed: int = 0) -> FederatedData:
     """
     columns, n = _columns(features, "iid")
     _check_num_clients(num_clients, n, "iid")
+    _check_seed(seed, "iid")
     rng = np.random.default_rng(seed)
     return _assemble(columns, rng.permutation(np.arange(n) % num_clients), num_clients)
 
@@ -76,8 +77,10 @@ def dirichlet(
       min_size: the fewest examples a client may hold, >= 1.
     """
     columns, n = _columns(features, "dirichlet")
-    if not alpha > 0:
-        raise ValueError(f"dirichlet: alpha must be > 0, got {alpha}")
+    if not isinstance(alpha, int | float) or not 0 < alpha < np.inf:
+        raise ValueError(f"dirichlet: alpha must be a finite number > 0 (large is near IID; "
+                         f"iid() is the limit), got {alpha!r}")
+    _check_seed(seed, "dirichlet")
     if min_size < 1:
         raise ValueError(f"dirichlet: min_size must be >= 1, got {min_size}")
     _check_num_clients(num_clients, n // min_size, f"dirichlet with min_size={min_size}")
@@ -128,6 +131,7 @@ def quantity_skew(
       min_size: the fewest examples a client may hold, >= 1.
     """
     columns, n = _columns(features, "quantity_skew")
+    _check_seed(seed, "quantity_skew")
     if min_size < 1:
         raise ValueError(f"quantity_skew: min_size must be >= 1, got {min_size}")
     _check_num_clients(num_clients, n // min_size, f"quantity_skew with min_size={min_size}")
@@ -140,6 +144,9 @@ def quantity_skew(
         if not exponent > 0:
             raise ValueError(f"quantity_skew: exponent must be > 0, got {exponent}")
         weights = rng.pareto(exponent, num_clients) + 1.0
+        if not np.isfinite(weights.sum()):
+            raise ValueError(f"quantity_skew: exponent {exponent} is so small that the power "
+                             "law's draws overflow; use an exponent of 0.1 or more")
     else:
         raise ValueError(
             f"quantity_skew: distribution must be 'lognormal' or 'power_law', got {distribution!r}"
@@ -175,6 +182,9 @@ def shards(
       seed: the partition's seed.
     """
     columns, n = _columns(features, "shards")
+    _check_seed(seed, "shards")
+    if isinstance(shards_per_client, bool) or not isinstance(shards_per_client, int | np.integer):
+        raise TypeError(f"shards: shards_per_client must be an integer, got {shards_per_client!r}")
     if shards_per_client < 1:
         raise ValueError(f"shards: shards_per_client must be >= 1, got {shards_per_client}")
     _check_num_clients(num_clients, n // shards_per_client,
@@ -372,6 +382,12 @@ def _from_hf_dataset(features: Any, where: str) -> dict[str, np.ndarray]:
             for k, v in columns.items()}
 
 
+def _check_seed(seed: Any, where: str) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"{where}: seed must be a non-negative integer (the partition is "
+                         f"drawn from it), got {seed!r}")
+
+
 def _check_num_clients(num_clients: int, most: int, where: str) -> None:
     if not isinstance(num_clients, int | np.integer) or num_clients < 1:
         raise ValueError(f"{where}: num_clients must be a positive integer, got {num_clients!r}")
@@ -388,6 +404,9 @@ def _label_codes(columns: dict[str, np.ndarray], label: str, where: str) -> tupl
     y = columns[label]
     if y.ndim != 1:
         raise ValueError(f"{where}: label column {label!r} must be 1-D, got shape {y.shape}")
+    if y.dtype.kind == "f" and not np.all(y == np.round(y)):
+        raise ValueError(f"{where}: label column {label!r} holds non-integer values (e.g. "
+                         f"{y[np.argmax(y != np.round(y))]:g}): a label skew needs class labels")
     classes, codes = np.unique(y, return_inverse=True)
     return codes.reshape(-1), len(classes)
 

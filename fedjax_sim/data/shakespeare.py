@@ -119,22 +119,27 @@ def parse_speeches(file: str | Path) -> dict[str, list[str]]:
     roles: dict[str, list[str]] = {}
     speech: list[str] | None = None
     after_blank = True
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
-            header = _HEADER.fullmatch(line) if after_blank else None
-            if header:
-                speech = []
-                roles.setdefault(header.group(1).strip(), []).append(speech)
-            elif speech is None:
-                if line.strip():
-                    raise ValueError(
-                        f"{file}:{number}: text before the first speaker line ('NAME:' after "
-                        "a blank line)"
-                    )
-            else:
-                speech.append(line)
-            after_blank = not line.strip()
+    if Path(file).is_dir():
+        raise IsADirectoryError(f"{file} is a directory; pass the play's text file")
+    try:
+        lines = Path(file).read_text(encoding="utf-8-sig").split("\n")  # -sig: drop a BOM
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start}): pass the "
+                         "play as plain text") from None
+    for number, line in enumerate(lines, start=1):
+        header = _HEADER.fullmatch(line) if after_blank else None
+        if header:
+            speech = []
+            roles.setdefault(header.group(1).strip(), []).append(speech)
+        elif speech is None:
+            if line.strip():
+                raise ValueError(
+                    f"{file}:{number}: text before the first speaker line ('NAME:' after "
+                    "a blank line)"
+                )
+        else:
+            speech.append(line)
+        after_blank = not line.strip()
     return {r: ["\n".join(s).rstrip() for s in speeches] for r, speeches in roles.items()}
 
 

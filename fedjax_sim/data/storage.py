@@ -28,6 +28,12 @@ _META = "meta.json"
 def save_npy(data: FederatedData, directory: str | Path) -> Path:
     """Writes `data` as one `.npy` file per column plus `client_ids.npy` and `offsets.npy`."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_npy writes a directory of .npy files; {directory} is a file")
+    clash = {"client_ids", "offsets"} & set(data.features)
+    if clash:
+        raise ValueError(f"save_npy: feature name(s) {sorted(clash)} would overwrite the "
+                         "population's own file of that name: rename the feature")
     directory.mkdir(parents=True, exist_ok=True)
     np.save(directory / "client_ids.npy", data.client_ids.astype(str))
     np.save(directory / "offsets.npy", data.offsets)
@@ -78,6 +84,9 @@ def _check_layout(where, client_ids, offsets, features) -> None:
 def save_sqlite(data: FederatedData, path: str | Path, *, batch_clients: int = 1024) -> Path:
     """Writes `data` to a SQLite file: one zlib-compressed `.npz` blob per client."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"save_sqlite writes one file; {path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         path.unlink()
     con = sqlite3.connect(path)

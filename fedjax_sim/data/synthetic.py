@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_sim.checks import check_integer
 from fedjax_sim.data.federated import FederatedData
 
 NUM_FEATURES = 60
@@ -42,8 +43,16 @@ def synthetic(
       >>> train.num_clients
       10
     """
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    num_clients = check_integer("num_clients", num_clients, 1)
+    seed = check_integer("seed", seed, 0)
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        # Larger spreads overflow float32 features (1e39 gave inf inputs and a dead run).
+        if not isinstance(value, int | float) or not 0 <= value <= 1e6:
+            raise ValueError(f"{name} must be a number in [0, 1e6] (a standard deviation of "
+                             f"the clients' {'models' if name == 'alpha' else 'inputs'}), got "
+                             f"{value!r}")
+    if max_examples_per_client is not None:
+        check_integer("max_examples_per_client", max_examples_per_client, 2)
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if max_examples_per_client is not None and max_examples_per_client < 2:
@@ -53,7 +62,11 @@ def synthetic(
     rng = np.random.default_rng(seed)
     sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
     if num_examples is not None:
-        sizes = np.broadcast_to(np.asarray(num_examples, np.int64), (num_clients,)).copy()
+        given = np.asarray(num_examples)
+        if given.dtype.kind not in "iu" or given.ndim > 1 or given.size not in (1, num_clients):
+            raise ValueError(f"num_examples must be one integer or one per client ({num_clients}"
+                             f"), got {given.dtype} of shape {given.shape}")
+        sizes = np.broadcast_to(given.astype(np.int64), (num_clients,)).copy()
         if sizes.min() < 2:
             raise ValueError(f"num_examples must be >= 2 per client (a train and a test "
                              f"example), got a minimum of {sizes.min()}")

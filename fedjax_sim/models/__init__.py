@@ -1,7 +1,7 @@
 """Models: the `Model` interface, adapters from Flax and functions, and built-in models."""
 
 from fedjax_sim.models.adapters import from_function, from_linen, from_nnx
-from fedjax_sim.models.core import Model, classifier
+from fedjax_sim.models.core import InputSpec, Model, classifier
 from fedjax_sim.models.resnet import resnet18_gn
 from fedjax_sim.models.sequence import (
     CHAR_BOS,
@@ -23,6 +23,7 @@ __all__ = [
     "CHAR_EOS",
     "CHAR_OOV",
     "CHAR_VOCAB_SIZE",
+    "InputSpec",
     "Model",
     "PAD",
     "WordTokens",

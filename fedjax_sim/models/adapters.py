@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
+from fedjax_sim.checks import check_sizes
 from fedjax_sim.models.core import Model, Params, classifier
 
 
@@ -28,18 +29,36 @@ def from_linen(
     layer norm, as federated models usually do.
     """
 
+    if isinstance(module, type):
+        raise TypeError(f"from_linen takes a module instance, e.g. {module.__name__}(...), "
+                        f"not the class {module.__name__}")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_linen takes a flax.linen.Module, got {type(module).__name__}")
+    input_shape = check_sizes("input_shape", input_shape)
+
     def flag(train):
         return {train_arg: train} if train_arg else {}
 
+    def call(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TypeError as e:
+            if train_arg and f"'{train_arg}'" in str(e):
+                raise TypeError(f"{type(module).__name__}.__call__ takes no {train_arg!r} "
+                                "argument: pass train_arg=None to from_linen (or the name of "
+                                "its train/eval flag)") from e
+            raise
+
     def init(key):
         dummy = jnp.zeros((1, *input_shape), jnp.float32)
-        return module.init({"params": key, "dropout": key}, dummy, **flag(False))["params"]
+        variables = call(module.init, {"params": key, "dropout": key}, dummy, **flag(False))
+        return variables["params"]
 
     def apply(params, inputs, *, train, key):
         rngs = {"dropout": key} if train and key is not None else {}
-        return module.apply({"params": params}, inputs, rngs=rngs, **flag(train))
+        return call(module.apply, {"params": params}, inputs, rngs=rngs, **flag(train))
 
-    return classifier(init, apply, num_classes, x=x, y=y, input_shape=tuple(input_shape))
+    return classifier(init, apply, num_classes, x=x, y=y, input_shape=input_shape)
 
 
 def from_nnx(module: nnx.Module, num_classes: int, *, x: str = "x", y: str = "y") -> Model:
@@ -50,6 +69,9 @@ def from_nnx(module: nnx.Module, num_classes: int, *, x: str = "x", y: str = "y"
     pattern for speed, and vmap-friendly). Evaluation and training both call the module as is:
     modules that need their own RNG state (NNX dropout) are not supported here.
     """
+    if not isinstance(module, nnx.Module):
+        what = f"the class {module.__name__}" if isinstance(module, type) else type(module).__name__
+        raise TypeError(f"from_nnx takes an nnx.Module instance (built with its rngs), got {what}")
     _, _, other = nnx.split(module, nnx.Param, ...)
     found = [f"{'/'.join(map(str, path))} ({type(v).__name__})"
              for path, v in nnx.to_flat_state(other)]

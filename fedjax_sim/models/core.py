@@ -14,8 +14,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.checks import check_integer
+
 Params = Any
 Batch = dict[str, jax.Array]
+
+
+class InputSpec(NamedTuple):
+    """What a model reads of a batch, so the data can be checked before anything compiles.
+
+    Attributes:
+      feature: the feature's name.
+      shape: one example's shape (the data's number of values per example must match), or
+        None.
+      num_ids: for token ids, the vocabulary size (ids must be integers in [0, num_ids)),
+        or None.
+    """
+
+    feature: str
+    shape: tuple[int, ...] | None = None
+    num_ids: int | None = None
 
 
 class Model(NamedTuple):
@@ -29,16 +47,15 @@ class Model(NamedTuple):
         metrics averaged over something other than examples (next-token accuracy over the
         valid tokens of each sequence): evaluation sums both and divides.
       label: `(feature name, number of classes)` for label range checks, or None.
-      inputs: `(feature name, per-example shape)` the model reads, to check the data's
-        shape before anything compiles (the number of values per example must match), or
-        None.
+      inputs: an `InputSpec` of the input feature, for checks of the data's shape or token
+        ids before anything compiles, or None.
     """
 
     init: Callable[[jax.Array], Params]
     loss: Callable[[Params, Batch, jax.Array], jax.Array]
     metrics: Callable[[Params, Batch], dict[str, jax.Array]]
     label: tuple[str, int] | None = None
-    inputs: tuple[str, tuple[int, ...]] | None = None
+    inputs: InputSpec | None = None
 
 
 ApplyFn = Callable[..., jax.Array]  # (params, x, *, train: bool, key) -> logits
@@ -59,6 +76,8 @@ def classifier(
     known, is one example's shape of `x` (`Model.inputs`).
     """
 
+    check_integer("num_classes", num_classes, 2)
+
     def logits_of(params, inputs, train, key):
         logits = apply(params, inputs, train=train, key=key)
         if logits.shape[-1] != num_classes:  # a label past the logits would give a NaN loss
@@ -78,5 +97,5 @@ def classifier(
             "accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32),
         }
 
-    inputs = None if input_shape is None else (x, tuple(input_shape))
+    inputs = None if input_shape is None else InputSpec(x, tuple(input_shape))
     return Model(init=init, loss=loss, metrics=metrics, label=(y, num_classes), inputs=inputs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from flax import linen as nn
 
+from fedjax_sim.checks import check_integer
 from fedjax_sim.models.adapters import from_linen
 from fedjax_sim.models.core import Model
 from fedjax_sim.models.layers import Conv
@@ -67,6 +68,7 @@ def resnet18_gn(num_classes: int = 100, groups: int = 2, *, width: int = 64, x: 
     References: He et al. 2016; Hsieh et al. 2020 (GroupNorm for non-IID FL); Reddi et al.
       2021 (CIFAR-100 with two groups).
     """
+    groups, width = check_integer("groups", groups, 1), check_integer("width", width, 1)
     if width % groups:
         raise ValueError(f"width={width} must be divisible by groups={groups}")
     return from_linen(_ResNet18GN(num_classes, groups, width), (32, 32, 3), num_classes, x=x,

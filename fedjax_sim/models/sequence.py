@@ -33,7 +33,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from fedjax_sim.models.core import Model, Params
+from fedjax_sim.checks import check_integer
+from fedjax_sim.models.core import InputSpec, Model, Params
 
 PAD = 0
 
@@ -126,7 +127,13 @@ def next_token_model(
                          jnp.sum(counted, -1, dtype=jnp.float32))
         return out
 
-    return Model(init=init, loss=loss, metrics=metrics, label=(y, vocab_size))
+    return Model(init=init, loss=loss, metrics=metrics, label=(y, vocab_size),
+                 inputs=InputSpec(x, num_ids=vocab_size))
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        check_integer(name, value, 1)
 
 
 def _from_module(module: nn.Module) -> tuple[Callable, Callable]:
@@ -181,6 +188,8 @@ def char_lstm(vocab_size: int = CHAR_VOCAB_SIZE, embed_dim: int = 8, hidden: int
     References: McMahan et al. 2017; Caldas et al. 2018 (LEAF); FedJAX
       `fedjax/models/shakespeare.py`.
     """
+    _check_sizes(vocab_size=vocab_size, embed_dim=embed_dim, hidden=hidden,
+                 num_layers=num_layers)
     init, apply = _from_module(_LSTMStack(vocab_size, embed_dim, hidden, num_layers))
     return next_token_model(init, apply, vocab_size,
                             accuracies={"accuracy": (), "accuracy_no_eos": (CHAR_EOS,)},
@@ -202,6 +211,8 @@ def word_lstm(vocab_size: int = 10000, embed_dim: int = 96, hidden: int = 670,
     References: Reddi et al., "Adaptive Federated Optimization", ICLR 2021; TFF
       `tff.simulation.baselines.stackoverflow`.
     """
+    _check_sizes(vocab_size=vocab_size, embed_dim=embed_dim, hidden=hidden,
+                 projection=projection, num_oov_buckets=num_oov_buckets)
     tokens = word_tokens(vocab_size, num_oov_buckets)
     init, apply = _from_module(_LSTMStack(tokens.size, embed_dim, hidden, 1, projection))
     return next_token_model(init, apply, tokens.size,
@@ -248,6 +259,11 @@ def causal_transformer(vocab_size: int = CHAR_VOCAB_SIZE, *, max_len: int = 128,
     References: Vaswani et al., "Attention Is All You Need", NeurIPS 2017; Radford et al.,
       "Language Models are Unsupervised Multitask Learners", 2019 (pre-LN decoder).
     """
+    _check_sizes(vocab_size=vocab_size, max_len=max_len, d_model=d_model, num_heads=num_heads,
+                 num_layers=num_layers, mlp_dim=mlp_dim or 4 * d_model)
+    if d_model % num_heads:
+        raise ValueError(f"d_model {d_model} must be a multiple of num_heads {num_heads} (each "
+                         "head takes d_model / num_heads features)")
     module = _CausalTransformer(vocab_size, max_len, d_model, num_heads, num_layers,
                                 mlp_dim or 4 * d_model)
     init, apply = _from_module(module)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fedjax_sim.checks import check_integer, check_sizes
 from fedjax_sim.models.adapters import from_linen
 from fedjax_sim.models.core import Model, classifier
 from fedjax_sim.models.layers import Conv
@@ -16,6 +17,7 @@ from fedjax_sim.models.layers import Conv
 def logistic_regression(num_features: int, num_classes: int, *, x: str = "x",
                         y: str = "y") -> Model:
     """Multinomial logistic regression, zero-initialised (a convex baseline)."""
+    num_features = check_integer("num_features", num_features, 1)
 
     def init(key):
         del key
@@ -44,7 +46,9 @@ class _MLP(nn.Module):
 def mlp(num_features: int, num_classes: int, hidden: Sequence[int] = (200,), *, x: str = "x",
         y: str = "y") -> Model:
     """A ReLU multilayer perceptron; `hidden=(200, 200)` is the EMNIST "dense 2x200" model."""
-    return from_linen(_MLP(tuple(hidden), num_classes), (num_features,), num_classes, x=x, y=y)
+    num_features = check_integer("num_features", num_features, 1)
+    hidden = check_sizes("hidden", hidden)
+    return from_linen(_MLP(hidden, num_classes), (num_features,), num_classes, x=x, y=y)
 
 
 class _EmnistCNN(nn.Module):
