@@ -50,7 +50,9 @@ import suite  # noqa: E402
 from limits import matmul_rate  # noqa: E402
 from loop import LoopFedAvg, client_arrays  # noqa: E402
 
-import fedjax_sim as fs  # noqa: E402
+import fedjax_sim as fs
+from fedjax_sim import engine as engine_lib
+from fedjax_sim import rounds  # noqa: E402
 
 # The module (the package attribute `fs.simulate` is the function).
 sim = importlib.import_module("fedjax_sim.simulate")
@@ -165,13 +167,13 @@ class EngineSystem:
         self.k, self.cohort, self.train = k, cohort, train
         engine = fs.Engine(k)
         params = algo.model.init(jax.random.key(SEED))
-        self.state = fs.client.replicate(algo.init(params), engine)
-        self.runner = sim.RoundRunner(algo, train, cohort, engine, SEED,
-                                      sim.resident_pool(train, None))
+        self.state = engine_lib.replicate(algo.init(params, jax.random.key(SEED)), engine)
+        self.runner = rounds.RoundRunner(algo, train, cohort, engine, SEED,
+                                         sim.resident_pool(train, None))
         self.packed = self.runner.pack(self._indices(0), 0)
         self.r = 0
         t = time.perf_counter()
-        lowered = self.runner.lower(self.state, self.packed)
+        lowered = self.runner.lower(self.state, None, self.packed)
         self.trace_s = time.perf_counter() - t
         compiled = lowered.compile()  # the jit's own first call reuses it from JAX's cache
         self.compile_s = time.perf_counter() - t
@@ -182,7 +184,7 @@ class EngineSystem:
         return sim.sample_cohort(self.train.num_clients, self.cohort, SEED, r)
 
     def round(self) -> None:
-        self.state, metrics = self.runner(self.state, self.packed, self.r)
+        self.state, _, metrics = self.runner(self.state, None, self.packed)
         self.r += 1
         self.packed = self.runner.pack(self._indices(self.r), self.r)
         self.loss = float(metrics.train_loss)
@@ -231,7 +233,7 @@ def autotune(algo, train, cohort: int, candidates=None) -> tuple[int, float]:
     """What `fs.simulate(chunk_size=None)` does before its first round (same call, same
     arguments, unless `candidates` is given): returns the chosen K and the seconds it took."""
     params = algo.model.init(jax.random.key(SEED))
-    state = fs.client.replicate(algo.init(params), fs.Engine(1))
+    state = engine_lib.replicate(algo.init(params, jax.random.key(SEED)), fs.Engine(1))
     pool = sim.resident_pool(train, None) if train.nbytes <= sim.resident_limit() else None
     t = time.perf_counter()
     k = sim.choose_chunk_size(algo, train, cohort, state,

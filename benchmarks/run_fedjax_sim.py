@@ -38,6 +38,15 @@ from workloads import (  # noqa: E402
 )
 
 import fedjax_sim as fs  # noqa: E402
+from fedjax_sim import engine as engine_lib  # noqa: E402
+from fedjax_sim import rounds  # noqa: E402
+
+# XLA compiles seen (the timed rounds must add none): counted by JAX's own compile event, as a
+# PRNG key carried in the state adds jit cache entries for one executable.
+COMPILES: list[float] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: COMPILES.append(secs)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
 
 
 def build_model(w):
@@ -67,7 +76,7 @@ def plain_steps(w, model, cohort: int, mesh):
     fixed batch, one client at a time (no vmap), in one compiled loop. No per-client state,
     data gather, masking, finiteness check or aggregation: what a round's training costs with
     nothing federated around it."""
-    devices = 1 if mesh is None else mesh.shape[fs.client.CLIENTS]
+    devices = 1 if mesh is None else mesh.shape["clients"]
     n = -(-cohort * w.steps_per_client // devices)
     key = jax.random.key(0)  # the benchmark models have no dropout
 
@@ -79,7 +88,7 @@ def plain_steps(w, model, cohort: int, mesh):
         return jax.tree.map(lambda a: a[None], lax.fori_loop(0, n, body, params))
 
     return jax.jit(steps if mesh is None else jax.shard_map(
-        steps, mesh=mesh, in_specs=(P(), P()), out_specs=P(fs.client.CLIENTS), check_vma=False))
+        steps, mesh=mesh, in_specs=(P(), P()), out_specs=P("clients"), check_vma=False))
 
 
 def plain_steps_s(w, model, params, batch, cohort: int, mesh) -> float:
@@ -110,7 +119,8 @@ def main(argv=None) -> None:
     autotune_s = autotune_peak_mb = None
     k = args.chunk_size
     if k is None:
-        state1 = fs.client.replicate(algo.init(params), fs.Engine(1, mesh))
+        state1 = engine_lib.replicate(algo.init(params, jax.random.key(SEED)),
+                                      fs.Engine(1, mesh))
         t = time.perf_counter()
         k = sim.choose_chunk_size(algo, train, args.cohort, state1, indices, seed=SEED,
                                   mesh=mesh, pool=pool)
@@ -122,28 +132,31 @@ def main(argv=None) -> None:
             autotune_peak_mb = None
 
     engine = fs.Engine(k, mesh)
-    state = fs.client.replicate(algo.init(params), engine)
-    runner = sim.RoundRunner(algo, train, args.cohort, engine, SEED, pool)
+    state = engine_lib.replicate(algo.init(params, jax.random.key(SEED)), engine)
+    runner = rounds.RoundRunner(algo, train, args.cohort, engine, SEED, pool)
     packed = runner.pack(indices, 0)
     t = time.perf_counter()
-    compiled = runner.lower(state, packed).compile()
+    compiled = runner.lower(state, None, packed).compile()
     compile_s = time.perf_counter() - t
+    runner.compiled = compiled
     mem = compiled.memory_analysis()
 
     box = {"state": state, "packed": packed, "r": 0, "loss": None}
 
     def run_round():
-        box["state"], metrics = runner(box["state"], box["packed"], box["r"])
+        box["state"], _, metrics = runner(box["state"], None, box["packed"])
         box["r"] += 1
         box["packed"] = runner.pack(sim.sample_cohort(train.num_clients, args.cohort, SEED,
                                                       box["r"]), box["r"])
         box["loss"] = float(metrics.train_loss)
         jax.block_until_ready(box["state"])
 
+    compiles_before = len(COMPILES)
     timing = time_rounds(run_round, args.rounds, min_seconds=args.min_seconds)
+    recompiled = len(COMPILES) > compiles_before
     x, y = (v[:w.batch_size] for v in client_data(w, 1))
-    plain_s = plain_steps_s(w, algo.model, fs.client.replicate(params, engine),
-                            fs.client.replicate({"x": x, "y": y}, engine), args.cohort, mesh)
+    plain_s = plain_steps_s(w, algo.model, engine_lib.replicate(params, engine),
+                            engine_lib.replicate({"x": x, "y": y}, engine), args.cohort, mesh)
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     result_line({
@@ -151,7 +164,7 @@ def main(argv=None) -> None:
         "compile_s": compile_s, "autotune_s": autotune_s,
         "autotune_peak_mem_mb": autotune_peak_mb, "chunk_size": k,
         "devices": jax.device_count(), "padded_cohort": runner.shape.size,
-        "resident": resident, "recompiled": runner.fn._cache_size() > 1,
+        "resident": resident, "recompiled": recompiled,
         "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
         "device_peak_mem_mb": (stats["peak_bytes_in_use"] / 2**20
                                if stats and "peak_bytes_in_use" in stats else None),

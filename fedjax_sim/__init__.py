@@ -9,12 +9,14 @@ Example:
 """
 
 from fedjax_sim import aggregators, algorithms, data, health, models
-from fedjax_sim.client import ClientUpdate, Engine, client_mesh
+from fedjax_sim.engine import ClientContext, ClientResult, ClientUpdate, Engine, client_mesh
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
 from fedjax_sim.health import DivergedError
 from fedjax_sim.simulate import SimulationResult, simulate
 
 __all__ = [
+    "ClientContext",
+    "ClientResult",
     "ClientUpdate",
     "DivergedError",
     "Engine",

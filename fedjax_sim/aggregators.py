@@ -1,81 +1,213 @@
-"""`Aggregator`: how client outputs become one server-side aggregate.
+"""Aggregation as a chain of stages, like `optax.chain`: how client outputs become one aggregate.
 
-An aggregator is streamed: the engine calls `contribution` on each chunk of K clients and adds
-the partials up (over chunks in the scan carry, over devices with `psum`), then `finalize`
-turns the total into the aggregate. Memory is bounded by K clients, not the cohort. This fits
-every aggregator the simulator needs: a weighted mean; central DP (clip per client in
-`contribution`, add noise in `finalize`); compression and secure aggregation (encode per
-client, decode the sum); and order statistics such as the median, whose contribution scatters
-each client into its own row of a [C, ...] buffer so that the sum is the stack of outputs.
+A stage has a per-client part, run inside the engine beside each client (vmapped over the K
+clients of a chunk), and a server part, run once on the reduced outputs. Exactly one stage of a
+chain is a *reduction*:
+- "sum" (streamed): the engine adds the clients' (output, weight) up over chunks (in the scan
+  carry) and devices (`psum`); memory stays bounded by K clients. The weighted mean.
+- "rows": the engine stacks every client's (output, weight) into `[C, ...]` (gathered across
+  devices), for order statistics such as the coordinate-wise median.
+Stages before the reduction transform each client's output and weight in order (mask
+non-finite outputs, weight by example count, clip); their server parts then run in reverse
+order after the reduction (decode what they encoded). Stages after the reduction transform the
+aggregate in order (noise, later). Padding clients arrive with weight 0.
+
+`chain` puts `mask_nonfinite()` first unless it is there already: a client whose update is
+not finite must never reach a sum.
+
+Example:
+  >>> agg = chain(weight_by("num_examples"), mean())
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 
+class Reduced(NamedTuple):
+    """What a reduction hands to the server parts: the summed (or, for "rows", stacked
+    `[C, ...]`) outputs and weights."""
+
+    output: Any
+    weight: jax.Array
+
+
 class Aggregator(NamedTuple):
-    """Attributes:
-    init: `(template) -> state`, state kept across rounds (e.g. error feedback, noise keys).
-    contribution: `(outputs[K, ...], weights f32[K], keys[K], state) -> partial`; partials of
-      all chunks and devices are added leaf by leaf. Excluded and padding clients arrive with
-      weight 0 and zeroed outputs.
-    finalize: `(total, state, key) -> (aggregate, state)`.
+    """One stage, or a whole chain (a chain is an `Aggregator` whose `reduction` is its
+    reducing stage's).
+
+    Attributes:
+      init: `(template) -> state`, kept across rounds (the template is the params' structure).
+      client: `(output, weight, ctx, state) -> (output, weight, metrics)` for one client;
+        `ctx` is its `engine.ClientContext`, `metrics` a dict of per-client scalars.
+      server: `(value, state, key) -> (value, state, metrics)`; a reduction's takes `Reduced`.
+      reduction: None for a stage that transforms, "sum" or "rows" for the reducing stage.
+      name: a short name, for error messages.
     """
 
     init: Callable[[Any], Any]
-    contribution: Callable[[Any, jax.Array, jax.Array, Any], Any]
-    finalize: Callable[[Any, Any, jax.Array], tuple[Any, Any]]
+    client: Callable[..., tuple[Any, jax.Array, dict]]
+    server: Callable[..., tuple[Any, Any, dict]]
+    reduction: Literal["sum", "rows"] | None = None
+    name: str = "stage"
 
 
-class WeightedSum(NamedTuple):
-    sum: Any
-    weight: jax.Array
+def _identity_client(output, weight, ctx, state):
+    return output, weight, {}
+
+
+def _identity_server(value, state, key):
+    return value, state, {}
+
+
+def stage(name: str, *, client=_identity_client, server=_identity_server,
+          init=lambda template: (), reduction=None) -> Aggregator:
+    """An `Aggregator` stage from its parts (identity where not given)."""
+    return Aggregator(init, client, server, reduction, name)
+
+
+def chain(*stages: Aggregator) -> Aggregator:
+    """Composes stages into one aggregator; exactly one must be a reduction.
+
+    The state is the tuple of the stages' states; metrics of all stages are merged (later
+    names win). `mask_nonfinite()` is put first unless the chain has it.
+    """
+    if not any(s.name == "mask_nonfinite" for s in stages):
+        stages = (mask_nonfinite(), *stages)
+    reducing = [i for i, s in enumerate(stages) if s.reduction is not None]
+    if len(reducing) != 1:
+        names = [s.name for s in stages]
+        raise ValueError(f"an aggregator chain needs exactly one reduction (mean, median, ...); "
+                         f"got {len(reducing)} in {names}")
+    r = reducing[0]
+    before, after = range(r), range(r + 1, len(stages))
+
+    def init(template):
+        return tuple(s.init(template) for s in stages)
+
+    def client(output, weight, ctx, state):
+        metrics = {}
+        for i in range(r + 1):
+            output, weight, m = stages[i].client(output, weight, ctx, state[i])
+            metrics.update(m)
+        return output, weight, metrics
+
+    def server(reduced, state, key):
+        state, metrics = list(state), {}
+        # The reduction first, then the earlier stages' server parts in reverse (decoding what
+        # they encoded per client), then the later stages' in order.
+        for n, i in enumerate([r, *reversed(before), *after]):
+            reduced, state[i], m = stages[i].server(reduced, state[i],
+                                                    jax.random.fold_in(key, n))
+            metrics.update(m)
+        return reduced, tuple(state), metrics
+
+    return Aggregator(init, client, server, stages[r].reduction, "chain")
+
+
+def mask_nonfinite() -> Aggregator:
+    """Gives a client whose output holds a NaN or inf weight 0 and a zeroed output, so it
+    cannot poison the aggregate; reports "finite" and "update_norm" (the output's L2 norm,
+    NaN when not finite) per client.
+
+    The finiteness check and the norm read the output once, fused (an A/B on a 2-core CPU:
+    within the machine's 1-3% noise against the check alone).
+    """
+
+    def client(output, weight, ctx, state):
+        leaves = jax.tree.leaves(output)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+            else jnp.bool_(True)
+        sq = sum(jnp.sum(jnp.square(x.astype(_accumulator(x.dtype)))) for x in leaves)
+        output = jax.tree.map(lambda o: jnp.where(finite, o, jnp.zeros_like(o)), output)
+        norm = jnp.where(finite, jnp.sqrt(sq), jnp.nan)
+        return output, jnp.where(finite, weight, 0.0), {"finite": finite, "update_norm": norm}
+
+    return stage("mask_nonfinite", client=client)
+
+
+def weight_by(kind: Literal["num_examples", "uniform"]) -> Aggregator:
+    """Weights each client by its number of examples (FedAvg) or uniformly."""
+    if kind not in ("num_examples", "uniform"):
+        raise ValueError(f"client_weighting must be 'num_examples' or 'uniform', got {kind!r}")
+
+    def client(output, weight, ctx, state):
+        if kind == "num_examples":
+            weight = weight * ctx.num_examples.astype(jnp.float32)
+        return output, weight, {}
+
+    return stage(f"weight_by_{kind}", client=client)
+
+
+def mean() -> Aggregator:
+    """The weighted mean: sum_c w_c o_c / sum_c w_c, streamed (zero if every weight is 0).
+
+    Example:
+      >>> agg = chain(weight_by("uniform"), mean())
+    """
+
+    def client(output, weight, ctx, state):
+        return (jax.tree.map(lambda o: weight * o.astype(_accumulator(o.dtype)), output), weight,
+                {})
+
+    def server(reduced, state, key):
+        w = reduced.weight
+        safe = jnp.where(w > 0, w, 1.0)
+        value = jax.tree.map(lambda s: jnp.where(w > 0, s / safe, 0.0), reduced.output)
+        return value, state, {"weight_sum": w}
+
+    return stage("mean", client=client, server=server, reduction="sum")
+
+
+def median() -> Aggregator:
+    """The coordinate-wise median over the clients with weight > 0 (unweighted), a rows
+    reduction: every output reaches the server as `[C, ...]` (zero if none counts).
+
+    References: Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal
+      Statistical Rates", ICML 2018.
+    """
+
+    def server(reduced, state, key):
+        counts = reduced.weight > 0
+
+        def one(rows):
+            x = jnp.where(counts.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, jnp.nan)
+            return jnp.where(jnp.any(counts),
+                             jnp.nanmedian(x.astype(_accumulator(x.dtype)), axis=0), 0.0)
+
+        return jax.tree.map(one, reduced.output), state, {"weight_sum": jnp.sum(reduced.weight)}
+
+    return stage("median", server=server, reduction="rows")
+
+
+def _accumulator(dtype) -> jnp.dtype:
+    """Sums run in at least float32 (bfloat16 params), in float64 under x64."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 UNROLLED_SUM_MAX = 8
 
 
-def weighted_sum(weights: jax.Array, x: jax.Array) -> jax.Array:
-    """`sum_k weights[k] * x[k]` in f32, over the leading (client) axis of `x`.
+def sum_rows(x: jax.Array) -> jax.Array:
+    """`x.sum(0)` over the leading (client) axis of a chunk.
 
-    Up to `UNROLLED_SUM_MAX` clients it is an elementwise sum, which XLA fuses with the
-    engine's masking of non-finite clients into one pass over the outputs: 4-8% of a whole
-    round of the 784-200-10 MLP at K = 2 on a 2-core CPU, against a dot over the short client
-    axis (a reduction over that axis was 3x slower still). Past that, a dot.
+    Up to `UNROLLED_SUM_MAX` clients it is an unrolled elementwise sum, which XLA fuses with
+    the stages' per-client work (masking, weighting) into one pass over the outputs: 4-8% of a
+    whole round of the 784-200-10 MLP at K = 2 on a 2-core CPU against a dot over the short
+    client axis (a reduction over that axis was 3x slower still). Past that, a dot.
     """
-    x = x.astype(jnp.float32)
     if x.shape[0] > UNROLLED_SUM_MAX:
-        return jnp.tensordot(weights, x, axes=1)
-    total = weights[0] * x[0]
+        return jnp.tensordot(jnp.ones(x.shape[0], x.dtype), x, axes=1)
+    total = x[0]
     for k in range(1, x.shape[0]):
-        total = total + weights[k] * x[k]
+        total = total + x[k]
     return total
 
 
-def mean() -> Aggregator:
-    """The weighted mean of client outputs: sum_c w_c o_c / sum_c w_c (zero if all weights are 0).
-
-    Example:
-      >>> agg = mean()
-      >>> total = agg.contribution(jnp.array([[1.0], [3.0]]), jnp.array([1.0, 3.0]), None, ())
-      >>> agg.finalize(total, (), None)[0]
-      Array([2.5], dtype=float32)
-    """
-
-    def contribution(outputs, weights, keys, state):
-        del keys, state
-        return WeightedSum(jax.tree.map(lambda o: weighted_sum(weights, o), outputs),
-                           jnp.sum(weights))
-
-    def finalize(total, state, key):
-        del key
-        w = total.weight
-        safe = jnp.where(w > 0, w, 1.0)
-        return jax.tree.map(lambda s: jnp.where(w > 0, s / safe, 0.0), total.sum), state
-
-    return Aggregator(init=lambda template: (), contribution=contribution, finalize=finalize)
+def default(client_weighting: Literal["num_examples", "uniform"] = "num_examples") -> Aggregator:
+    """FedAvg's aggregation: non-finite clients masked, weighted, averaged."""
+    return chain(mask_nonfinite(), weight_by(client_weighting), mean())

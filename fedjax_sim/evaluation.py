@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fedjax_sim import aggregators
 from fedjax_sim.checks import (
     check_data,
     check_eval_clients,
@@ -27,10 +26,11 @@ from fedjax_sim.checks import (
     check_not_empty,
     check_params,
 )
-from fedjax_sim.client import ClientUpdate, Engine, place_cohort, replicate, run_clients
-from fedjax_sim.data.cohort import Batching, CohortShape, pack_cohort, resident_order
+from fedjax_sim.data.cohort import Batching
 from fedjax_sim.data.federated import FederatedData, check_labels
+from fedjax_sim.engine import ClientResult, ClientUpdate, Engine, replicate, run_clients
 from fedjax_sim.models.core import Model
+from fedjax_sim.rounds import Packer
 
 QUANTILES = (10, 50, 90)
 SUMMARY_KEYS = ("weighted_mean", "mean", *(f"p{q}" for q in QUANTILES), "worst10")
@@ -88,9 +88,8 @@ def metric_update(model: Model, metric_names: Sequence[str]) -> ClientUpdate:
     """A client update that sums the model's per-example metrics (numerators and denominators)
     over the client's examples."""
 
-    def init(params, key):
-        del key
-        zero = jnp.zeros((), jnp.float32)
+    def init(params, ctx):
+        zero = jnp.zeros((), jnp.result_type(float))
         return params, {name: (zero, zero) for name in metric_names}
 
     def step(state, batch, mask):
@@ -103,16 +102,17 @@ def metric_update(model: Model, metric_names: Sequence[str]) -> ClientUpdate:
                       sums[k][1] + jnp.sum(jnp.where(mask, den, 0.0)))
         return params, new
 
-    def finalize(params, state):
-        return (), state[1]
+    def finalize(params, state, ctx):
+        return ClientResult(metrics=state[1])
 
     return ClientUpdate(init, step, finalize)
 
 
-@functools.partial(jax.jit, static_argnames=("update", "batch_size", "engine"))
-def _run(update, params, cohort, pool, *, batch_size, engine):
-    return run_clients(update, aggregators.mean(), (), params, cohort, pool,
-                       jax.random.key(0), batch_size=batch_size, engine=engine).metrics
+@functools.partial(jax.jit, static_argnames=("update", "engine"))
+def _run(update, params, inputs, *, engine):
+    # Forward only, no aggregation: the per-client sums are the result.
+    return run_clients(update, inputs.cohort, inputs.pool, params, jax.random.key(0),
+                       engine=engine).metrics
 
 
 def metric_names(model: Model, data: FederatedData, params: Any) -> list[str]:
@@ -159,16 +159,15 @@ class Evaluator:
         engine = engine or Engine()
         k = chunk_size or default_eval_chunk(n, engine)
         self.engine = Engine(chunk_size=k, mesh=engine.mesh)
-        batching = Batching(batch_size=batch_size, shuffle=False)
-        shape = CohortShape.for_population(data, batching, n, self.engine.cohort_multiple)
-        cohort, rows = pack_cohort(data, self.indices, batching, shape, seed=0, round_num=0)
+        packer = Packer(data, [Batching(batch_size=batch_size, shuffle=False)], n, self.engine,
+                        pool=replicate(data.features, self.engine))
+        cohorts, rows = packer.pack(self.indices, seed=0, round_num=0)
+        self.inputs = packer.place(cohorts, rows)
         # Clients come back sorted by size: remember the order to report them by population index.
-        self.cohort = place_cohort(resident_order(cohort, rows), self.engine)
-        self._by_position = np.argsort(np.asarray(cohort.client_ids)[:n], kind="stable")
-        self.positions = np.asarray(cohort.client_ids)[:n][self._by_position]
-        self.num_examples = np.asarray(cohort.num_examples)[:n][self._by_position]
-        self.batch_size = shape.batch_size
-        self.pool = replicate(data.features, self.engine)
+        ids = np.asarray(cohorts[-1].client_ids)[:n]
+        self._by_position = np.argsort(ids, kind="stable")
+        self.positions = ids[self._by_position]
+        self.num_examples = np.asarray(cohorts[-1].num_examples)[:n][self._by_position]
         self._names: list[str] | None = None
         self._update: ClientUpdate | None = None
 
@@ -182,8 +181,8 @@ class Evaluator:
 
     def __call__(self, params: Any) -> Evaluation:
         self.check(params)
-        sums = _run(self._update, replicate(params, self.engine), self.cohort, self.pool,
-                    batch_size=self.batch_size, engine=self.engine)
+        sums = _run(self._update, replicate(params, self.engine), self.inputs,
+                    engine=self.engine)
         if not all(x.is_fully_addressable for x in jax.tree.leaves(sums)):
             # Multi-process: the per-client sums are split over every process's devices.
             sums = multihost_utils.process_allgather(sums, tiled=True)

@@ -33,12 +33,12 @@ from fedjax_sim.checks import (
     check_output_dir,
     check_some_client_trains,
 )
-from fedjax_sim.client import Engine, place_cohort, replicate
-from fedjax_sim.data.cohort import Cohort, CohortShape, host_pool, pack_cohort, resident_order
-from fedjax_sim.data.federated import FederatedData, check_rows
+from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.data.storage import is_in_memory
+from fedjax_sim.engine import Engine, replicate
 from fedjax_sim.evaluation import Evaluator
 from fedjax_sim.health import DivergedError, Monitor
+from fedjax_sim.rounds import RoundRunner, new_store
 
 # On a CPU, a population up to this size stays on the device and cohorts are gathered there
 # (the device copy is a second copy in host memory); on an accelerator, up to a quarter of
@@ -106,61 +106,6 @@ def resident_pool(data: FederatedData, mesh: jax.sharding.Mesh | None) -> dict[s
     return replicate(data.features, Engine(1, mesh))
 
 
-class RoundRunner:
-    """Packs cohorts and runs the jitted round for one engine (one compiled program).
-
-    `pool` is the population on the device(s) (`resident_pool`), or None to read each
-    cohort's rows on the host. The seed's key is an input of the program, not a constant in
-    it, so one program serves every seed.
-    """
-
-    def __init__(self, algorithm: FederatedAlgorithm, data: FederatedData, cohort_size: int,
-                 engine: Engine, seed: int, pool: dict[str, jax.Array] | None):
-        self.algorithm, self.data, self.engine, self.seed = algorithm, data, engine, seed
-        self.pool = pool
-        self.shape = CohortShape.for_population(data, algorithm.batching, cohort_size,
-                                                engine.cohort_multiple)
-        self.key = replicate(jax.random.key(seed), Engine(1, engine.mesh))
-        self.compiled = None
-
-        def round_fn(state, cohort, pool, key, round_num, *, batch_size, engine):
-            # The round's key is derived inside the program: deriving and placing it from
-            # the host cost milliseconds per round, a tenth of a small round on a CPU.
-            return algorithm.round(state, cohort, pool, jax.random.fold_in(key, round_num),
-                                   batch_size=batch_size, engine=engine)
-
-        self.fn = jax.jit(round_fn, static_argnames=("batch_size", "engine"))
-
-    def pack(self, indices: np.ndarray, round_num: int) -> tuple[Cohort, Any]:
-        cohort, rows = pack_cohort(self.data, indices, self.algorithm.batching, self.shape,
-                                   seed=self.seed, round_num=round_num,
-                                   weighting=self.algorithm.client_weighting)
-        if self.pool is not None:
-            return place_cohort(resident_order(cohort, rows), self.engine), self.pool
-        pool = host_pool(self.data, rows, self.shape)
-        # A streamed population may be too large to check up front: check what is read.
-        check_rows(self.data, rows, pool, self.algorithm.model.label)
-        return place_cohort(cohort, self.engine), replicate(pool, self.engine)
-
-    def lower(self, state, packed) -> jax.stages.Lowered:
-        """The round program for these shapes."""
-        return self.fn.lower(state, *packed, self.key, np.int32(0),
-                             batch_size=self.shape.batch_size, engine=self.engine)
-
-    def compile(self, state, packed) -> float:
-        """Compiles the round program ahead of time, for `__call__`; returns the seconds."""
-        start = time.perf_counter()
-        self.compiled = self.lower(state, packed).compile()
-        return time.perf_counter() - start
-
-    def __call__(self, state, packed, round_num: int):
-        cohort, pool = packed
-        if self.compiled is not None:
-            return self.compiled(state, cohort, pool, self.key, np.int32(round_num))
-        return self.fn(state, cohort, pool, self.key, np.int32(round_num),
-                       batch_size=self.shape.batch_size, engine=self.engine)
-
-
 def chunk_candidates(per_device: int) -> list[int]:
     """Powers of two up to the per-device cohort, and the per-device cohort itself."""
     out, k = [], 1
@@ -171,16 +116,16 @@ def chunk_candidates(per_device: int) -> list[int]:
 
 
 def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh, pool,
-                      candidates=None, memory_budget=None, repeats=1) -> int:
+                      store=None, candidates=None, memory_budget=None, repeats=1) -> int:
     """Times vectorization widths K on the first cohort and returns the fastest (see
     `search_chunk_size`)."""
     return search_chunk_size(algorithm, data, cohort_size, state, indices, seed=seed,
-                             mesh=mesh, pool=pool, candidates=candidates,
+                             mesh=mesh, pool=pool, store=store, candidates=candidates,
                              memory_budget=memory_budget, repeats=repeats)[0]
 
 
 def search_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh, pool,
-                      candidates=None, memory_budget=None,
+                      store=None, candidates=None, memory_budget=None,
                       repeats=1) -> tuple[int, RoundRunner]:
     """Times vectorization widths K on the first cohort; returns the fastest and its runner,
     compiled (the run reuses it rather than compile it again).
@@ -203,7 +148,7 @@ def search_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
     def build(k):
         runner = runners[k] = RoundRunner(algorithm, data, cohort_size, Engine(k, mesh), seed,
                                           pool)
-        runner.compile(state, runner.pack(indices, 0))
+        runner.compile(state, store, runner.pack(indices, 0))
         mem = runner.compiled.memory_analysis()
         return mem is None or mem.temp_size_in_bytes <= memory_budget
 
@@ -211,7 +156,7 @@ def search_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
         runner = runners[k]
         packed = jax.block_until_ready(runner.pack(indices, 0))
         t = time.perf_counter()
-        jax.block_until_ready(runner(state, packed, 0))
+        jax.block_until_ready(runner(state, store, packed))
         return time.perf_counter() - t
 
     k = autotune(sorted(candidates), build, seconds, repeats=repeats)
@@ -220,20 +165,20 @@ def search_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
 
 
 def cached_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh,
-                      pool) -> tuple[int, str, RoundRunner | None]:
+                      pool, store=None) -> tuple[int, str, RoundRunner | None]:
     """(K, "cache" or "search", the search's compiled runner or None): the K an earlier run
     chose for this very program on these devices (`chunk_cache`), else the search's choice,
     which is then stored. So the same call gives the same K, and the same bits, run after
     run."""
     devices = 1 if mesh is None else mesh.shape["clients"]
     runner = RoundRunner(algorithm, data, cohort_size, Engine(1, mesh), seed, pool)
-    key = chunk_cache.program_key(runner.lower(state, runner.pack(indices, 0)).as_text(),
-                                  devices)
+    key = chunk_cache.program_key(
+        runner.lower(state, store, runner.pack(indices, 0)).as_text(), devices)
     k = process0_decides((chunk_cache.load(key) if jax.process_index() == 0 else None) or 0)
     if k:
         return k, "cache", None
     k, searched = search_chunk_size(algorithm, data, cohort_size, state, indices, seed=seed,
-                                    mesh=mesh, pool=pool)
+                                    mesh=mesh, pool=pool, store=store)
     if jax.process_index() == 0:
         chunk_cache.store(key, k, {"cohort_size": cohort_size, "devices": devices})
     return k, "search", searched
@@ -393,24 +338,25 @@ def simulate(
     check_model_fits(algorithm.model, train, params, algorithm.batching.resolve_batch_size(train),
                      finite=resident)
     check_some_client_trains(algorithm.batching, train)
-    state = algorithm.init(params)
+    state = algorithm.init(params, jax.random.key(seed))
     monitor = Monitor(sum(int(np.size(x)) for x in jax.tree.leaves(params)),
                       float(tree_norm(state.params)))
 
     timings = {"chunk_size_choice_s": 0.0, "compile_s": 0.0, "rounds_s": 0.0, "eval_s": 0.0}
     start = time.perf_counter()
     state = replicate(state, Engine(1, mesh))
+    store = new_store(algorithm, train, params, Engine(1, mesh))
     pool = resident_pool(train, mesh) if resident else None
     source, runner = "given", None
     if chunk_size is None:
         chunk_size, source, runner = cached_chunk_size(
             algorithm, train, cohort_size, state,
             sample_cohort(train.num_clients, cohort_size, seed, 0), seed=seed, mesh=mesh,
-            pool=pool)
+            pool=pool, store=store)
         timings["chunk_size_choice_s"] = time.perf_counter() - start
-    if runner is None:
+    if runner is None or store is not None:  # a store's buffers are donated round to round
         runner = RoundRunner(algorithm, train, cohort_size, Engine(chunk_size, mesh), seed,
-                             pool)
+                             pool, donate=store is not None)
     evaluator = None
     if eval_data is not None:  # checked against the params now, not after the training
         evaluator = Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
@@ -440,14 +386,14 @@ def simulate(
     try:
         upcoming = prefetch.submit(pack, 0) if rounds else None
         if rounds and runner.compiled is None:  # a search's winner is compiled already
-            timings["compile_s"] = runner.compile(state, upcoming.result())
+            timings["compile_s"] = runner.compile(state, store, upcoming.result())
         loop_start = time.perf_counter()
         bar = tqdm(range(rounds), desc="rounds", unit="round", disable=not progress)
         for r in bar:
             packed = upcoming.result()
             if r + 1 < rounds:
                 upcoming = prefetch.submit(pack, r + 1)
-            state, metrics = runner(state, packed, r)
+            state, store, metrics = runner(state, store, packed)
             record = _round_record(r, metrics, train, time.perf_counter() - start, chunk_size)
             monitor.check(record)
             if evaluator is not None and ((eval_every and (r + 1) % eval_every == 0)
@@ -505,5 +451,6 @@ def _round_record(r: int, metrics, data: FederatedData, wall_time: float,
         "params_norm": float(m.params_norm),
         "chunk_size": chunk_size,
         "step_efficiency": step_efficiency(m.clients["num_steps"], chunk_size),
+        "server": {k: float(v) for k, v in m.server.items()},
         "clients": clients,
     }

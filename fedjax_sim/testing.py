@@ -53,6 +53,7 @@ def reference_round(
     key: jax.Array,
     batch_size: int,
     round_num: int = 0,
+    client_weighting: str = "num_examples",
 ) -> tuple[Any, Any, dict[str, Any]]:
     """One FedOpt round, one client and one step at a time.
 
@@ -67,6 +68,7 @@ def reference_round(
       key: the round key.
       batch_size: B, examples per local step (padded entries are masked).
       round_num: the server round, for client optimizers that depend on it.
+      client_weighting: "num_examples" or "uniform".
 
     Returns:
       `(new_params, new_server_opt_state, per_client)`. `per_client` holds, in cohort order,
@@ -105,7 +107,8 @@ def reference_round(
         losses.append(loss_sum / max(count, 1.0))
         finite.append(ok)
         # A non-finite update would poison the mean, so it is left out (weight 0).
-        weights.append(float(cohort.weights[c]) if ok else 0.0)
+        size = float(cohort.num_examples[c]) if client_weighting == "num_examples" else 1.0
+        weights.append(size * float(cohort.weights[c]) if ok else 0.0)
 
     per_client = {
         "delta": deltas,
@@ -172,3 +175,25 @@ def assert_trees_equal(actual: Any, expected: Any, what: str = "") -> None:
         if not np.array_equal(a, e, equal_nan=True):
             n = int(np.sum(a != e))
             raise AssertionError(f"{prefix}leaf {name}: {n} of {a.size} entries differ bitwise")
+
+
+def round_inputs(algorithm, data, indices, *, engine, cohort_size: int | None = None,
+                 resident: bool = True, seed: int = 0, round_num: int = 0):
+    """A round's device inputs for the clients at `indices` (`rounds.Packer`), with the
+    training pass's host cohort and pool, which `reference_round` reads.
+
+    Returns `(inputs, host cohort, host pool)`.
+    """
+    from fedjax_sim.data.cohort import resident_order
+    from fedjax_sim.engine import replicate
+    from fedjax_sim.rounds import Packer
+
+    size = len(indices) if cohort_size is None else cohort_size
+    packer = Packer(data, algorithm.passes, size, engine,
+                    pool=replicate(data.features, engine) if resident else None,
+                    label=algorithm.model.label)
+    cohorts, rows = packer.pack(np.asarray(indices), seed=seed, round_num=round_num)
+    inputs = packer.place(cohorts, rows)
+    if resident:
+        return inputs, resident_order(cohorts[-1], rows[-1]), dict(data.features)
+    return inputs, cohorts[-1], {k: np.asarray(v) for k, v in inputs.pool.items()}

@@ -1,48 +1,182 @@
-"""The aggregators against their definitions, computed in float64 with numpy."""
+"""Aggregation chains against their definitions (numpy, float64), stage by stage and under the
+engine."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from fedjax_sim.aggregators import UNROLLED_SUM_MAX, mean, weighted_sum
+import fedjax_sim as fs
+from fedjax_sim import aggregators as agg
+from fedjax_sim.aggregators import UNROLLED_SUM_MAX, Reduced, sum_rows
+from fedjax_sim.engine import ClientContext
+from fedjax_sim.testing import assert_trees_close
 
 
 @pytest.mark.parametrize("k", [1, 2, UNROLLED_SUM_MAX, UNROLLED_SUM_MAX + 1, 33])
-def test_weighted_sum_is_the_weighted_sum_over_clients(k):
-    rng = np.random.default_rng(k)
-    w = rng.uniform(0, 3, k).astype(np.float32)
-    x = rng.standard_normal((k, 5, 3)).astype(np.float32)
-    got = weighted_sum(jnp.asarray(w), jnp.asarray(x))
+def test_sum_rows_is_the_sum_over_clients(k):
+    x = np.random.default_rng(k).standard_normal((k, 5, 3)).astype(np.float32)
+    got = sum_rows(jnp.asarray(x))
     assert got.shape == (5, 3) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, np.einsum("k,kij->ij", w.astype(np.float64), x), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(got, x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [2, UNROLLED_SUM_MAX + 1])
-def test_weighted_sum_is_not_finite_when_an_input_is_not(k):
-    # The engine masks non-finite clients before the sum; the sum itself must not hide one.
+def test_sum_rows_is_not_finite_when_an_input_is_not(k):
+    # mask_nonfinite runs before the sum; the sum itself must not hide a NaN or inf.
     x = np.ones((k, 4), np.float32)
-    x[1, 2] = np.nan
-    x[0, 0] = np.inf
-    got = np.asarray(weighted_sum(jnp.ones(k), jnp.asarray(x)))
+    x[1, 2], x[0, 0] = np.nan, np.inf
+    got = np.asarray(sum_rows(jnp.asarray(x)))
     assert np.isnan(got[2]) and np.isinf(got[0]) and np.isfinite(got[[1, 3]]).all()
 
 
-def test_mean_streams_over_chunks():
+def run_chain(chain, outputs, weights, num_examples, chunks=((0, 2), (2, 6))):
+    """The chain's client stage on each client, reduced over `chunks` as the engine does
+    (streamed sums added chunk by chunk, or rows stacked), then its server stage."""
+    state = chain.init(jax.tree.map(lambda o: o[0], outputs))
+    per_client = []
+    for c in range(len(weights)):
+        ctx = ClientContext(jnp.int32(c), jax.random.key(c), jnp.int32(num_examples[c]),
+                            jnp.int32(1))
+        per_client.append(chain.client(jax.tree.map(lambda o, c=c: jnp.asarray(o[c]), outputs),
+                                       jnp.float32(weights[c]), ctx, state))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_client)
+    out, w, metrics = stacked
+    if chain.reduction == "sum":
+        parts = [Reduced(jax.tree.map(lambda o, a=a, b=b: sum_rows(o[a:b]), out), sum_rows(w[a:b]))
+                 for a, b in chunks]
+        reduced = jax.tree.map(jnp.add, *parts)
+    else:
+        reduced = Reduced(out, w)
+    value, state, server_metrics = chain.server(reduced, state, jax.random.key(0))
+    return value, state, metrics, server_metrics
+
+
+def outputs_and_weights():
     rng = np.random.default_rng(0)
     outputs = {"a": rng.standard_normal((6, 4)).astype(np.float32),
                "b": rng.standard_normal((6,)).astype(np.float32)}
-    w = np.array([1, 2, 0, 3, 1, 5], np.float32)
-    agg = mean()
-    parts = [agg.contribution({n: jnp.asarray(v[s]) for n, v in outputs.items()},
-                              jnp.asarray(w[s]), None, ()) for s in (slice(0, 2), slice(2, 6))]
-    total = jax.tree.map(jnp.add, *parts)
-    got, _ = agg.finalize(total, (), None)
-    for n, v in outputs.items():
-        np.testing.assert_allclose(got[n], np.tensordot(w, v.astype(np.float64), 1) / w.sum(),
-                                   rtol=1e-5, atol=1e-6)
-    empty, _ = agg.finalize(agg.contribution({"a": jnp.ones((2, 4))}, jnp.zeros(2), None, ()),
-                            (), None)
-    np.testing.assert_array_equal(empty["a"], np.zeros(4))
+    return outputs, np.array([1, 1, 0, 1, 1, 1], np.float32), np.array([3, 1, 9, 4, 2, 7])
 
+
+@pytest.mark.parametrize("kind", ["num_examples", "uniform"])
+def test_default_chain_is_the_weighted_mean_of_finite_clients(kind):
+    outputs, valid, n = outputs_and_weights()
+    outputs["a"][4, 1] = np.nan  # client 4 is masked out, client 2 is padding
+    value, _, metrics, server = run_chain(agg.default(kind), outputs, valid, n)
+    finite = np.array([True, True, True, True, False, True])
+    np.testing.assert_array_equal(metrics["finite"], finite)
+    w = valid * finite * (n if kind == "num_examples" else 1)
+    for name, v in outputs.items():
+        expected = np.tensordot(w, np.nan_to_num(v.astype(np.float64)), 1) / w.sum()
+        np.testing.assert_allclose(value[name], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(server["weight_sum"], w.sum())
+    norms = np.sqrt(np.nan_to_num(outputs["a"].astype(np.float64)) ** 2 @ np.ones(4)
+                    + outputs["b"].astype(np.float64) ** 2)
+    np.testing.assert_allclose(np.asarray(metrics["update_norm"])[finite], norms[finite],
+                               rtol=1e-5)
+    assert np.isnan(np.asarray(metrics["update_norm"])[4])
+
+
+def test_mean_of_no_weight_is_zero():
+    outputs, _, n = outputs_and_weights()
+    value, _, _, _ = run_chain(agg.default(), outputs, np.zeros(6, np.float32), n)
+    np.testing.assert_array_equal(value["a"], np.zeros(4))
+
+
+def test_median_is_the_coordinatewise_median_of_the_counted_rows():
+    outputs, valid, n = outputs_and_weights()
+    value, _, _, _ = run_chain(agg.chain(agg.median()), outputs, valid, n)
+    for name, v in outputs.items():
+        np.testing.assert_allclose(value[name], np.median(v[valid > 0], axis=0), rtol=1e-6)
+
+
+def test_stages_before_the_reduction_decode_in_reverse_and_later_stages_follow():
+    """encode x3 then x5 per client; the server divides by 5 then by 3 (reverse order), then
+    a later stage adds 1: the result is the plain mean plus 1, and the order is recorded."""
+    calls = []
+
+    def scale(factor):
+        def client(output, weight, ctx, state):
+            return jax.tree.map(lambda o: o * factor, output), weight, {}
+
+        def server(value, state, key):
+            calls.append(factor)
+            return jax.tree.map(lambda v: v / factor, value), state, {}
+
+        return agg.stage(f"scale{factor}", client=client, server=server)
+
+    def plus_one_and_count():
+        def server(value, state, key):
+            calls.append("post")
+            return jax.tree.map(lambda v: v + 1, value), state + 1, {"post_calls": state + 1}
+
+        return agg.stage("post", server=server, init=lambda template: jnp.int32(0))
+
+    outputs, valid, n = outputs_and_weights()
+    chain = agg.chain(agg.weight_by("uniform"), scale(3.0), scale(5.0), agg.mean(),
+                      plus_one_and_count())
+    value, state, _, server = run_chain(chain, outputs, valid, n)
+    plain, _, _, _ = run_chain(agg.default("uniform"), outputs, valid, n)
+    assert_trees_close(value, jax.tree.map(lambda v: v + 1, plain), rtol=1e-5, atol=1e-6)
+    assert calls == [5.0, 3.0, "post"]
+    assert int(state[-1]) == 1 and int(server["post_calls"]) == 1
+
+
+def test_a_chain_needs_exactly_one_reduction_and_masks_nonfinite_first():
+    with pytest.raises(ValueError, match=r"exactly one reduction.*got 0"):
+        agg.chain(agg.weight_by("uniform"))
+    with pytest.raises(ValueError, match=r"exactly one reduction.*got 2"):
+        agg.chain(agg.mean(), agg.median())
+    outputs, valid, n = outputs_and_weights()
+    outputs["b"][0] = np.inf
+    value, _, metrics, _ = run_chain(agg.chain(agg.mean()), outputs, valid, n)
+    assert not bool(metrics["finite"][0]) and np.isfinite(np.asarray(value["b"]))
+
+
+def population():
+    rng = np.random.default_rng(1)
+    sizes = [5, 9, 4, 12, 7, 6, 10, 3]
+    clients = {f"c{i}": {"x": rng.normal(size=(s, 4)).astype(np.float32),
+                         "y": rng.integers(0, 3, s).astype(np.int32)} for i, s in enumerate(sizes)}
+    return fs.data.from_client_dict(clients)
+
+
+@pytest.mark.parametrize("chunk, mesh", [(1, False), (3, False), (1, True)])
+def test_median_under_the_engine_is_the_median_of_the_client_updates(chunk, mesh):
+    """A rows reduction sees every client's update [C, ...], gathered across devices: FedAvg
+    with the median in place of the mean moves the server by the coordinate-wise median of
+    the clients' own updates (each client's update from a one-client round)."""
+    data = population()
+    model = fs.models.logistic_regression(4, 3)
+    params = jax.tree.map(lambda p: p + 0.1, model.init(None))
+    chain = agg.chain(agg.weight_by("uniform"), agg.median())
+    algo = fs.algorithms.fedavg(model, optax.sgd(0.3), batch_size=4, shuffle=False,
+                                aggregator=chain)
+    mesh = fs.client_mesh() if mesh else None
+    result = fs.simulate(algo, data, rounds=1, cohort_size=8, params=params, chunk_size=chunk,
+                         mesh=mesh, progress=False)
+    alone = [fs.simulate(algo, data.subset([i]), rounds=1, cohort_size=1, params=params,
+                         chunk_size=1, progress=False).params for i in range(8)]
+    for k in params:
+        deltas = np.stack([np.asarray(params[k]) - np.asarray(a[k]) for a in alone])
+        np.testing.assert_allclose(result.params[k], params[k] - np.median(deltas, axis=0),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_aggregator_state_carries_across_rounds():
+    def counting():
+        def server(value, state, key):
+            return value, state + 1, {"rounds_seen": state + 1}
+
+        return agg.stage("count", server=server, init=lambda template: jnp.int32(0))
+
+    data = population()
+    model = fs.models.logistic_regression(4, 3)
+    algo = fs.algorithms.fedavg(model, optax.sgd(0.1), batch_size=4,
+                                aggregator=agg.chain(agg.weight_by("num_examples"), agg.mean(),
+                                                     counting()))
+    result = fs.simulate(algo, data, rounds=3, cohort_size=4, chunk_size=2, progress=False)
+    assert int(result.state.agg_state[-1]) == 3
+    assert [r["server"]["rounds_seen"] for r in result.history] == [1.0, 2.0, 3.0]

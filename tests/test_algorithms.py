@@ -8,6 +8,7 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim.algorithms import fedadagrad, fedadam, fedyogi, scale_by_fedopt
+from fedjax_sim.testing import round_inputs
 
 
 def reddi_reference(kind, grads, lr, b1, b2, tau, x0):
@@ -60,18 +61,12 @@ def _population(num_clients=6, seed=0):
 
 def _one_round(algo, data, params, round_num=0, state=None, seed=0):
     engine = fs.Engine(chunk_size=2)
-    shape = fs.data.CohortShape.for_population(data, algo.batching, data.num_clients,
-                                               engine.cohort_multiple)
-    cohort, rows = fs.data.pack_cohort(data, np.arange(data.num_clients), algo.batching, shape,
-                                       seed=seed, round_num=round_num,
-                                       weighting=algo.client_weighting)
-    from fedjax_sim.client import place_cohort
-    from fedjax_sim.data.cohort import resident_order
-    state = algo.init(params) if state is None else state
-    pool = {k: jnp.asarray(v) for k, v in data.features.items()}
-    return jax.jit(algo.round, static_argnames=("batch_size", "engine"))(
-        state, place_cohort(resident_order(cohort, rows), engine), pool,
-        jax.random.key(round_num), batch_size=shape.batch_size, engine=engine)
+    inputs, _, _ = round_inputs(algo, data, np.arange(data.num_clients), engine=engine,
+                                seed=seed, round_num=round_num)
+    state = algo.init(params, jax.random.key(round_num)) if state is None else state
+    rnd = jax.jit(lambda s, i: algo.round(s, i, (), engine=engine))
+    new_state, _, metrics = rnd(state, inputs)
+    return new_state, metrics
 
 
 @pytest.mark.parametrize("weighting", ["num_examples", "uniform"])
@@ -99,7 +94,7 @@ def test_per_round_client_schedule_uses_the_round_number():
     model = fs.models.logistic_regression(5, 3)
     params = model.init(jax.random.key(0))
     scheduled = fs.algorithms.fedavg(model, lambda r: optax.sgd(0.2 * 0.5 ** r), batch_size=4)
-    state0 = scheduled.init(params)
+    state0 = scheduled.init(params, jax.random.key(1))
     after_round_1_sched, _ = _one_round(scheduled, data, params, round_num=1,
                                         state=state0._replace(round=jnp.int32(1)))
     constant = fs.algorithms.fedavg(model, optax.sgd(0.1), batch_size=4)

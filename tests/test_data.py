@@ -213,10 +213,10 @@ def make_data(sizes=SIZES):
 
 
 def pack(data, indices, batching, cohort_size=None, *, seed=0, round_num=0, multiple=1,
-         weighting="num_examples"):
+         sort=True):
     shape = CohortShape.for_population(data, batching, cohort_size or len(indices), multiple)
     cohort, rows = pack_cohort(data, np.asarray(indices), batching, shape, seed=seed,
-                               round_num=round_num, weighting=weighting)
+                               round_num=round_num, sort=sort)
     return cohort, rows, shape
 
 
@@ -280,17 +280,22 @@ def test_max_examples_per_client_uses_first_examples_and_weights():
         n = min(int(data.num_examples[cid]), cap)
         lo = int(data.offsets[cid])
         assert cohort.num_examples[i] == n
-        assert cohort.weights[i] == n
+        assert cohort.weights[i] == 1  # a client that trains; weighting is the aggregator's
         assert sorted(client_rows(cohort, rows, i).tolist()) == list(range(lo, lo + n))
 
 
-def test_weights_uniform():
+def test_weights_mark_the_clients_that_train():
     data = make_data()
-    cohort, _, _ = pack(data, [0, 4, 2], Batching(batch_size=4), cohort_size=3, multiple=4,
-                        weighting="uniform")
+    cohort, _, _ = pack(data, [0, 4, 2], Batching(batch_size=4), cohort_size=3, multiple=4)
     np.testing.assert_array_equal(cohort.weights, [1, 1, 1, 0])
-    with pytest.raises(ValueError, match="weighting"):
-        pack(data, [0], Batching(batch_size=4), weighting="bogus")
+
+
+def test_unsorted_packing_keeps_the_given_client_order():
+    data = make_data()
+    order = [4, 0, 2, 5]
+    cohort, _, _ = pack(data, order, Batching(batch_size=4), sort=False)
+    np.testing.assert_array_equal(cohort.client_ids[:4], order)
+    assert np.any(np.diff(cohort.num_steps[:4]) > 0)  # not sorted by steps
 
 
 def test_shuffle_depends_on_seed_round_and_client_only():
@@ -367,7 +372,7 @@ def test_sorted_by_steps_and_padding():
     steps = cohort.num_steps
     assert np.all(np.diff(steps) <= 0)  # descending, padding (0 steps) last
     np.testing.assert_array_equal(cohort.num_examples[:5], data.num_examples[real])
-    np.testing.assert_array_equal(cohort.weights[:5], data.num_examples[real])
+    np.testing.assert_array_equal(cohort.weights[:5], 1)
     # Padding: weight 0, no steps, ids out of range (never -1), distinct.
     pad = slice(5, 8)
     assert np.all(cohort.weights[pad] == 0)
@@ -455,7 +460,7 @@ def test_client_with_no_full_batch_gets_weight_zero_under_drop_remainder():
     assert np.any(n < 6)  # clients of 1, 3 and 5 examples cannot fill one batch of 6
     np.testing.assert_array_equal(weights[n < 6], 0)
     np.testing.assert_array_equal(steps[n < 6], 0)
-    np.testing.assert_array_equal(weights[n >= 6], n[n >= 6])
+    np.testing.assert_array_equal(weights[n >= 6], 1)
 
 
 def test_split_is_per_client_seeded_and_keeps_a_train_example():

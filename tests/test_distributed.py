@@ -25,8 +25,11 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from fedjax_sim import aggregators
-from fedjax_sim.client import (
+from fedjax_sim.data import Batching, CohortShape, pack_cohort, synthetic
+from fedjax_sim.data.cohort import resident_order
+from fedjax_sim.engine import (
     CLIENTS,
+    ClientResult,
     ClientUpdate,
     Engine,
     client_mesh,
@@ -34,8 +37,6 @@ from fedjax_sim.client import (
     replicate,
     run_clients,
 )
-from fedjax_sim.data import Batching, CohortShape, pack_cohort, synthetic
-from fedjax_sim.data.cohort import resident_order
 from fedjax_sim.simulate import chunk_candidates
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -106,24 +107,25 @@ def _grad_at_broadcast_update() -> ClientUpdate:
     """A client whose output is a gradient taken at the broadcast (replicated) value w:
     d/dw [0.5 * w^2 * s] = w * s, with s the sum of the client's first feature."""
 
-    def init(w, key):
-        del w, key
+    def init(w, ctx):
+        del w, ctx
         return jnp.zeros((), jnp.float32)
 
     def step(s, batch, mask):
         return s + jnp.sum(jnp.where(mask, batch["x"][:, 0], 0.0))
 
-    def finalize(w, s):
+    def finalize(w, s, ctx):
         g = jax.grad(lambda w: 0.5 * w * w * s)(w)
-        return g, {"g": g}
+        return ClientResult(g, metrics={"g": g})
 
     return ClientUpdate(init, step, finalize)
 
 
-@functools.partial(jax.jit, static_argnames=("update", "batch_size", "engine"))
-def _run_clients(update, w, cohort, pool, *, batch_size, engine):
-    return run_clients(update, aggregators.mean(), (), w, cohort, pool, jax.random.key(0),
-                       batch_size=batch_size, engine=engine)
+@functools.partial(jax.jit, static_argnames=("update", "engine"))
+def _run_clients(update, w, cohort, pool, *, engine):
+    agg = aggregators.default()
+    return run_clients(update, cohort, pool, w, jax.random.key(0), engine=engine,
+                       aggregator=agg, agg_state=agg.init(w))
 
 
 def test_gradient_at_the_broadcast_is_not_summed_over_devices():
@@ -143,8 +145,7 @@ def test_gradient_at_the_broadcast_is_not_summed_over_devices():
         cohort, rows = pack_cohort(train, np.arange(16), batching, shape, seed=0, round_num=0)
         out = _run_clients(update, replicate(w, engine),
                            place_cohort(resident_order(cohort, rows), engine),
-                           replicate({"x": train.features["x"]}, engine),
-                           batch_size=shape.batch_size, engine=engine)
+                           replicate({"x": train.features["x"]}, engine), engine=engine)
         ids = np.asarray(cohort.client_ids)
         per_client.append(np.asarray(out.metrics["g"])[np.argsort(ids)])
     # The expected value, computed on the host.

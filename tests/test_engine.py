@@ -6,7 +6,9 @@ in well under two minutes on two CPU cores; conftest.py provides 8 CPU devices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +17,12 @@ import optax
 import pytest
 from flax import linen as nn
 
-from fedjax_sim import algorithms, models
-from fedjax_sim.aggregators import mean
-from fedjax_sim.client import (
+from fedjax_sim import aggregators, algorithms, models
+from fedjax_sim.algorithms.base import RoundInputs
+from fedjax_sim.algorithms.local import Broadcast
+from fedjax_sim.data import Batching, CohortShape, from_client_dict, pack_cohort, synthetic
+from fedjax_sim.data.cohort import resident_order
+from fedjax_sim.engine import (
     ClientUpdate,
     Engine,
     client_mesh,
@@ -25,9 +30,12 @@ from fedjax_sim.client import (
     replicate,
     run_clients,
 )
-from fedjax_sim.data import Batching, CohortShape, from_client_dict, pack_cohort, synthetic
-from fedjax_sim.data.cohort import host_pool, resident_order
-from fedjax_sim.testing import assert_trees_close, assert_trees_equal, reference_round
+from fedjax_sim.testing import (
+    assert_trees_close,
+    assert_trees_equal,
+    reference_round,
+    round_inputs,
+)
 
 RTOL, ATOL = 1e-5, 1e-6
 NUM_FEATURES, NUM_CLASSES = 8, 4
@@ -80,23 +88,38 @@ def make_engine(chunk, devices, cohort_size):
 
 
 def jit_round(algo):
-    return jax.jit(algo.round, static_argnames=("batch_size", "engine"))
+    """`(state, inputs, *, engine) -> (state, metrics)` of a stateless algorithm, jitted."""
+    def rnd(state, inputs, *, engine):
+        state, _, metrics = algo.round(state, inputs, (), engine=engine)
+        return state, metrics
+
+    return jax.jit(rnd, static_argnames=("engine",))
 
 
-def init_state(algo, params, engine):
+def init_state(algo, params, engine, key=None):
     """The initial server state, placed as the round returns it (replicated over the mesh), so
     that round 2 reuses round 1's program instead of compiling one for a new input sharding."""
-    return replicate(algo.init(params), engine)
+    return replicate(algo.init(params, jax.random.key(0) if key is None else key), engine)
 
 
-def device_inputs(data, cohort, rows, shape, engine, pool_kind):
-    """(device cohort, device pool, host cohort, host pool) for a resident or host pool."""
-    if pool_kind == "resident":
-        cohort = resident_order(cohort, rows)
-        pool = dict(data.features)
-    else:
-        pool = host_pool(data, rows, shape)
-    return place_cohort(cohort, engine), replicate(pool, engine), cohort, pool
+@contextlib.contextmanager
+def compile_log():
+    """The names of the programs XLA compiles within the block."""
+    names = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Finished XLA compilation of "):
+                names.append(message.split(" ")[4])
+
+    handler, logger = Handler(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield names
+    finally:
+        logger.removeHandler(handler)
 
 
 # -- the smallest sharded round --------------------------------------------------------------
@@ -108,13 +131,8 @@ def test_eight_devices_match_one_device():
     params = model.init(jax.random.key(0))
     results = []
     for engine in (Engine(chunk_size=1), Engine(chunk_size=1, mesh=client_mesh())):
-        shape = CohortShape.for_population(data, algo.batching, 4, engine.cohort_multiple)
-        cohort, rows = pack_cohort(data, np.array([0, 1, 2, 4]), algo.batching, shape, seed=0,
-                                   round_num=0)
-        c, pool, _, _ = device_inputs(data, cohort, rows, shape, engine, "resident")
-        state, _ = jit_round(algo)(init_state(algo, params, engine), c, pool,
-                                   jax.random.key(0), batch_size=shape.batch_size,
-                                   engine=engine)
+        inputs, _, _ = round_inputs(algo, data, [0, 1, 2, 4], engine=engine)
+        state, _ = jit_round(algo)(init_state(algo, params, engine), inputs, engine=engine)
         results.append(state.params)
     assert_trees_close(results[1], results[0], RTOL, ATOL)
 
@@ -208,23 +226,21 @@ def test_round_matches_reference(case):
     rnd = jit_round(algo)
 
     params = model.init(jax.random.key(42))
-    state = init_state(algo, params, engine)
+    state = init_state(algo, params, engine, jax.random.key(100))
     ref_params, ref_opt_state = params, server_opt.init(params)
     rng = np.random.default_rng(7)
     for r in range(2):  # round 2 checks that the server optimizer state carries over
         indices = rng.choice(data.num_clients, case.cohort, replace=False)
-        cohort, rows = pack_cohort(data, indices, algo.batching, shape, seed=3, round_num=r,
-                                   weighting=case.weighting)
-        dev_cohort, dev_pool, ref_cohort, ref_pool = device_inputs(
-            data, cohort, rows, shape, engine, case.pool)
-        key = jax.random.key(100 + r)
-        state, metrics = rnd(state, dev_cohort, dev_pool, key, batch_size=shape.batch_size,
-                             engine=engine)
+        inputs, ref_cohort, ref_pool = round_inputs(
+            algo, data, indices, engine=engine, cohort_size=case.cohort + case.pad,
+            resident=case.pool == "resident", seed=3, round_num=r)
+        state, metrics = rnd(state, inputs, engine=engine)
         ref_params, ref_opt_state, ref = reference_round(
-            model, client_opt, server_opt, ref_params, ref_opt_state, ref_cohort, ref_pool, key,
-            shape.batch_size, round_num=r)
+            model, client_opt, server_opt, ref_params, ref_opt_state, ref_cohort, ref_pool,
+            jax.random.fold_in(jax.random.key(100), r), shape.batch_size, round_num=r,
+            client_weighting=case.weighting)
 
-        assert np.asarray(cohort.weights)[case.cohort:].sum() == 0  # padding really is padding
+        assert np.asarray(ref_cohort.weights)[case.cohort:].sum() == 0  # padding is padding
         np.testing.assert_array_equal(metrics.clients["num_steps"], ref["num_steps"])
         np.testing.assert_array_equal(metrics.clients["finite"], ref["finite"])
         np.testing.assert_allclose(metrics.clients["train_loss"], ref["train_loss"],
@@ -246,11 +262,11 @@ def test_finished_steps_are_exact_noops():
     client_opt = optax.adam(0.01)
     base = algorithms.optimizer_client_update(model, client_opt)
 
-    def finalize(broadcast, state):
-        delta, metrics = base.finalize(broadcast, state)
+    def finalize(broadcast, state, ctx):
+        result = base.finalize(broadcast, state, ctx)
         count = optax.tree_utils.tree_get(state.opt_state, "count")
         # Non-scalar per-client "metrics" come back stacked [C, ...]: the delta itself.
-        return delta, dict(metrics, count=count, delta=delta)
+        return result._replace(metrics=dict(result.metrics, count=count, delta=result.output))
 
     update = ClientUpdate(base.init, base.step, finalize)
     batching = Batching(batch_size=4, num_epochs=2)
@@ -260,12 +276,13 @@ def test_finished_steps_are_exact_noops():
     cohort = resident_order(cohort, rows)
     params = model.init(jax.random.key(0))
     key = jax.random.key(5)
+    agg = aggregators.default()
 
     @jax.jit
     def run(cohort, pool, key):
-        return run_clients(update, mean(), mean().init(params), (params, jnp.int32(0)), cohort,
-                           pool, jax.random.fold_in(key, 0), batch_size=shape.batch_size,
-                           engine=engine)
+        return run_clients(update, cohort, pool, Broadcast(params, jnp.int32(0)),
+                           jax.random.fold_in(key, 0), engine=engine, aggregator=agg,
+                           agg_state=agg.init(params))
 
     results = run(place_cohort(cohort, engine), replicate(data.features, engine), key)
     steps = np.asarray(cohort.num_steps)
@@ -300,15 +317,11 @@ def test_one_full_batch_step_is_centralized_gd(algo_name, devices):
         algo = algorithms.fedsgd(model, optax.sgd(eta))
     engine = Engine(chunk_size=1, mesh=client_mesh() if devices == 8 else None)
     indices = np.array([4, 0, 2, 5])
-    shape = CohortShape.for_population(data, algo.batching, len(indices),
-                                       engine.cohort_multiple)
-    cohort, rows = pack_cohort(data, indices, algo.batching, shape, seed=0, round_num=0)
+    inputs, cohort, _ = round_inputs(algo, data, indices, engine=engine)
     assert np.all(cohort.num_steps[: len(indices)] == 1)
-    dev_cohort, dev_pool, _, _ = device_inputs(data, cohort, rows, shape, engine, "resident")
 
     params = model.init(jax.random.key(1))
-    state, _ = jit_round(algo)(init_state(algo, params, engine), dev_cohort, dev_pool,
-                               jax.random.key(0), batch_size=shape.batch_size, engine=engine)
+    state, _ = jit_round(algo)(init_state(algo, params, engine), inputs, engine=engine)
 
     pooled = data.subset(indices).pooled()
 
@@ -328,22 +341,22 @@ def test_permutation_and_padding_do_not_change_the_round(chunk, devices, model_n
                              num_epochs=2)
     engine = Engine(chunk_size=chunk, mesh=client_mesh() if devices == 8 else None)
     rnd = jit_round(algo)
-    state = init_state(algo, model.init(jax.random.key(0)), engine)
-    key = jax.random.key(9)
+    state = init_state(algo, model.init(jax.random.key(0)), engine, jax.random.key(9))
     indices = np.array([1, 3, 4, 5, 2])
 
     def run(idx, size, client_perm=None):
         shape = CohortShape.for_population(data, algo.batching, size, engine.cohort_multiple)
         cohort, rows = pack_cohort(data, idx, algo.batching, shape, seed=0, round_num=0)
+        cohort = resident_order(cohort, rows)
         if client_perm is not None:
             # Reorder the packed clients themselves (padding included): `pack_cohort` sorts
             # its input, so this is what tests that the engine ignores cohort positions.
             perm = np.random.default_rng(client_perm).permutation(shape.size)
-            cohort = cohort._replace(**{f: getattr(cohort, f)[perm]
-                                        for f in cohort._fields if f != "order"})
-        c, pool, _, _ = device_inputs(data, cohort, rows, shape, engine, "resident")
-        new_state, metrics = rnd(state, c, pool, key, batch_size=shape.batch_size,
-                                 engine=engine)
+            cohort = dataclasses.replace(cohort, **{
+                f.name: getattr(cohort, f.name)[perm] for f in dataclasses.fields(cohort)
+                if f.name not in ("order", "batch_size")})
+        inputs = RoundInputs((place_cohort(cohort, engine),), replicate(data.features, engine))
+        new_state, metrics = rnd(state, inputs, engine=engine)
         return new_state, metrics, shape.size
 
     base, base_metrics, base_size = run(indices, len(indices))
@@ -367,17 +380,18 @@ def test_rounds_do_not_recompile(devices, pool_kind):
     algo = algorithms.fedopt(model, optax.adam(0.01), algorithms.fedadam(0.01), batch_size=4,
                              num_epochs=2)
     engine = Engine(chunk_size=2, mesh=client_mesh() if devices == 8 else None)
-    shape = CohortShape.for_population(data, algo.batching, 3, engine.cohort_multiple)
     rnd = jit_round(algo)
     state = init_state(algo, model.init(jax.random.key(0)), engine)
     cohorts = [[0, 1, 2], [3, 7, 5], [6, 4, 1], [2, 6, 0]]  # very different client sizes
     for r, idx in enumerate(cohorts):
-        cohort, rows = pack_cohort(data, np.array(idx), algo.batching, shape, seed=0,
-                                   round_num=r)
-        c, pool, _, _ = device_inputs(data, cohort, rows, shape, engine, pool_kind)
-        state, metrics = rnd(state, c, pool, jax.random.key(r), batch_size=shape.batch_size,
-                             engine=engine)
-        assert rnd._cache_size() == 1, f"round {r} compiled a new program"
+        inputs, _, _ = round_inputs(algo, data, idx, engine=engine,
+                                    resident=pool_kind == "resident", round_num=r)
+        # Counted as XLA compiles, not jit cache entries: a PRNG key carried in the state
+        # adds a second fast-path entry for the same executable.
+        with compile_log() as compiled:
+            state, metrics = rnd(state, inputs, engine=engine)
+        # Round 0 compiles (so the log does see compiles); no later round does.
+        assert bool(compiled) == (r == 0), f"round {r} compiled: {compiled}"
     assert int(state.round) == len(cohorts)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
@@ -389,17 +403,14 @@ def test_same_seed_is_bitwise_identical(chunk, devices, model_name):
     model = make_model(model_name)
     algo = algorithms.fedopt(model, optax.adam(0.01), algorithms.fedadam(0.01), batch_size=4)
     engine = Engine(chunk_size=chunk, mesh=client_mesh() if devices == 8 else None)
-    shape = CohortShape.for_population(data, algo.batching, 3, engine.cohort_multiple)
 
     def simulate():
         rnd = jit_round(algo)
         state = init_state(algo, model.init(jax.random.key(0)), engine)
         for r in range(2):
             idx = np.random.default_rng(r).choice(data.num_clients, 3, replace=False)
-            cohort, rows = pack_cohort(data, idx, algo.batching, shape, seed=0, round_num=r)
-            c, pool, _, _ = device_inputs(data, cohort, rows, shape, engine, "resident")
-            state, _ = rnd(state, c, pool, jax.random.key(r), batch_size=shape.batch_size,
-                           engine=engine)
+            inputs, _, _ = round_inputs(algo, data, idx, engine=engine, round_num=r)
+            state, _ = rnd(state, inputs, engine=engine)
         return state
 
     first, second = simulate(), simulate()
@@ -420,21 +431,17 @@ def test_nonfinite_client_is_excluded(chunk, devices):
     engine = make_engine(chunk, devices, shape.size)
     rnd = jit_round(algo)
     params = model.init(jax.random.key(0))
-    state = init_state(algo, params, engine)
-    key = jax.random.key(3)
+    state = init_state(algo, params, engine, jax.random.key(3))
 
     def run(indices):
-        cohort, rows = pack_cohort(data, np.array(indices), algo.batching, shape, seed=0,
-                                   round_num=0)
-        c, pool, ref_cohort, ref_pool = device_inputs(data, cohort, rows, shape, engine,
-                                                      "host")
-        out = rnd(state, c, pool, key, batch_size=shape.batch_size, engine=engine)
-        return out, ref_cohort, ref_pool
+        inputs, ref_cohort, ref_pool = round_inputs(algo, data, indices, engine=engine,
+                                                    cohort_size=4, resident=False)
+        return rnd(state, inputs, engine=engine), ref_cohort, ref_pool
 
     (new_state, metrics), ref_cohort, ref_pool = run([0, 1, 2, 3])
     ref_params, ref_opt_state, ref = reference_round(
         model, client_opt, server_opt, params, server_opt.init(params), ref_cohort, ref_pool,
-        key, shape.batch_size)
+        jax.random.fold_in(jax.random.key(3), 0), shape.batch_size)
     is_bad = np.asarray(ref_cohort.client_ids) == bad
     assert not ref["finite"][is_bad].any()  # the construction does overflow
     np.testing.assert_array_equal(metrics.clients["finite"], ~is_bad)
@@ -456,12 +463,9 @@ def test_all_clients_nonfinite_keeps_state():
     model = make_model("logreg")
     algo = algorithms.fedopt(model, optax.sgd(0.1), algorithms.fedadam(0.01), batch_size=3)
     engine = Engine(chunk_size=2)
-    shape = CohortShape.for_population(data, algo.batching, 2, 2)
-    cohort, rows = pack_cohort(data, np.arange(2), algo.batching, shape, seed=0, round_num=0)
-    c, pool, _, _ = device_inputs(data, cohort, rows, shape, engine, "resident")
-    state = algo.init(model.init(jax.random.key(0)))
-    new_state, metrics = jit_round(algo)(state, c, pool, jax.random.key(0),
-                                         batch_size=shape.batch_size, engine=engine)
+    inputs, _, _ = round_inputs(algo, data, np.arange(2), engine=engine)
+    state = init_state(algo, model.init(jax.random.key(0)), engine)
+    new_state, metrics = jit_round(algo)(state, inputs, engine=engine)
     assert int(metrics.num_excluded) == 2 and int(metrics.num_included) == 0
     assert_trees_equal(new_state.params, state.params)
     assert_trees_equal(new_state.opt_state, state.opt_state)

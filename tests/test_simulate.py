@@ -3,6 +3,7 @@
 import importlib
 import json
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -65,7 +66,7 @@ def test_training_improves_the_model(population):
 def test_automatic_chunk_size_is_a_timed_candidate_and_reproducible(population, resident):
     train, _ = population
     algo = _algo()
-    state = algo.init(algo.model.init(None))
+    state = algo.init(algo.model.init(None), jax.random.key(0))
     pool = resident_pool(train, None) if resident else None
     k = choose_chunk_size(algo, train, 12, state, sample_cohort(train.num_clients, 12, 0, 0),
                           seed=0, mesh=None, pool=pool, candidates=[1, 3, 12])
@@ -79,7 +80,7 @@ def test_automatic_chunk_size_is_a_timed_candidate_and_reproducible(population, 
 def test_memory_budget_skips_candidates_that_do_not_fit(population):
     train, _ = population
     algo = _algo()
-    state = algo.init(algo.model.init(None))
+    state = algo.init(algo.model.init(None), jax.random.key(0))
     k = choose_chunk_size(algo, train, 12, state, sample_cohort(train.num_clients, 12, 0, 0),
                           seed=0, mesh=None, pool=resident_pool(train, None), candidates=[1, 12],
                           memory_budget=1)

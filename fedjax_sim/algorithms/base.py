@@ -1,7 +1,11 @@
-"""`FederatedAlgorithm` and the state and metrics every algorithm shares."""
+"""`FederatedAlgorithm`, the state and inputs every round shares, and the bookkeeping helpers an
+algorithm needs so that it does not repeat them (the server's optax step with the "no client
+left, keep the state" rule, the round's metrics)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -9,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.data.cohort import Batching
+from fedjax_sim.data.cohort import Batching, Cohort
+from fedjax_sim.engine import PassResult
 from fedjax_sim.models.core import Model
 
 # A client optimizer: an optax transformation, or a function of the (traced) round number that
@@ -18,10 +23,40 @@ ClientOptimizer = optax.GradientTransformation | Callable[[jax.Array], optax.Gra
 
 
 class ServerState(NamedTuple):
+    """The server's state: everything a round reads and writes but the client store.
+
+    Attributes:
+      params: the model's params.
+      opt_state: the server optimizer's state.
+      agg_state: the aggregator's state.
+      round: i32[], rounds completed (the number of the next round).
+      key: the run's PRNG key; round r draws from `fold_in(key, r)` (`round_key`).
+      extra: algorithm-specific server state (SCAFFOLD's control variate), `()` if none.
+    """
+
     params: Any
-    opt_state: Any  # the server optimizer's state
-    agg_state: Any  # the aggregator's state
-    round: jax.Array  # i32[], rounds completed
+    opt_state: Any
+    agg_state: Any
+    round: jax.Array
+    key: jax.Array
+    extra: Any = ()
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["cohorts", "pool"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class RoundInputs:
+    """A round's device inputs: one `Cohort` per pass (the same clients, in the same order)
+    and the pool of examples their `order`s index (the resident population, or the round's
+    rows gathered on the host)."""
+
+    cohorts: tuple[Cohort, ...]
+    pool: dict[str, jax.Array]
+
+    @property
+    def cohort(self) -> Cohort:
+        """The last pass's cohort: the local training's."""
+        return self.cohorts[-1]
 
 
 class RoundMetrics(NamedTuple):
@@ -36,7 +71,8 @@ class RoundMetrics(NamedTuple):
       params_norm: f32[], the L2 norm of the server params after the round.
       clients: per-client arrays [C] (padding clients included; `client_ids >= num_clients`):
         "train_loss", "num_examples", "num_steps", "update_norm" (of the client's output),
-        "finite", "client_ids".
+        "finite", "client_ids", and whatever else the algorithm or aggregator reports.
+      server: round-level scalars of the aggregator and the algorithm (e.g. "weight_sum").
     """
 
     train_loss: jax.Array
@@ -45,25 +81,34 @@ class RoundMetrics(NamedTuple):
     update_norm: jax.Array
     params_norm: jax.Array
     clients: dict[str, jax.Array]
+    server: dict[str, jax.Array]
 
 
 class FederatedAlgorithm(NamedTuple):
     """A federated algorithm as pure functions plus what the simulation loop needs to feed it.
 
     Attributes:
-      init: `(params) -> ServerState`.
-      round: `(state, cohort, pool, key, *, batch_size, engine) -> (state, RoundMetrics)`; pure,
-        meant to be jitted with `batch_size` and `engine` static.
+      init: `(params, key) -> ServerState`.
+      round: `(state, inputs, client_states, *, engine) -> (state, client_states,
+        RoundMetrics)`; pure, jitted with `engine` static. `client_states` are the cohort's
+        rows of the client store `[C, ...]` (`()` when stateless), in cohort order.
       model: the model trained.
-      batching: how clients walk their data each round.
-      client_weighting: "num_examples" or "uniform".
+      passes: one `Batching` per pass of the engine in a round (Mime: a full-batch gradient
+        pass, then local training); the last is the local training.
+      client_state: `(params) -> state` of one client not yet sampled (evaluated on the
+        current server params when it is first sampled), or None for a stateless algorithm.
     """
 
-    init: Callable[[Any], ServerState]
-    round: Callable[..., tuple[ServerState, RoundMetrics]]
+    init: Callable[[Any, jax.Array], ServerState]
+    round: Callable[..., tuple[ServerState, Any, RoundMetrics]]
     model: Model
-    batching: Batching
-    client_weighting: str = "num_examples"
+    passes: tuple[Batching, ...]
+    client_state: Callable[[Any], Any] | None = None
+
+    @property
+    def batching(self) -> Batching:
+        """The local training's batching (the last pass)."""
+        return self.passes[-1]
 
 
 def resolve_optimizer(opt: ClientOptimizer, round_num: jax.Array) -> optax.GradientTransformation:
@@ -72,12 +117,67 @@ def resolve_optimizer(opt: ClientOptimizer, round_num: jax.Array) -> optax.Gradi
     return opt(round_num)
 
 
+def round_key(state: ServerState) -> jax.Array:
+    """This round's key: clients draw from `fold_in(key, 0)`, the server from 1 on."""
+    return jax.random.fold_in(state.key, state.round)
+
+
+def init_state(params, key, server_optimizer, aggregator, extra=()) -> ServerState:
+    params = jax.tree.map(jnp.asarray, params)
+    return ServerState(params, server_optimizer.init(params), aggregator.init(params),
+                       jnp.int32(0), key, extra)
+
+
+def included(cohort: Cohort, result: PassResult) -> jax.Array:
+    """bool[C]: the real clients whose output entered the aggregate (finite, with a step)."""
+    return (cohort.weights > 0) & result.metrics["finite"]
+
+
+def server_step(state: ServerState, pseudo_grad, optimizer: optax.GradientTransformation,
+                any_included: jax.Array) -> tuple[ServerState, Any]:
+    """The server's optax step on `pseudo_grad`; with no client included there is nothing to
+    learn from, so params and optimizer state stay as they were. Returns (state with the new
+    params, opt state and round + 1, the updates applied)."""
+    updates, opt_state = optimizer.update(pseudo_grad, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(any_included, n, o), new, old)
+    updates = jax.tree.map(lambda u: jnp.where(any_included, u, jnp.zeros_like(u)), updates)
+    return state._replace(params=keep(params, state.params),
+                          opt_state=keep(opt_state, state.opt_state),
+                          round=state.round + 1), updates
+
+
+def round_metrics(cohort: Cohort, result: PassResult, state: ServerState, updates,
+                  server: dict | None = None) -> RoundMetrics:
+    """The round's metrics from the training pass's per-client results."""
+    ok = included(cohort, result)
+    n = cohort.num_examples.astype(jnp.float32) * ok
+    loss = result.metrics["train_loss"]
+    total = jnp.sum(jnp.where(ok, loss, 0.0) * n) / jnp.maximum(jnp.sum(n), 1.0)
+    clients = dict(result.metrics, num_examples=cohort.num_examples, client_ids=cohort.client_ids)
+    return RoundMetrics(
+        train_loss=jnp.where(jnp.any(ok), total, jnp.nan),
+        num_included=jnp.sum(ok, dtype=jnp.int32),
+        num_excluded=jnp.sum((cohort.weights > 0) & ~result.metrics["finite"], dtype=jnp.int32),
+        update_norm=tree_norm(updates),
+        params_norm=tree_norm(state.params),
+        clients=clients,
+        server=dict(server or {}),
+    )
+
+
 def tree_norm(tree) -> jax.Array:
     """The L2 norm of all leaves together, without overflow: f32 squares overflow past 1.8e19,
     and a diverging run's updates get there (scaled by the largest magnitude first)."""
-    leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
+    leaves = [jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+              for x in jax.tree.leaves(tree)]
     if not leaves:
         return jnp.zeros((), jnp.float32)
     scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in leaves]))
     safe = jnp.where(scale > 0, scale, 1.0)
     return safe * jnp.sqrt(sum(jnp.sum(jnp.square(x / safe)) for x in leaves))
+
+
+def delta(server_params, client_params):
+    """The pseudo-gradient a client sends: `server_params - client_params`."""
+    return jax.tree.map(jnp.subtract, server_params, client_params)

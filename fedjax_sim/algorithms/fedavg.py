@@ -13,78 +13,53 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim.algorithms.base import (
     ClientOptimizer,
     FederatedAlgorithm,
-    RoundMetrics,
-    ServerState,
-    resolve_optimizer,
-    tree_norm,
+    delta,
+    included,
+    init_state,
+    round_key,
+    round_metrics,
+    server_step,
 )
+from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
 from fedjax_sim.checks import check_model, check_optimizer
-from fedjax_sim.client import ClientUpdate, Engine, run_clients
 from fedjax_sim.data.cohort import Batching
+from fedjax_sim.engine import ClientResult, ClientUpdate, Engine, run_clients
 from fedjax_sim.models.core import Model
 
 
-class LocalState(NamedTuple):
-    params: Any
-    opt_state: Any
-    round: jax.Array  # i32[], the server round (for per-round client schedules)
-    key: jax.Array
-    step: jax.Array  # i32[], local steps taken
-    loss_sum: jax.Array  # f32[], sum of per-example training losses seen
-    count: jax.Array  # f32[], examples seen
+def optimizer_client_update(model: Model, client_optimizer: ClientOptimizer, *,
+                            mu: float = 0.0) -> ClientUpdate:
+    """Local training with an optax optimizer (`local_training`); the output is
+    `server_params - client_params`."""
+    init, step = local_training(model, client_optimizer, mu=mu)
 
-
-def optimizer_client_update(model: Model, client_optimizer: ClientOptimizer) -> ClientUpdate:
-    """Local training with an optax optimizer; the output is `server_params - client_params`.
-
-    The broadcast is `(server_params, round)`. Each step averages the loss over the batch's
-    real examples (padded entries are masked before the reduction).
-    """
-
-    def init(broadcast, key):
-        params, round_num = broadcast
-        opt = resolve_optimizer(client_optimizer, round_num)
-        zero = jnp.zeros((), jnp.float32)
-        return LocalState(params, opt.init(params), round_num, key, jnp.int32(0), zero, zero)
-
-    def step(state, batch, mask):
-        opt = resolve_optimizer(client_optimizer, state.round)
-
-        def batch_loss(params):
-            per_example = model.loss(params, batch, jax.random.fold_in(state.key, state.step))
-            total = jnp.sum(jnp.where(mask, per_example, 0.0))
-            return total / jnp.maximum(jnp.sum(mask), 1), total
-
-        (_, total), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
-        updates, opt_state = opt.update(grads, state.opt_state, state.params)
-        return state._replace(
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            step=state.step + 1,
-            loss_sum=state.loss_sum + total,
-            count=state.count + jnp.sum(mask, dtype=jnp.float32),
-        )
-
-    def finalize(broadcast, state):
-        server_params, _ = broadcast
-        delta = jax.tree.map(jnp.subtract, server_params, state.params)
-        metrics = {
-            "train_loss": state.loss_sum / jnp.maximum(state.count, 1.0),
-            "num_steps": state.step,
-        }
-        return delta, metrics
+    def finalize(broadcast, state, ctx):
+        return ClientResult(delta(broadcast.params, state.params), metrics=train_metrics(state))
 
     return ClientUpdate(init=init, step=step, finalize=finalize)
+
+
+def check_aggregator(aggregator, client_weighting) -> aggregators_lib.Aggregator:
+    """The aggregator chain: the given chain, a single reduction weighted by
+    `client_weighting`, or FedAvg's default."""
+    if aggregator is None:
+        return aggregators_lib.default(client_weighting)
+    if not isinstance(aggregator, aggregators_lib.Aggregator):
+        raise TypeError(f"aggregator must be a fs.aggregators.Aggregator, e.g. "
+                        f"fs.aggregators.mean(), got {type(aggregator).__name__} "
+                        f"{aggregator!r}"[:300])
+    if aggregator.name == "chain":
+        return aggregator
+    return aggregators_lib.chain(aggregators_lib.weight_by(client_weighting), aggregator)
 
 
 def fedopt(
@@ -100,6 +75,7 @@ def fedopt(
     shuffle: bool = True,
     client_weighting: Literal["num_examples", "uniform"] = "num_examples",
     aggregator: aggregators_lib.Aggregator | None = None,
+    mu: float = 0.0,
 ) -> FederatedAlgorithm:
     """Federated optimization with any client and server optax optimizers.
 
@@ -111,8 +87,11 @@ def fedopt(
         (FedAvg). Optax schedules in it run over rounds.
       batch_size, num_epochs, max_steps, drop_remainder, max_examples_per_client, shuffle: how
         each client walks its data (see `Batching`); `batch_size=None` is one full batch.
-      client_weighting: weight clients by example count or uniformly.
-      aggregator: default the weighted mean.
+      client_weighting: weight clients by example count or uniformly (in the default
+        aggregator).
+      aggregator: an `fs.aggregators` chain (a single stage is chained); default
+        `aggregators.default(client_weighting)`.
+      mu: FedProx's proximal coefficient (`fedprox`); 0 is FedAvg.
 
     Example:
       >>> import optax, fedjax_sim as fs
@@ -120,65 +99,30 @@ def fedopt(
       >>> algo = fedopt(model, optax.sgd(0.1), optax.adam(0.01), batch_size=10)
     """
     check_model(model)
-    if client_weighting not in ("num_examples", "uniform"):
-        raise ValueError(
-            f"client_weighting must be 'num_examples' or 'uniform', got {client_weighting!r}")
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     check_optimizer(client_optimizer, "client_optimizer", allow_schedule=True)
     check_optimizer(server_optimizer, "server_optimizer")
-    aggregator = aggregators_lib.mean() if aggregator is None else aggregator
-    if not isinstance(aggregator, aggregators_lib.Aggregator):
-        raise TypeError(f"aggregator must be a fs.aggregators.Aggregator, e.g. "
-                        f"fs.aggregators.mean(), got {type(aggregator).__name__} "
-                        f"{aggregator!r}"[:300])
-    update = optimizer_client_update(model, client_optimizer)
-    batching = Batching(batch_size, num_epochs, max_steps, drop_remainder,
-                        max_examples_per_client, shuffle)
+    aggregator = check_aggregator(aggregator, client_weighting)
+    update = optimizer_client_update(model, client_optimizer, mu=mu)
 
-    def init(params):
-        params = jax.tree.map(jnp.asarray, params)
-        return ServerState(params, server_optimizer.init(params), aggregator.init(params),
-                           jnp.int32(0))
+    def init(params, key):
+        return init_state(params, key, server_optimizer, aggregator)
 
-    def round_fn(state, cohort, pool, key, *, batch_size, engine: Engine):
-        # Client keys fold the client id into fold_in(key, 0); the server's key is separate.
-        results = run_clients(update, aggregator, state.agg_state, (state.params, state.round),
-                              cohort, pool, jax.random.fold_in(key, 0), batch_size=batch_size,
-                              engine=engine)
-        mean_delta, agg_state = aggregator.finalize(results.total, state.agg_state,
-                                                    jax.random.fold_in(key, 1))
-        updates, opt_state = server_optimizer.update(mean_delta, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+    def round_fn(state, inputs, client_states, *, engine: Engine):
+        key, cohort = round_key(state), inputs.cohort
+        result = run_clients(update, cohort, inputs.pool, Broadcast(state.params, state.round),
+                             jax.random.fold_in(key, 0), engine=engine, aggregator=aggregator,
+                             agg_state=state.agg_state)
+        mean_delta, agg_state, agg_metrics = aggregator.server(result.reduced, state.agg_state,
+                                                               jax.random.fold_in(key, 1))
+        ok = included(cohort, result)
+        state, updates = server_step(state, mean_delta, server_optimizer, ok.any())
+        return (state._replace(agg_state=agg_state), client_states,
+                round_metrics(cohort, result, state, updates, agg_metrics))
 
-        real = cohort.weights > 0
-        included = real & results.finite
-        any_included = jnp.any(included)
-        # With no client left there is nothing to learn from: keep params and optimizer state.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(any_included, n, o), new, old)
-        new_state = ServerState(
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            agg_state=agg_state,
-            round=state.round + 1,
-        )
-        n = cohort.num_examples.astype(jnp.float32) * included
-        loss = results.metrics["train_loss"]
-        total = jnp.sum(jnp.where(included, loss, 0.0) * n) / jnp.maximum(jnp.sum(n), 1.0)
-        train_loss = jnp.where(any_included, total, jnp.nan)
-        clients = dict(results.metrics, num_examples=cohort.num_examples,
-                       update_norm=results.norms, finite=results.finite,
-                       client_ids=cohort.client_ids)
-        return new_state, RoundMetrics(
-            train_loss=train_loss,
-            num_included=jnp.sum(included, dtype=jnp.int32),
-            num_excluded=jnp.sum(real & ~results.finite, dtype=jnp.int32),
-            update_norm=jnp.where(any_included, tree_norm(updates), 0.0),
-            params_norm=tree_norm(new_state.params),
-            clients=clients,
-        )
-
-    return FederatedAlgorithm(init=init, round=round_fn, model=model, batching=batching,
-                              client_weighting=client_weighting)
+    passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
+                       max_examples_per_client, shuffle),)
+    return FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes)
 
 
 def fedavg(model: Model, client_optimizer: ClientOptimizer,

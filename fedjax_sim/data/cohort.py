@@ -13,16 +13,23 @@ round reuses one compiled program whatever the sizes of the sampled clients.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+import functools
 
+import jax
 import numpy as np
 
 from fedjax_sim.checks import check_bool, check_integer
 from fedjax_sim.data.federated import FederatedData, rows_of
 
 
-class Cohort(NamedTuple):
-    """One round's clients, sorted by step count and padded to a fixed size.
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=["batch_size"],
+                   data_fields=["order", "start", "length", "num_steps", "num_examples",
+                                "weights", "client_ids"])
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+    """One round's clients for one pass, sorted by step count and padded to a fixed size.
+
+    A pytree whose `batch_size` is static (part of the compiled program's shape).
 
     Attributes:
       order: i32[L], pool rows, client after client.
@@ -30,9 +37,11 @@ class Cohort(NamedTuple):
       length: i32[C], how many entries of `order` the client consumes this round.
       num_steps: i32[C], local steps (`ceil(length / B)`, or floor with drop_remainder).
       num_examples: i32[C], distinct examples the client trains on (after any cap).
-      weights: f32[C], aggregation weights; 0 for padding clients.
+      weights: f32[C], 1 for a client that takes a step, 0 for padding clients and clients
+        with no step (the aggregator's stages weigh the rest: `aggregators.weight_by`).
       client_ids: i32[C], positions in the population; padding clients get ids
         `>= num_clients` (out of range, so a scatter with `mode='drop'` ignores them).
+      batch_size: B, examples per local step.
     """
 
     order: np.ndarray
@@ -42,6 +51,7 @@ class Cohort(NamedTuple):
     num_examples: np.ndarray
     weights: np.ndarray
     client_ids: np.ndarray
+    batch_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +171,12 @@ def pack_cohort(
     *,
     seed: int,
     round_num: int,
-    weighting: Literal["num_examples", "uniform"] = "num_examples",
+    sort: bool = True,
 ) -> tuple[Cohort, np.ndarray]:
     """Packs the clients at population positions `indices` into a `Cohort`.
+
+    Clients are sorted by step count (`sort`), or kept in the given order (another pass of a
+    round whose clients must line up with the first's).
 
     Returns the cohort and `rows`: the population rows of the cohort's clients, concatenated in
     cohort order. `cohort.order` indexes `rows` (a host-packed pool is `features[rows]`); for a
@@ -181,9 +194,10 @@ def pack_cohort(
     b = shape.batch_size
     steps, length = batching.steps_and_length(n, b)
 
-    # Largest clients first: chunks of similar step counts waste fewer masked steps.
-    by_steps = np.lexsort((indices, -steps))
-    indices, n, steps, length = indices[by_steps], n[by_steps], steps[by_steps], length[by_steps]
+    if sort:  # Largest clients first: chunks of similar step counts waste fewer masked steps.
+        by_steps = np.lexsort((indices, -steps))
+        indices, n, steps, length = (indices[by_steps], n[by_steps], steps[by_steps],
+                                     length[by_steps])
 
     # Pool rows: each client's first n examples (the cap keeps the first ones).
     full_counts = data.num_examples[indices]
@@ -220,16 +234,9 @@ def pack_cohort(
     order[: len(local)] = local
     start = np.cumsum(length) - length
 
-    if weighting == "num_examples":
-        weights = n.astype(np.float32)
-    elif weighting == "uniform":
-        weights = np.ones(c, dtype=np.float32)
-    else:
-        raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
-
     # A client too small for one full batch (drop_remainder) trains no step: its zero update
     # must not pull the average toward no change.
-    weights = np.where(steps > 0, weights, 0).astype(np.float32)
+    weights = (steps > 0).astype(np.float32)
 
     pad = shape.size - c
 
@@ -246,13 +253,15 @@ def pack_cohort(
         client_ids=np.concatenate(
             [indices, data.num_clients + np.arange(pad)]
         ).astype(np.int32),
+        batch_size=b,
     )
     return cohort, rows
 
 
 def resident_order(cohort: Cohort, rows: np.ndarray) -> Cohort:
     """The cohort re-indexed to population rows, for a population resident on the device."""
-    return cohort._replace(order=rows[cohort.order].astype(np.int32) if len(rows) else cohort.order)
+    order = rows[cohort.order].astype(np.int32) if len(rows) else cohort.order
+    return dataclasses.replace(cohort, order=order)
 
 
 def host_pool(data: FederatedData, rows: np.ndarray, shape: CohortShape) -> dict[str, np.ndarray]:

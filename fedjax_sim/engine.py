@@ -1,0 +1,282 @@
+"""The client engine: a whole cohort's local training as one compiled program.
+
+Clients run in chunks of K (`Engine.chunk_size`): a `lax.scan` over chunks whose carry holds
+the running sum of a streamed aggregation (so memory stays bounded by K clients, not C), a
+`vmap` over the K clients of a chunk, and a `lax.while_loop` over each client's local steps
+with a runtime trip count (under vmap it runs to the chunk's longest client and leaves
+finished lanes exactly as they were). K=1 is a plain scan over clients; K=C is a full vmap. On
+many devices the client axis is split over the mesh axis "clients" with `shard_map`, and the
+partial sums are summed across devices by XLA (`psum`).
+
+A client sees a `ClientContext` (its id, key, sizes and persistent state) and returns a
+`ClientResult` (the output the aggregator gets, its new persistent state, its metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fedjax_sim.aggregators import Aggregator, Reduced, sum_rows
+from fedjax_sim.data.cohort import Cohort
+
+CLIENTS = "clients"  # the mesh axis the cohort is split over
+
+
+class ClientContext(NamedTuple):
+    """What one client knows of itself in a round.
+
+    Attributes:
+      id: i32[], its position in the population (padding clients: `>= num_clients`).
+      key: its key for this pass (independent of K, devices and cohort position).
+      num_examples: i32[], the distinct examples it trains on this pass.
+      num_steps: i32[], the local steps it takes this pass.
+      state: its persistent state from the client store; `()` for stateless algorithms.
+    """
+
+    id: jax.Array
+    key: jax.Array
+    num_examples: jax.Array
+    num_steps: jax.Array
+    state: Any = ()
+
+
+class ClientResult(NamedTuple):
+    """What a client hands back: `output` to the aggregator, `state` to the client store
+    (`()` when stateless), `metrics` a dict of per-client scalars."""
+
+    output: Any = ()
+    state: Any = ()
+    metrics: dict | None = None
+
+
+class ClientUpdate(NamedTuple):
+    """One client's local work, as three pure functions (vmapped and scanned by the engine).
+
+    Attributes:
+      init: `(broadcast, ctx) -> local`; `broadcast` is what the server sends.
+      step: `(local, batch, mask) -> local`, one local step on a batch whose padded entries
+        have `mask == False`.
+      finalize: `(broadcast, local, ctx) -> ClientResult`.
+    """
+
+    init: Callable[[Any, ClientContext], Any]
+    step: Callable[[Any, dict, jax.Array], Any]
+    finalize: Callable[[Any, Any, ClientContext], ClientResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """How a cohort is laid out on the hardware (static: a new value compiles a new program).
+
+    Attributes:
+      chunk_size: K, clients trained side by side (vmapped) on each device.
+      mesh: a mesh with a "clients" axis to split the cohort over; None for one device.
+    """
+
+    chunk_size: int = 1
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape[CLIENTS]
+
+    @property
+    def cohort_multiple(self) -> int:
+        """The padded cohort size must be a multiple of this."""
+        return self.num_devices * self.chunk_size
+
+
+def client_mesh(devices=None) -> Mesh:
+    """A one-axis mesh named "clients" over `devices` (default: all), with Auto axis type."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), (CLIENTS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices)
+
+
+class PassResult(NamedTuple):
+    """One pass of the engine over a cohort.
+
+    Attributes:
+      reduced: the aggregator's reduction (`Reduced`: sums, or `[C, ...]` rows); None when no
+        aggregator ran.
+      metrics: per-client arrays `[C]`: the update's and the aggregator's metrics.
+      states: the clients' new persistent states `[C, ...]` (`()` when stateless).
+    """
+
+    reduced: Reduced | None
+    metrics: dict[str, jax.Array]
+    states: Any
+
+
+def run_clients(
+    update: ClientUpdate,
+    cohort: Cohort,
+    pool: dict[str, jax.Array],
+    broadcast: Any,
+    key: jax.Array,
+    *,
+    engine: Engine,
+    aggregator: Aggregator | None = None,
+    agg_state: Any = (),
+    client_states: Any = (),
+) -> PassResult:
+    """Runs every client of `cohort` and reduces their outputs (call inside `jax.jit`).
+
+    Client c's key is `fold_in(key, client_ids[c])`: its training key (`ctx.key`) folds in 0,
+    the aggregator's per-client key folds in 1. `client_states` are the clients' persistent
+    states `[C, ...]`, in cohort order.
+    """
+    b = cohort.batch_size
+    arange_b = jnp.arange(b, dtype=jnp.int32)
+    last = cohort.order.shape[0] - 1
+    reduction = None if aggregator is None else aggregator.reduction
+
+    def one_client(bcast, rows, start, length, num_steps, weight, cid, num_examples, state):
+        order, pool = rows
+        client_key = jax.random.fold_in(key, cid)
+        ctx = ClientContext(cid, jax.random.fold_in(client_key, 0), num_examples, num_steps,
+                            state)
+        local = update.init(bcast, ctx)
+
+        def body(carry):
+            s, st = carry
+            offset = s * b + arange_b
+            idx = order[jnp.minimum(start + offset, last)]
+            batch = {k: v[idx] for k, v in pool.items()}
+            return s + 1, update.step(st, batch, offset < length)
+
+        _, local = lax.while_loop(lambda c: c[0] < num_steps, body, (jnp.int32(0), local))
+        result = update.finalize(bcast, local, ctx)
+        metrics = dict(result.metrics or {})
+        output = ()
+        if aggregator is not None:
+            output, weight, agg_metrics = aggregator.client(
+                result.output, weight, ctx._replace(key=jax.random.fold_in(client_key, 1)),
+                agg_state)
+            metrics.update(agg_metrics)
+        return output, weight, result.state, metrics
+
+    def chunk(bcast, rows, xs):
+        if xs[0].shape[0] == 1:
+            # K=1: no vmap, so matmuls stay unbatched (faster on XLA:CPU than a batch of one).
+            out = one_client(bcast, rows, *jax.tree.map(lambda a: a[0], xs))
+            out = jax.tree.map(lambda a: a[None], out)
+        else:
+            out = jax.vmap(one_client, in_axes=(None, None) + (0,) * 7)(bcast, rows, *xs)
+        output, weight, states, metrics = out
+        if reduction == "sum":
+            return Reduced(jax.tree.map(sum_rows, output), sum_rows(weight)), (metrics, states)
+        if reduction == "rows":
+            return (), (metrics, states, output, weight)
+        return (), (metrics, states)
+
+    def local(bcast, rows, *per_client):
+        k = engine.chunk_size
+        xs = jax.tree.map(lambda a: a.reshape((-1, k) + a.shape[1:]), per_client)
+        carry_shape = jax.eval_shape(lambda: chunk(bcast, rows, jax.tree.map(lambda a: a[0],
+                                                                             xs))[0])
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), carry_shape)
+
+        def body(acc, x):
+            partial, per = chunk(bcast, rows, x)
+            return jax.tree.map(jnp.add, acc, partial), per
+
+        total, per = lax.scan(body, zeros, xs)
+        per = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), per)
+        if engine.mesh is not None and reduction == "sum":
+            total = lax.psum(total, CLIENTS)
+        return total, per
+
+    # The order and the pool are explicit (replicated) shard_map inputs: gathering from a
+    # closed-over array whose sharding names the Auto mesh fails inside the Manual body.
+    rows = (cohort.order, pool)
+    per_client = (cohort.start, cohort.length, cohort.num_steps, cohort.weights,
+                  cohort.client_ids, cohort.num_examples, client_states)
+    if engine.mesh is None:
+        total, per = local(broadcast, rows, *per_client)
+    else:
+        clients = jax.tree.map(lambda _: P(CLIENTS), per_client)
+        total, per = jax.shard_map(
+            local,
+            mesh=engine.mesh,
+            in_specs=(P(), P(), *clients),
+            out_specs=(P(), P(CLIENTS)),
+            # Without the varying-axes check the body traces as on one device: user models may
+            # scan from constant carries (Flax's nn.RNN) they do not mark varying, and the
+            # gradient with respect to the replicated params stays per device (with the check,
+            # it would be summed over devices unless the params were cast to varying).
+            check_vma=False,
+        )(broadcast, rows, *per_client)
+    if reduction == "rows":
+        metrics, states, output, weight = per
+        return PassResult(Reduced(output, weight), metrics, states)
+    metrics, states = per
+    return PassResult(total if reduction == "sum" else None, metrics, states)
+
+
+def place_cohort(cohort: Cohort, engine: Engine) -> Cohort:
+    """Puts a host cohort on the device(s): per-client arrays split over the mesh.
+
+    Works multi-process too: every process packs the same cohort and supplies its own shards.
+    """
+    def put(x, spec):
+        x = np.asarray(x)
+        if engine.mesh is None:
+            return jnp.asarray(x)
+        sharding = NamedSharding(engine.mesh, spec)
+        return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+    return dataclasses.replace(cohort, **{
+        f.name: put(getattr(cohort, f.name), P() if f.name == "order" else P(CLIENTS))
+        for f in dataclasses.fields(cohort) if f.name != "batch_size"})
+
+
+def place_rows(tree: Any, engine: Engine) -> Any:
+    """Puts per-client host arrays `[C, ...]` on the device(s), split over the mesh."""
+    if engine.mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    sharding = NamedSharding(engine.mesh, P(CLIENTS))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+    return jax.tree.map(put, tree)
+
+
+def replicate(tree: Any, engine: Engine) -> Any:
+    """Puts a host pytree on every device of the engine's mesh (or the default device).
+
+    Multi-process, every process passes the same values and supplies its own devices' copies
+    from the host (`jax.device_put` refuses a process-local array for a global sharding, or
+    checks it is equal on every process with a collective per leaf); typed PRNG keys travel
+    as their raw key data. A global array (a previous round's output) is resharded in place.
+    """
+    if engine.mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    sharding = NamedSharding(engine.mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array):
+            if jax.process_count() == 1 or not x.is_fully_addressable:
+                return jax.device_put(x, sharding)
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                                impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+    return jax.tree.map(put, tree)

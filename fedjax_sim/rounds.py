@@ -1,0 +1,146 @@
+"""From a sampled cohort to a finished round: `Packer` turns the cohort's population positions
+into the round's device inputs (one `Cohort` per pass and the pool of examples), and
+`RoundRunner` runs the compiled round on them, gathering and scattering the client store.
+
+Simulation, evaluation, the tests and the benchmarks all go through `Packer`, so the
+pack-then-place sequence is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedjax_sim import client_store
+from fedjax_sim.algorithms.base import FederatedAlgorithm, RoundInputs
+from fedjax_sim.data.cohort import (
+    Batching,
+    Cohort,
+    CohortShape,
+    host_pool,
+    pack_cohort,
+    resident_order,
+)
+from fedjax_sim.data.federated import FederatedData, check_rows
+from fedjax_sim.engine import Engine, place_cohort, replicate
+
+
+class Packer:
+    """Packs cohorts of `cohort_size` clients of `data` for one pass per `Batching`.
+
+    `pool` is the population on the device(s) (`resident_pool`), or None to gather each
+    round's rows on the host (then checked as they are read: a streamed population may be too
+    large to check up front). Every pass holds the same clients in the same order: the last
+    pass's (the local training's), sorted by its step counts.
+    """
+
+    def __init__(self, data: FederatedData, passes: Sequence[Batching], cohort_size: int,
+                 engine: Engine, pool: dict[str, jax.Array] | None = None,
+                 label: tuple[str, int] | None = None):
+        self.data, self.passes, self.engine, self.pool, self.label = (data, tuple(passes),
+                                                                      engine, pool, label)
+        self.shapes = tuple(CohortShape.for_population(data, b, cohort_size,
+                                                       engine.cohort_multiple)
+                            for b in self.passes)
+
+    def pack(self, indices: np.ndarray, *, seed: int,
+             round_num: int) -> tuple[list[Cohort], list[np.ndarray]]:
+        """Host cohorts, one per pass, and each pass's population rows in cohort order."""
+        main, rows = pack_cohort(self.data, indices, self.passes[-1], self.shapes[-1],
+                                 seed=seed, round_num=round_num)
+        ordered = np.asarray(main.client_ids[: len(indices)], np.int64)
+        cohorts, all_rows = [], []
+        for batching, shape in zip(self.passes[:-1], self.shapes[:-1], strict=True):
+            c, r = pack_cohort(self.data, ordered, batching, shape, seed=seed,
+                               round_num=round_num, sort=False)
+            cohorts.append(c)
+            all_rows.append(r)
+        return [*cohorts, main], [*all_rows, rows]
+
+    def place(self, cohorts: list[Cohort], rows: list[np.ndarray]) -> RoundInputs:
+        """The round's device inputs from `pack`'s host cohorts."""
+        if self.pool is not None:
+            placed = [place_cohort(resident_order(c, r), self.engine)
+                      for c, r in zip(cohorts, rows, strict=True)]
+            return RoundInputs(tuple(placed), self.pool)
+        # A host pool holds each pass's rows one after another; each order is offset to its own.
+        parts, placed, offset = [], [], 0
+        for c, r, shape in zip(cohorts, rows, self.shapes, strict=True):
+            part = host_pool(self.data, r, shape)
+            check_rows(self.data, r, part, self.label)
+            parts.append(part)
+            placed.append(place_cohort(_offset(c, offset), self.engine))
+            offset += shape.pool_capacity
+        pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return RoundInputs(tuple(placed), replicate(pool, self.engine))
+
+    def __call__(self, indices: np.ndarray, *, seed: int, round_num: int) -> RoundInputs:
+        return self.place(*self.pack(indices, seed=seed, round_num=round_num))
+
+
+def _offset(cohort: Cohort, offset: int) -> Cohort:
+    return dataclasses.replace(cohort, order=(cohort.order + offset).astype(np.int32))
+
+
+class RoundRunner:
+    """Packs cohorts and runs the jitted round for one engine (one compiled program).
+
+    The round program is `(state, store, inputs) -> (state, store, metrics)`: it gathers the
+    cohort's rows of the client store (None for a stateless algorithm), runs
+    `algorithm.round` and scatters the new rows back. With `donate`, the store's buffers are
+    reused for the new store (a table of every client's state is not copied each round).
+    """
+
+    def __init__(self, algorithm: FederatedAlgorithm, data: FederatedData, cohort_size: int,
+                 engine: Engine, seed: int, pool: dict[str, jax.Array] | None, *,
+                 donate: bool = False):
+        self.algorithm, self.data, self.engine, self.seed = algorithm, data, engine, seed
+        self.packer = Packer(data, algorithm.passes, cohort_size, engine, pool,
+                             algorithm.model.label)
+        self.shape = self.packer.shapes[-1]
+        self.compiled = None
+        num_clients = data.num_clients
+
+        def round_fn(state, store, inputs, *, engine):
+            ids = inputs.cohort.client_ids
+            rows = () if store is None else client_store.gather(
+                store, ids, algorithm.client_state(state.params))
+            state, rows, metrics = algorithm.round(state, inputs, rows, engine=engine)
+            if store is not None:
+                store = client_store.scatter(store, ids, rows, num_clients)
+            return state, store, metrics
+
+        self.fn = jax.jit(round_fn, static_argnames=("engine",),
+                          donate_argnums=(1,) if donate else ())
+
+    def pack(self, indices: np.ndarray, round_num: int) -> RoundInputs:
+        return self.packer(indices, seed=self.seed, round_num=round_num)
+
+    def lower(self, state, store, inputs: RoundInputs) -> jax.stages.Lowered:
+        """The round program for these shapes."""
+        return self.fn.lower(state, store, inputs, engine=self.engine)
+
+    def compile(self, state, store, inputs: RoundInputs) -> float:
+        """Compiles the round program ahead of time, for `__call__`; returns the seconds."""
+        start = time.perf_counter()
+        self.compiled = self.lower(state, store, inputs).compile()
+        return time.perf_counter() - start
+
+    def __call__(self, state, store, inputs: RoundInputs) -> tuple[Any, Any, Any]:
+        if self.compiled is not None:
+            return self.compiled(state, store, inputs)
+        return self.fn(state, store, inputs, engine=self.engine)
+
+
+def new_store(algorithm: FederatedAlgorithm, data: FederatedData, params: Any,
+              engine: Engine) -> client_store.ClientStore | None:
+    """An empty client store for a stateful algorithm (None for a stateless one)."""
+    if algorithm.client_state is None:
+        return None
+    return client_store.create(data.num_clients, jax.eval_shape(algorithm.client_state, params),
+                               engine)
