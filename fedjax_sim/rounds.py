@@ -67,7 +67,7 @@ class Packer:
         if self.pool is not None:
             placed = [place_cohort(resident_order(c, r), self.engine)
                       for c, r in zip(cohorts, rows, strict=True)]
-            return RoundInputs(tuple(placed), self.pool)
+            return RoundInputs(tuple(placed), self.pool, self.data.num_clients)
         # A host pool holds each pass's rows one after another; each order is offset to its own.
         parts, placed, offset = [], [], 0
         for c, r, shape in zip(cohorts, rows, self.shapes, strict=True):
@@ -77,7 +77,7 @@ class Packer:
             placed.append(place_cohort(_offset(c, offset), self.engine))
             offset += shape.pool_capacity
         pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return RoundInputs(tuple(placed), replicate(pool, self.engine))
+        return RoundInputs(tuple(placed), replicate(pool, self.engine), self.data.num_clients)
 
     def __call__(self, indices: np.ndarray, *, seed: int, round_num: int) -> RoundInputs:
         return self.place(*self.pack(indices, seed=seed, round_num=round_num))

@@ -21,17 +21,19 @@ from fedjax_sim.models.core import Model
 
 
 @functools.lru_cache(maxsize=64)
-def _local_step(model: Model, optimizer: optax.GradientTransformation):
-    """One jitted local step; cached so repeated reference rounds do not recompile it."""
+def _local_step(model: Model, optimizer: optax.GradientTransformation, mu: float = 0.0):
+    """One jitted local step (with FedProx's proximal gradient mu (w - w_t)); cached so
+    repeated reference rounds do not recompile it."""
 
     @jax.jit
-    def step(params, opt_state, batch, mask, key):
+    def step(params, opt_state, batch, mask, key, anchor):
         def batch_loss(p):
             per_example = model.loss(p, batch, key)
             total = jnp.sum(jnp.where(mask, per_example, 0.0))
             return total / jnp.maximum(jnp.sum(mask), 1), total
 
         (_, total), grads = jax.value_and_grad(batch_loss, has_aux=True)(params)
+        grads = jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, anchor)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, total
 
@@ -54,6 +56,7 @@ def reference_round(
     batch_size: int,
     round_num: int = 0,
     client_weighting: str = "num_examples",
+    mu: float = 0.0,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """One FedOpt round, one client and one step at a time.
 
@@ -69,6 +72,7 @@ def reference_round(
       batch_size: B, examples per local step (padded entries are masked).
       round_num: the server round, for client optimizers that depend on it.
       client_weighting: "num_examples" or "uniform".
+      mu: FedProx's proximal coefficient (0: FedOpt).
 
     Returns:
       `(new_params, new_server_opt_state, per_client)`. `per_client` holds, in cohort order,
@@ -76,7 +80,7 @@ def reference_round(
       "num_steps", "finite" and "weight" (the weight actually used: 0 when excluded).
     """
     optimizer = resolve_optimizer(client_optimizer, jnp.int32(round_num))
-    step_fn = _local_step(model, optimizer)
+    step_fn = _local_step(model, optimizer, mu)
     order = np.asarray(cohort.order)
     last = len(order) - 1
     client_keys_root = jax.random.fold_in(key, 0)  # fold_in(key, 1) is the server's
@@ -96,7 +100,7 @@ def reference_round(
             batch = {k: jnp.asarray(v[rows]) for k, v in pool.items()}
             mask = jnp.asarray(offset < length)
             local, opt_state, total = step_fn(local, opt_state, batch, mask,
-                                              jax.random.fold_in(train_key, s))
+                                              jax.random.fold_in(train_key, s), params)
             loss_sum += float(total)
             count += float(np.sum(offset < length))
 
@@ -197,3 +201,52 @@ def round_inputs(algorithm, data, indices, *, engine, cohort_size: int | None = 
     if resident:
         return inputs, resident_order(cohorts[-1], rows[-1]), dict(data.features)
     return inputs, cohorts[-1], {k: np.asarray(v) for k, v in inputs.pool.items()}
+
+
+def reference_scaffold_round(model: Model, client_lr: float, server_optimizer, params,
+                             server_opt_state, c, client_c: dict, cohort: Cohort,
+                             pool: dict[str, np.ndarray], key: jax.Array, batch_size: int,
+                             num_clients: int, client_weighting: str = "uniform"):
+    """One SCAFFOLD round (Karimireddy et al. 2020, Algorithm 1, option II), one client and
+    one step at a time: y <- y - lr (g(y) - c_i + c); c_i+ = c_i - c + (x - y) / (K lr);
+    x <- server step on mean(x - y); c <- c + (|S| / N) mean(c_i+ - c_i).
+
+    `client_c` maps client ids to their control variates (absent: zeros) and is not changed;
+    returns `(params, server_opt_state, c, new client_c)`.
+    """
+    order = np.asarray(cohort.order)
+    last = len(order) - 1
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad = jax.jit(lambda p, batch, mask, k: jax.grad(
+        lambda p: jnp.sum(jnp.where(mask, model.loss(p, batch, k), 0.0))
+        / jnp.maximum(jnp.sum(mask), 1))(p))
+    new_c, dys, dcs, weights = dict(client_c), [], [], []
+    for i in range(len(cohort.client_ids)):
+        cid, steps = int(cohort.client_ids[i]), int(cohort.num_steps[i])
+        if cohort.weights[i] == 0:
+            continue
+        ci = client_c.get(cid, zeros)
+        train_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 0), cid), 0)
+        y = params
+        for s in range(steps):
+            offset = s * batch_size + np.arange(batch_size)
+            rows = order[np.minimum(int(cohort.start[i]) + offset, last)]
+            batch = {k: jnp.asarray(v[rows]) for k, v in pool.items()}
+            g = grad(y, batch, jnp.asarray(offset < int(cohort.length[i])),
+                     jax.random.fold_in(train_key, s))
+            y = jax.tree.map(lambda y, g, ci, c: y - client_lr * (g - ci + c), y, g, ci, c)
+        dy = jax.tree.map(jnp.subtract, params, y)
+        ci_new = jax.tree.map(lambda ci, c, d, k=steps: ci - c + d / (k * client_lr), ci, c, dy)
+        new_c[cid] = ci_new
+        dys.append(dy)
+        dcs.append(jax.tree.map(jnp.subtract, ci_new, ci))
+        weights.append(float(cohort.num_examples[i]) if client_weighting == "num_examples"
+                       else 1.0)
+    total = sum(weights)
+    mean = lambda trees: jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs,
+                                                                            strict=True)) / total,
+                                      *trees)
+    dy, dc = mean(dys), mean(dcs)
+    updates, server_opt_state = server_optimizer.update(dy, server_opt_state, params)
+    c = jax.tree.map(lambda c, d: c + len(dys) / num_clients * d, c, dc)
+    return optax.apply_updates(params, updates), server_opt_state, c, new_c

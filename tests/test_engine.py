@@ -355,7 +355,8 @@ def test_permutation_and_padding_do_not_change_the_round(chunk, devices, model_n
             cohort = dataclasses.replace(cohort, **{
                 f.name: getattr(cohort, f.name)[perm] for f in dataclasses.fields(cohort)
                 if f.name not in ("order", "batch_size")})
-        inputs = RoundInputs((place_cohort(cohort, engine),), replicate(data.features, engine))
+        inputs = RoundInputs((place_cohort(cohort, engine),), replicate(data.features, engine),
+                             data.num_clients)
         new_state, metrics = rnd(state, inputs, engine=engine)
         return new_state, metrics, shape.size
 

@@ -1,7 +1,9 @@
-"""Federated algorithms: FedAvg, FedSGD and the FedOpt family."""
+"""Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx and SCAFFOLD."""
 
 from fedjax_sim.algorithms.base import FederatedAlgorithm, RoundMetrics, ServerState
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
+from fedjax_sim.algorithms.fedprox import fedprox
+from fedjax_sim.algorithms.scaffold import scaffold
 from fedjax_sim.algorithms.server_optimizers import (
     fedadagrad,
     fedadam,
@@ -19,8 +21,10 @@ __all__ = [
     "fedavg",
     "fedavgm",
     "fedopt",
+    "fedprox",
     "fedsgd",
     "fedyogi",
     "optimizer_client_update",
+    "scaffold",
     "scale_by_fedopt",
 ]

@@ -43,15 +43,16 @@ class ServerState(NamedTuple):
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["cohorts", "pool"],
-                   meta_fields=[])
+                   meta_fields=["num_clients"])
 @dataclasses.dataclass(frozen=True)
 class RoundInputs:
-    """A round's device inputs: one `Cohort` per pass (the same clients, in the same order)
-    and the pool of examples their `order`s index (the resident population, or the round's
-    rows gathered on the host)."""
+    """A round's device inputs: one `Cohort` per pass (the same clients, in the same order),
+    the pool of examples their `order`s index (the resident population, or the round's rows
+    gathered on the host), and the population's size (static)."""
 
     cohorts: tuple[Cohort, ...]
     pool: dict[str, jax.Array]
+    num_clients: int
 
     @property
     def cohort(self) -> Cohort:
@@ -181,3 +182,12 @@ def tree_norm(tree) -> jax.Array:
 def delta(server_params, client_params):
     """The pseudo-gradient a client sends: `server_params - client_params`."""
     return jax.tree.map(jnp.subtract, server_params, client_params)
+
+
+def keep_excluded_states(result: PassResult, old_rows, new_rows):
+    """The clients' new persistent states, but an excluded client's (non-finite output) keeps
+    its old one: a diverged client must not write NaNs into the store."""
+    finite = result.metrics["finite"]
+    return jax.tree.map(
+        lambda n, o: jnp.where(finite.reshape((-1,) + (1,) * (n.ndim - 1)), n, o.astype(n.dtype)),
+        new_rows, old_rows)

@@ -1,0 +1,77 @@
+"""SCAFFOLD (Karimireddy et al. 2020): local steps corrected by control variates.
+
+Client i trains with y <- y - lr (g_i(y) - c_i + c) for its K local steps, then (option II)
+c_i+ = c_i - c + (x - y) / (K lr); it sends (x - y, c_i+ - c_i) and keeps c_i+ in the client
+store. The server averages both, steps its params by the optimizer on the averaged
+pseudo-gradient (SGD at the global learning rate eta_g is the paper's x <- x + eta_g mean(dy))
+and sets c <- c + (|S| / N) mean(dc). A client sampled for the first time starts from c_i = 0.
+
+References: Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
+  Learning", ICML 2020 (Algorithm 1, option II).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.algorithms import base
+from fedjax_sim.algorithms.fedavg import check_aggregator
+from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
+from fedjax_sim.checks import check_model, check_optimizer
+from fedjax_sim.data.cohort import Batching
+from fedjax_sim.engine import ClientResult, ClientUpdate, run_clients
+
+
+def scaffold(model, client_lr: float, server_optimizer=None, *, batch_size=10, num_epochs=1,
+             max_steps=None, drop_remainder=False, max_examples_per_client=None, shuffle=True,
+             client_weighting="uniform", aggregator=None) -> base.FederatedAlgorithm:
+    """SCAFFOLD with client SGD at `client_lr`; the server optimizer defaults to SGD at 1.
+
+    Clients are weighted uniformly by default, as in the paper's 1/|S| means.
+    """
+    check_model(model)
+    if not (isinstance(client_lr, int | float) and 0 < client_lr < float("inf")):
+        raise ValueError(f"client_lr must be a finite number > 0, got {client_lr!r}")
+    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+    check_optimizer(server_optimizer, "server_optimizer")
+    aggregator = check_aggregator(aggregator, client_weighting)
+    init_local, step = local_training(
+        model, optax.sgd(client_lr),
+        linear=lambda b, ctx: jax.tree.map(jnp.subtract, b.extra, ctx.state))
+
+    def finalize(broadcast, local, ctx):
+        steps = jnp.maximum(local.step, 1).astype(jnp.float32)
+        drift = base.delta(broadcast.params, local.params)  # x - y
+        c_new = jax.tree.map(lambda ci, c, d: jnp.where(local.step > 0, ci - c + d / (steps *
+                             client_lr), ci), ctx.state, broadcast.extra, drift)
+        dc = jax.tree.map(jnp.subtract, c_new, ctx.state)
+        return ClientResult((drift, dc), c_new, train_metrics(local))
+
+    update = ClientUpdate(init_local, step, finalize)
+    zeros = lambda params: jax.tree.map(jnp.zeros_like, params)
+
+    def init(params, key):
+        return base.init_state(params, key, server_optimizer, aggregator, extra=zeros(params))
+
+    def round_fn(state, inputs, client_states, *, engine):
+        key, cohort = base.round_key(state), inputs.cohort
+        result = run_clients(update, cohort, inputs.pool,
+                             Broadcast(state.params, state.round, state.extra),
+                             jax.random.fold_in(key, 0), engine=engine, aggregator=aggregator,
+                             agg_state=state.agg_state, client_states=client_states)
+        (dy, dc), agg_state, agg_metrics = aggregator.server(result.reduced, state.agg_state,
+                                                             jax.random.fold_in(key, 1))
+        ok = base.included(cohort, result)
+        fraction = jnp.sum(ok) / inputs.num_clients  # |S| / N
+        c = jax.tree.map(lambda c, d: c + fraction * d, state.extra, dc)
+        new, updates = base.server_step(state, dy, server_optimizer, ok.any())
+        rows = base.keep_excluded_states(result, client_states, result.states)
+        return (new._replace(agg_state=agg_state, extra=c), rows,
+                base.round_metrics(cohort, result, new, updates, agg_metrics))
+
+    passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
+                       max_examples_per_client, shuffle),)
+    return base.FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes,
+                                   client_state=zeros)

@@ -1,0 +1,48 @@
+"""The client store: gathered and scattered by client id inside the compiled round."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_sim import client_store
+from fedjax_sim.engine import Engine, client_mesh
+
+
+@pytest.mark.parametrize("mesh", [False, True])
+def test_gather_gives_the_initial_state_until_written_and_padding_never_writes(mesh):
+    engine = Engine(1, client_mesh() if mesh else None)
+    template = {"c": jax.ShapeDtypeStruct((3,), jnp.float32), "n": jax.ShapeDtypeStruct((),
+                                                                                      jnp.int32)}
+    store = client_store.create(10, template, engine)
+    assert store.num_rows % engine.num_devices == 0 and store.num_rows >= 10
+    init = {"c": jnp.full(3, 7.0), "n": jnp.int32(-1)}
+    ids = jnp.array([4, 1, 10, 11], jnp.int32)  # 10 and 11 are padding (>= num_clients)
+
+    @jax.jit
+    def round_trip(store, ids, rows):
+        before = client_store.gather(store, ids, init)
+        return before, client_store.scatter(store, ids, rows, 10)
+
+    rows = {"c": jnp.arange(12.0).reshape(4, 3), "n": jnp.arange(4, dtype=jnp.int32)}
+    before, store = round_trip(store, ids, rows)
+    np.testing.assert_array_equal(before["c"], np.full((4, 3), 7.0))  # never written: init
+    after = client_store.gather(store, jnp.array([1, 4, 5, 10]), init)
+    np.testing.assert_array_equal(after["c"][:2], [[3, 4, 5], [0, 1, 2]])
+    np.testing.assert_array_equal(after["n"], [1, 0, -1, -1])  # 5 untouched, 10 padding
+    written = np.asarray(store.written)
+    assert written[[1, 4]].all() and not written[[0, 2, 3, 5, 6, 7, 8, 9]].any()
+    if store.num_rows > 10:
+        assert not written[10:].any()  # padding ids never write, even into spare rows
+    if mesh:
+        assert store.table["c"].sharding.spec[0] == "clients"
+
+
+def test_a_client_state_of_another_structure_is_named():
+    with pytest.raises(ValueError, match="client state structure differs from the store's"):
+        client_store.check_template({"c": jnp.zeros(3)}, ({"c": jnp.zeros(3)},))
+    with pytest.raises(ValueError, match=r"leaf of shape \(4,\).*does not fit the store's "
+                       r"\(3,\)"):
+        client_store.check_template({"c": jnp.zeros(3)}, {"c": jnp.zeros(4)})
+    with pytest.raises(TypeError, match="client_state must return a pytree of arrays"):
+        client_store.create(3, {"c": "zeros"}, Engine())
