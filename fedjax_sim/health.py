@@ -88,7 +88,8 @@ class Monitor:
         r = record["round"]
         if record["num_excluded"]:
             warnings.warn(f"round {r}: excluded {record['num_excluded']} client(s) with "
-                          f"non-finite updates: {record['excluded_clients'][:5]}", stacklevel=3)
+                          f"non-finite updates (or of a norm past float32's range): "
+                          f"{record['excluded_clients'][:5]}", stacklevel=3)
         self._check_outliers(record)
         if record["num_included"] == 0 and record["num_excluded"]:
             self.all_excluded.append(r)

@@ -607,15 +607,28 @@ def test_chunk_size_larger_than_the_cohort():
         run(data, chunk_size=2, mesh=fs.client_mesh(jax.devices()[:2]))
 
 
-def test_a_learning_rate_of_1e30_is_warned_about_when_built_and_when_it_diverges():
+def test_a_learning_rate_of_1e30_is_warned_about_when_built_and_stops_the_run():
+    """Updates of norm ~1e30 overflow float32 squares: every client is excluded (named each
+    round), and the third such round stops the run naming the learning rate."""
+    from fedjax_sim.health import DivergedError
+
     with pytest.warns(UserWarning, match=r"client_optimizer takes a step of 1e\+30 for a unit "
                       "gradient: is its learning rate that large on purpose"):
         algorithm = fs.algorithms.fedavg(logreg60(), optax.sgd(1e30), batch_size=2)
+    with pytest.warns(UserWarning, match=r"round 0: excluded 3 client\(s\) with non-finite"), \
+            pytest.raises(DivergedError, match="learning rates too large"):
+        fs.simulate(algorithm, from_client_dict(wide_clients()), rounds=5, cohort_size=3,
+                    chunk_size=1, progress=False)
+
+
+def test_a_huge_finite_update_is_warned_about_as_diverging():
+    with pytest.warns(UserWarning, match=r"takes a step of 1e\+12"):
+        algorithm = fs.algorithms.fedavg(logreg60(), optax.sgd(1e12), batch_size=2)
     with pytest.warns(UserWarning, match=r"round 0: the server's update has norm [\d.e+]+, "
                       r"[\d.e+]+x the scale of the params it changes.*training is diverging"):
         result = fs.simulate(algorithm, from_client_dict(wide_clients()), rounds=2,
                              cohort_size=3, chunk_size=1, progress=False)
-    assert result.history[0]["update_norm"] > 1e25
+    assert result.history[0]["update_norm"] > 1e10 and result.history[0]["num_included"] == 3
 
 
 def test_the_server_update_growing_a_thousandfold_in_a_round_is_warned_about():
