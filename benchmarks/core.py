@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import json
 import os
 import statistics
@@ -51,11 +50,9 @@ from limits import matmul_rate  # noqa: E402
 from loop import LoopFedAvg, client_arrays  # noqa: E402
 
 import fedjax_sim as fs
+from fedjax_sim import chunk_size as sim_chunks
 from fedjax_sim import engine as engine_lib
-from fedjax_sim import rounds  # noqa: E402
-
-# The module (the package attribute `fs.simulate` is the function).
-sim = importlib.import_module("fedjax_sim.simulate")
+from fedjax_sim import rounds, sampling
 
 FEATURES, HIDDEN, CLASSES = 784, (200,), 10
 EXAMPLES_PER_CLIENT, BATCH, EPOCHS = 64, 16, 1
@@ -169,7 +166,7 @@ class EngineSystem:
         params = algo.model.init(jax.random.key(SEED))
         self.state = engine_lib.replicate(algo.init(params, jax.random.key(SEED)), engine)
         self.runner = rounds.RoundRunner(algo, train, cohort, engine, SEED,
-                                         sim.resident_pool(train, None))
+                                         rounds.resident_pool(train, None))
         self.packed = self.runner.pack(self._indices(0), 0)
         self.r = 0
         t = time.perf_counter()
@@ -181,7 +178,7 @@ class EngineSystem:
         self.temp_mb = None if mem is None else mem.temp_size_in_bytes / 2**20
 
     def _indices(self, r):
-        return sim.sample_cohort(self.train.num_clients, self.cohort, SEED, r)
+        return sampling.sample_cohort(self.train.num_clients, self.cohort, SEED, r)
 
     def round(self) -> None:
         self.state, _, metrics = self.runner(self.state, None, self.packed)
@@ -234,10 +231,10 @@ def autotune(algo, train, cohort: int, candidates=None) -> tuple[int, float]:
     arguments, unless `candidates` is given): returns the chosen K and the seconds it took."""
     params = algo.model.init(jax.random.key(SEED))
     state = engine_lib.replicate(algo.init(params, jax.random.key(SEED)), fs.Engine(1))
-    pool = sim.resident_pool(train, None) if train.nbytes <= sim.resident_limit() else None
+    pool = rounds.resident_pool(train, None) if train.nbytes <= rounds.resident_limit() else None
     t = time.perf_counter()
-    k = sim.choose_chunk_size(algo, train, cohort, state,
-                              sim.sample_cohort(train.num_clients, cohort, SEED, 0),
+    k = sim_chunks.choose_chunk_size(algo, train, cohort, state,
+                              sampling.sample_cohort(train.num_clients, cohort, SEED, 0),
                               seed=SEED, mesh=None, pool=pool, candidates=candidates)
     return k, time.perf_counter() - t
 

@@ -12,7 +12,6 @@ devices and shards the cohort over them.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -38,8 +37,12 @@ from workloads import (  # noqa: E402
 )
 
 import fedjax_sim as fs  # noqa: E402
+from fedjax_sim import chunk_size as sim_chunks  # noqa: E402
 from fedjax_sim import engine as engine_lib  # noqa: E402
-from fedjax_sim import rounds  # noqa: E402
+from fedjax_sim import (
+    rounds,  # noqa: E402
+    sampling,  # noqa: E402
+)
 
 # XLA compiles seen (the timed rounds must add none): counted by JAX's own compile event, as a
 # PRNG key carried in the state adds jit cache entries for one executable.
@@ -106,15 +109,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.devices > 1:
         jax.config.update("jax_num_cpu_devices", args.devices)  # before JAX's backend starts
-    sim = importlib.import_module("fedjax_sim.simulate")
 
     w = WORKLOADS[args.workload]
     algo, train = build(w, args.cohort)
     mesh = fs.client_mesh() if jax.device_count() > 1 else None
-    resident = train.nbytes <= sim.resident_limit()
-    pool = sim.resident_pool(train, mesh) if resident else None
+    resident = train.nbytes <= rounds.resident_limit()
+    pool = rounds.resident_pool(train, mesh) if resident else None
     params = algo.model.init(jax.random.key(SEED))
-    indices = sim.sample_cohort(train.num_clients, args.cohort, SEED, 0)
+    indices = sampling.sample_cohort(train.num_clients, args.cohort, SEED, 0)
 
     autotune_s = autotune_peak_mb = None
     k = args.chunk_size
@@ -122,7 +124,7 @@ def main(argv=None) -> None:
         state1 = engine_lib.replicate(algo.init(params, jax.random.key(SEED)),
                                       fs.Engine(1, mesh))
         t = time.perf_counter()
-        k = sim.choose_chunk_size(algo, train, args.cohort, state1, indices, seed=SEED,
+        k = sim_chunks.choose_chunk_size(algo, train, args.cohort, state1, indices, seed=SEED,
                                   mesh=mesh, pool=pool)
         autotune_s = time.perf_counter() - t
         jax.clear_caches()  # compile_s below is then a cold compile of the chosen program
@@ -146,7 +148,7 @@ def main(argv=None) -> None:
     def run_round():
         box["state"], _, metrics = runner(box["state"], None, box["packed"])
         box["r"] += 1
-        box["packed"] = runner.pack(sim.sample_cohort(train.num_clients, args.cohort, SEED,
+        box["packed"] = runner.pack(sampling.sample_cohort(train.num_clients, args.cohort, SEED,
                                                       box["r"]), box["r"])
         box["loss"] = float(metrics.train_loss)
         jax.block_until_ready(box["state"])

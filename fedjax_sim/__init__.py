@@ -8,11 +8,11 @@ Example:
   >>> result = fs.simulate(algo, train, rounds=2, cohort_size=10, progress=False)
 """
 
-from fedjax_sim import aggregators, algorithms, data, health, models
+from fedjax_sim import aggregators, algorithms, data, health, models, sampling
 from fedjax_sim.engine import ClientContext, ClientResult, ClientUpdate, Engine, client_mesh
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
 from fedjax_sim.health import DivergedError
-from fedjax_sim.simulate import SimulationResult, simulate
+from fedjax_sim.simulation import Simulation, SimulationResult, simulate
 
 __all__ = [
     "ClientContext",
@@ -21,6 +21,7 @@ __all__ = [
     "DivergedError",
     "Engine",
     "Evaluation",
+    "Simulation",
     "SimulationResult",
     "aggregators",
     "algorithms",
@@ -30,5 +31,6 @@ __all__ = [
     "evaluate_pooled",
     "health",
     "models",
+    "sampling",
     "simulate",
 ]

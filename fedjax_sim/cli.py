@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from fedjax_sim import algorithms, data, models
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
 from fedjax_sim.evaluation import format_summary
 from fedjax_sim.health import DivergedError
-from fedjax_sim.simulate import simulate
+from fedjax_sim.simulation import simulate
 
 CLIENT_OPTIMIZERS = {
     "sgd": lambda lr: optax.sgd(lr),
@@ -33,7 +34,7 @@ SERVER_OPTIMIZERS = {
     "yogi": lambda lr: algorithms.fedyogi(lr),
     "adagrad": lambda lr: algorithms.fedadagrad(lr),
 }
-RUN_FILES = ("history.jsonl", "summary.json")
+RUN_FILES = ("history.jsonl", "summary.json", "checkpoints")
 MODELS = {
     "logistic": lambda f, c: models.logistic_regression(f, c),
     "mlp": lambda f, c: models.mlp(f, c),
@@ -112,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where history.jsonl and summary.json go; one holding an earlier run is kept "
         "and this run goes to the next free <dir>-N")
     add("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
+    add("--resume", action="store_true",
+        help="continue the run in --output-dir from its newest checkpoint, up to --rounds")
+    add("--checkpoint-every", type=_non_negative_int, default=0,
+        help="a checkpoint every this many rounds (0: at the end and when stopped by "
+        "SIGTERM or Ctrl-C)")
     add("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
     return parser
@@ -124,7 +130,11 @@ def fresh_output_dir(path: str | Path, overwrite: bool) -> Path:
         path = path.resolve()
     if overwrite and path.is_dir():
         for name in RUN_FILES:
-            (path / name).unlink(missing_ok=True)
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
     if overwrite or not any((path / name).exists() for name in RUN_FILES):
         return path
     n = 2
@@ -152,11 +162,13 @@ def run(args: argparse.Namespace) -> dict:
         max_examples_per_client=args.max_examples_per_client,
         client_weighting=args.weighting,
     )
-    output_dir = fresh_output_dir(args.output_dir, args.overwrite)
+    output_dir = (Path(args.output_dir) if args.resume
+                  else fresh_output_dir(args.output_dir, args.overwrite))
     print(f"Synthetic({args.alpha:g},{args.beta:g}): train {train}\n  test {test}")
     result = simulate(algo, train, rounds=args.rounds, cohort_size=args.cohort_size,
                       seed=args.seed, eval_data=test, eval_every=args.eval_every,
                       chunk_size=args.chunk_size, output_dir=output_dir,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.no_progress)
     final = result.history[-1]
     t = result.timings
@@ -176,7 +188,9 @@ def run(args: argparse.Namespace) -> dict:
                         f"included; chose K = {result.chunk_size}, kept for the next run)",
               "cache": f"chunk size {result.chunk_size} from an earlier run's search "
                        f"({t['chunk_size_choice_s']:.1f} s)",
-              "given": f"chunk size {result.chunk_size} (given)"}[result.chunk_size_source]
+              "given": f"chunk size {result.chunk_size} (given)",
+              "checkpoint": f"chunk size {result.chunk_size} (the resumed run's)",
+              }[result.chunk_size_source]
     before = [choice] + ([f"compile {t['compile_s']:.1f} s"] if t["compile_s"] else [])
     print(f"\n{args.rounds} rounds in {t['rounds_s']:.1f} s "
           f"({1000 * t['rounds_s'] / args.rounds:.0f} ms a round); before them "

@@ -84,6 +84,21 @@ class Monitor:
         self.warned_update = False
         self.stuck: DivergedError | None = None
 
+    def snapshot(self) -> dict:
+        """What a checkpoint keeps of the monitor (JSON)."""
+        return {"params_norm": self.params_norm, "last_update_norm": self.last_update_norm,
+                "all_excluded": self.all_excluded, "last_good": self.last_good and {
+                    k: self.last_good[k] for k in ("round", "train_loss")},
+                "warned_clients": sorted(self.warned_clients),
+                "warned_update": self.warned_update}
+
+    def restore(self, snapshot: dict) -> None:
+        self.params_norm, self.last_update_norm = (snapshot["params_norm"],
+                                                   snapshot["last_update_norm"])
+        self.all_excluded, self.last_good = list(snapshot["all_excluded"]), snapshot["last_good"]
+        self.warned_clients = set(snapshot["warned_clients"])
+        self.warned_update = snapshot["warned_update"]
+
     def check(self, record: dict) -> None:
         r = record["round"]
         if record["num_excluded"]:

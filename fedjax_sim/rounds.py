@@ -144,3 +144,29 @@ def new_store(algorithm: FederatedAlgorithm, data: FederatedData, params: Any,
         return None
     return client_store.create(data.num_clients, jax.eval_shape(algorithm.client_state, params),
                                engine)
+
+
+# On a CPU, a population up to this size stays on the device and cohorts are gathered there
+# (the device copy is a second copy in host memory); on an accelerator, up to a quarter of
+# its memory (`resident_limit`).
+RESIDENT_BYTES = 2 << 30
+
+
+def resident_limit() -> int:
+    """The largest in-memory population `simulate` keeps on the device by default."""
+    memory = device_memory()
+    return memory // 4 if memory else RESIDENT_BYTES
+
+
+def device_memory() -> int | None:
+    """The memory an accelerator's allocator may use, or None where the device reports no
+    limit (a CPU)."""
+    device = jax.local_devices()[0]  # memory_stats() fails on another process's device
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def resident_pool(data: FederatedData, mesh: jax.sharding.Mesh | None) -> dict[str, jax.Array]:
+    """The population's features on every device (then cohorts are gathered there): placed
+    once per run and shared by every chunk size's program."""
+    return replicate(data.features, Engine(1, mesh))

@@ -25,6 +25,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from fedjax_sim import aggregators
+from fedjax_sim.chunk_size import chunk_candidates
 from fedjax_sim.data import Batching, CohortShape, pack_cohort, synthetic
 from fedjax_sim.data.cohort import resident_order
 from fedjax_sim.engine import (
@@ -37,7 +38,6 @@ from fedjax_sim.engine import (
     replicate,
     run_clients,
 )
-from fedjax_sim.simulate import chunk_candidates
 
 RTOL, ATOL = 1e-5, 1e-6
 WORKER_TIMEOUT_S = 120

@@ -13,7 +13,7 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim import cli
 from fedjax_sim.data import from_arrays, from_client_dict
-from fedjax_sim.simulate import sample_cohort
+from fedjax_sim.sampling import sample_cohort
 
 NUM_FEATURES, NUM_CLASSES = 5, 3
 

@@ -2,6 +2,11 @@
 
 import importlib
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -9,7 +14,11 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim.simulate import choose_chunk_size, resident_pool, sample_cohort
+from fedjax_sim.chunk_size import autotune, choose_chunk_size, chunk_candidates
+from fedjax_sim.rounds import resident_pool
+from fedjax_sim.sampling import sample_cohort
+from fedjax_sim.simulation import step_efficiency
+from fedjax_sim.testing import assert_trees_equal
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +97,8 @@ def test_memory_budget_skips_candidates_that_do_not_fit(population):
 
 
 def test_residency_and_search_budgets_follow_the_accelerators_memory(monkeypatch):
-    sim = importlib.import_module("fedjax_sim.simulate")
+    rounds = importlib.import_module("fedjax_sim.rounds")
+    chunking = importlib.import_module("fedjax_sim.chunk_size")
 
     class Device:
         def __init__(self, stats):
@@ -97,18 +107,18 @@ def test_residency_and_search_budgets_follow_the_accelerators_memory(monkeypatch
         def memory_stats(self):
             return self.stats
 
-    monkeypatch.setattr(sim.jax, "local_devices", lambda: [Device({"bytes_limit": 80 << 30})])
-    assert sim.device_memory() == 80 << 30
-    assert sim.resident_limit() == 20 << 30  # a quarter: W3's 10,000 clients (6.3 GB) fit
-    assert sim._memory_budget() == int((80 << 30) * 0.6)
-    monkeypatch.setattr(sim.jax, "local_devices", lambda: [Device(None)])  # a CPU
-    assert sim.device_memory() is None and sim.resident_limit() == sim.RESIDENT_BYTES
+    monkeypatch.setattr(rounds.jax, "local_devices", lambda: [Device({"bytes_limit": 80 << 30})])
+    assert rounds.device_memory() == 80 << 30
+    assert rounds.resident_limit() == 20 << 30  # a quarter: W3's 10,000 clients (6.3 GB) fit
+    assert chunking._memory_budget() == int((80 << 30) * 0.6)
+    monkeypatch.setattr(rounds.jax, "local_devices", lambda: [Device(None)])  # a CPU
+    assert rounds.device_memory() is None and rounds.resident_limit() == rounds.RESIDENT_BYTES
 
 
 def test_chunk_size_search_places_the_population_once(population, monkeypatch):
     """Every candidate program of the search shares one copy of the resident population (a
     copy per candidate once held ten copies of a 200 MB population at a time)."""
-    module = importlib.import_module("fedjax_sim.simulate")  # fs.simulate is the function
+    module = importlib.import_module("fedjax_sim.rounds")
     placed, real = [], module.replicate
     monkeypatch.setattr(module, "replicate",
                         lambda tree, engine: placed.append(tree) or real(tree, engine))
@@ -119,7 +129,6 @@ def test_chunk_size_search_places_the_population_once(population, monkeypatch):
 
 
 def test_autotune_times_contenders_round_robin_so_a_slow_spell_does_not_decide():
-    from fedjax_sim.simulate import autotune
     cost = {1: 1.0, 2: 0.8, 4: 0.6, 8: 0.9, 16: 5.0}
     built, calls = [], []
 
@@ -134,7 +143,6 @@ def test_autotune_times_contenders_round_robin_so_a_slow_spell_does_not_decide()
 
 
 def test_autotune_stops_before_a_candidate_that_does_not_fit():
-    from fedjax_sim.simulate import autotune
     built, calls = [], []
     fits = {1: True, 2: True, 4: False, 8: True}
     k = autotune([1, 2, 4, 8], lambda k: built.append(k) or fits[k],
@@ -144,7 +152,6 @@ def test_autotune_stops_before_a_candidate_that_does_not_fit():
 
 
 def test_step_efficiency_counts_steps_a_chunk_runs_for_its_longest_client():
-    from fedjax_sim.simulate import step_efficiency
     steps = np.array([9, 7, 3, 1, 0, 0])
     assert step_efficiency(steps, 1) == 1.0
     assert step_efficiency(steps, 2) == pytest.approx(20 / (2 * (9 + 3 + 0)))
@@ -153,7 +160,6 @@ def test_step_efficiency_counts_steps_a_chunk_runs_for_its_longest_client():
 
 
 def test_chunk_candidates_are_powers_of_two_then_the_whole_device_cohort():
-    from fedjax_sim.simulate import chunk_candidates
     assert chunk_candidates(1) == [1]
     assert chunk_candidates(8) == [1, 2, 4, 8]
     assert chunk_candidates(100) == [1, 2, 4, 8, 16, 32, 64, 100]
@@ -200,3 +206,141 @@ def test_the_chunk_size_cache_can_be_turned_off_and_survives_a_corrupt_entry(
     again = fs.simulate(_algo(), train, rounds=1, cohort_size=2, progress=False)
     assert again.chunk_size_source == "search"
     assert json.loads(entry.read_text())["chunk_size"] == again.chunk_size
+
+
+# -- Simulation: step, run, checkpoints, resume ---------------------------------------------
+def _scaffold_population():
+    rng = np.random.default_rng(0)
+    clients = {f"c{i}": {"x": rng.normal(size=(n, 5)).astype(np.float32),
+                         "y": rng.integers(0, 3, n).astype(np.int32)}
+               for i, n in enumerate([5, 9, 4, 12, 7, 6, 10, 3])}
+    return fs.data.from_client_dict(clients)
+
+
+def _strip(history):
+    return [{k: v for k, v in r.items() if k != "wall_time"} for r in history]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "scaffold"])
+def test_a_resumed_run_gives_the_same_bits_as_one_never_stopped(name, tmp_path):
+    data = _scaffold_population()
+    model = fs.models.logistic_regression(5, 3)
+    algo = (fs.algorithms.scaffold(model, 0.1, batch_size=4) if name == "scaffold" else
+            fs.algorithms.fedavg(model, optax.sgd(0.1), fs.algorithms.fedadam(0.05),
+                                 batch_size=4))
+    kwargs = dict(cohort_size=3, seed=4, chunk_size=2, eval_data=data, eval_every=2,
+                  progress=False)
+    whole = fs.simulate(algo, data, rounds=6, **kwargs)
+    first = fs.simulate(algo, data, rounds=4, output_dir=tmp_path, **kwargs)
+    assert len(first.history) == 4
+    resumed = fs.simulate(algo, data, rounds=6, output_dir=tmp_path, resume=True, **kwargs)
+    assert resumed.chunk_size_source == "checkpoint"
+    for a, b in ((whole.params, resumed.params), (whole.state.opt_state, resumed.state.opt_state),
+                 (whole.store, resumed.store), (whole.state.extra, resumed.state.extra)):
+        assert_trees_equal(a, b)
+    # Round 3's evaluation happened as the first run ended; the rest of the history is equal.
+    assert _strip(whole.history)[4:] == _strip(resumed.history)[4:]
+    assert [r["train_loss"] for r in whole.history] == [r["train_loss"] for r in resumed.history]
+    lines = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == list(range(6))
+
+
+def test_step_and_run_continue_where_they_stopped_and_callbacks_can_stop():
+    data = _scaffold_population()
+    algo = fs.algorithms.fedavg(fs.models.logistic_regression(5, 3), optax.sgd(0.1),
+                                batch_size=4)
+    sim = fs.Simulation(algo, data, cohort_size=3, chunk_size=1, progress=False)
+    sim.step()
+    sim.run(2)
+    whole = fs.simulate(algo, data, rounds=3, cohort_size=3, chunk_size=1, progress=False)
+    assert sim.round == 3
+    assert_trees_equal(sim.result().params, whole.params)
+    stop_at_1 = fs.simulate(algo, data, rounds=10, cohort_size=3, chunk_size=1,
+                            progress=False, callbacks=[lambda s, record: record["round"] == 1])
+    assert [r["round"] for r in stop_at_1.history] == [0, 1]
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(tmp_path):
+    data = _scaffold_population()
+    algo = fs.algorithms.fedavg(fs.models.logistic_regression(5, 3), optax.sgd(0.1),
+                                batch_size=4)
+    fs.simulate(algo, data, rounds=2, cohort_size=3, seed=1, chunk_size=1,
+                output_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"another configuration \(seed: checkpoint 1, now 2"):
+        fs.simulate(algo, data, rounds=3, cohort_size=3, seed=2, chunk_size=1,
+                    output_dir=tmp_path, resume=True, progress=False)
+    other = fs.algorithms.fedavg(fs.models.logistic_regression(5, 3), optax.sgd(0.1),
+                                 batch_size=2)
+    with pytest.raises(ValueError, match=r"round_program: checkpoint"):
+        fs.simulate(other, data, rounds=3, cohort_size=3, seed=1, chunk_size=1,
+                    output_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run: pass "
+                       r"resume=True"):
+        fs.simulate(algo, data, rounds=3, cohort_size=3, seed=1, chunk_size=1,
+                    output_dir=tmp_path, progress=False)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    data = _scaffold_population()
+    algo = fs.algorithms.fedavg(fs.models.logistic_regression(5, 3), optax.sgd(0.1),
+                                batch_size=4)
+    kwargs = dict(cohort_size=3, chunk_size=1, output_dir=tmp_path, checkpoint_every=1,
+                  progress=False)
+    fs.simulate(algo, data, rounds=3, **kwargs)
+    newest = tmp_path / "checkpoints" / "3"
+    for f in (newest / "arrays").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0" * 7)  # truncated and garbled
+    with pytest.warns(UserWarning, match=r"checkpoints/3 cannot be read.*falling back"):
+        sim = fs.Simulation(algo, data, resume=True, **kwargs)
+    assert sim.round == 2
+
+
+def _worker(out_dir, rounds, *extra):
+    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("simulation_worker.py")),
+                             str(out_dir), str(rounds), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError
+        time.sleep(0.002)
+
+
+@pytest.mark.slow
+def test_sigterm_then_kill_9_mid_write_then_resume_gives_the_uninterrupted_bits(tmp_path):
+    """Real processes, one run directory: stopped by SIGTERM after its third round (a
+    checkpoint, exit 143), resumed and killed with SIGKILL while orbax writes a checkpoint
+    (its temporary directory exists), resumed again to the end: the bits of a run never
+    stopped."""
+    import simulation_worker as worker
+
+    whole = worker.flat(worker.run(tmp_path / "whole", 8))
+    run_dir = tmp_path / "stopped"
+    proc = _worker(run_dir, 8)
+    history = run_dir / "history.jsonl"
+    _wait_for(lambda: history.exists() and len(history.read_text().splitlines()) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out.decode()[-2000:]
+    assert not (run_dir / "final.npz").exists()
+    stopped_at = len(history.read_text().splitlines())
+
+    proc = _worker(run_dir, 8, "--resume")
+    ckpt = run_dir / "checkpoints"
+    _wait_for(lambda: len(history.read_text().splitlines()) > stopped_at
+              and any("tmp" in p.name for p in ckpt.iterdir()))
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+    proc = _worker(run_dir, 8, "--resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    got = dict(np.load(run_dir / "final.npz"))
+    assert got.keys() == whole.keys()
+    for k in whole:
+        np.testing.assert_array_equal(got[k], whole[k], err_msg=k)

@@ -1,0 +1,97 @@
+"""Samplers: which clients each round trains, as values, every draw seeded by (seed, round).
+
+A `Sampler` returns the population positions of round r's cohort; every round's program is
+compiled for `max_size` clients, and a draw of fewer (Poisson sampling) is padded with clients
+of weight 0, so the cohort's size may vary round to round without a recompile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from fedjax_sim.checks import check_integer
+
+
+class Sampler(NamedTuple):
+    """Attributes:
+    sample: `(seed, round) -> int64[n]` population positions, `n <= max_size`.
+    max_size: the most clients a round can hold (the padded cohort the round compiles for).
+    name: e.g. "uniform(100)", for records and errors.
+    """
+
+    sample: Callable[[int, int], np.ndarray]
+    max_size: int
+    name: str
+
+
+def uniform(num_clients: int, cohort_size: int) -> Sampler:
+    """`cohort_size` clients, uniformly without replacement (FedAvg's sampling)."""
+    check_integer("cohort_size", cohort_size, 1)
+    if cohort_size > num_clients:
+        raise ValueError(f"cohort_size {cohort_size} is larger than the population of "
+                         f"{num_clients} clients")
+
+    def sample(seed, round_num):
+        return np.random.default_rng([seed, round_num]).choice(num_clients, cohort_size,
+                                                               replace=False)
+
+    return Sampler(sample, cohort_size, f"uniform({cohort_size})")
+
+
+def with_replacement(num_clients: int, cohort_size: int) -> Sampler:
+    """`cohort_size` draws, uniformly with replacement: a client drawn twice trains twice."""
+    check_integer("cohort_size", cohort_size, 1)
+
+    def sample(seed, round_num):
+        return np.random.default_rng([seed, round_num, 1]).integers(0, num_clients, cohort_size)
+
+    return Sampler(sample, cohort_size, f"with_replacement({cohort_size})")
+
+
+def poisson(num_clients: int, expected_size: float) -> Sampler:
+    """Each client independently with probability q = expected_size / num_clients (the
+    sampling that DP's amplification by subsampling assumes). The round compiles for a bound
+    the draw exceeds with probability below 1e-11 (7 standard deviations); a draw past it
+    is refused rather than cut, since cutting would break the accounting."""
+    if not isinstance(expected_size, int | float) or not 0 < expected_size <= num_clients:
+        raise ValueError(f"poisson: expected_size must be in (0, {num_clients}] (the "
+                         f"population), got {expected_size!r}")
+    q = expected_size / num_clients
+    bound = min(num_clients, math.ceil(expected_size + 7 * math.sqrt(expected_size * (1 - q))
+                                       + 1))
+
+    def sample(seed, round_num):
+        drawn = np.random.default_rng([seed, round_num, 2]).random(num_clients) < q
+        picked = np.flatnonzero(drawn)
+        if len(picked) > bound:
+            raise RuntimeError(f"poisson sampling drew {len(picked)} clients in round "
+                               f"{round_num}, past the bound {bound} the round compiled for")
+        return picked
+
+    return Sampler(sample, bound, f"poisson(q={q:g})")
+
+
+def by_size(num_examples: np.ndarray, cohort_size: int) -> Sampler:
+    """`cohort_size` clients without replacement, each with probability proportional to its
+    number of examples."""
+    num_examples = np.asarray(num_examples, np.float64)
+    check_integer("cohort_size", cohort_size, 1)
+    if cohort_size > int(np.sum(num_examples > 0)):
+        raise ValueError(f"cohort_size {cohort_size} is larger than the {len(num_examples)} "
+                         "clients with examples")
+    p = num_examples / num_examples.sum()
+
+    def sample(seed, round_num):
+        return np.random.default_rng([seed, round_num, 3]).choice(len(p), cohort_size,
+                                                                  replace=False, p=p)
+
+    return Sampler(sample, cohort_size, f"by_size({cohort_size})")
+
+
+def sample_cohort(num_clients: int, cohort_size: int, seed: int, round_num: int) -> np.ndarray:
+    """Population positions of round `round_num`'s cohort: uniform, without replacement."""
+    return uniform(num_clients, cohort_size).sample(seed, round_num)

@@ -1,0 +1,461 @@
+"""`Simulation`: a federated run that steps round by round, checkpoints, and resumes.
+
+Every random choice derives from one seed: round r's cohort from (seed, r), the shuffles from
+(seed, r, client id), the training keys from the state's key folded with r and the client id.
+So a run is reproducible whatever the chunk size or device count (to float summation order),
+and a run resumed from a checkpoint gives the same bits as one never stopped: the checkpoint
+holds the server state (its key and round included), the client store, the chunk size and
+the history, and the sampler's position is the round number.
+
+`simulate()` is `Simulation(...).run(rounds)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from fedjax_sim import chunk_size as chunk_size_lib
+from fedjax_sim import sampling
+from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState, tree_norm
+from fedjax_sim.checkpoints import Checkpoints
+from fedjax_sim.checks import (
+    check_bool,
+    check_data,
+    check_eval_clients,
+    check_integer,
+    check_mesh,
+    check_model_fits,
+    check_not_empty,
+    check_output_dir,
+    check_some_client_trains,
+)
+from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.data.storage import is_in_memory
+from fedjax_sim.engine import Engine, replicate
+from fedjax_sim.evaluation import Evaluator
+from fedjax_sim.health import Monitor
+from fedjax_sim.rounds import RoundRunner, new_store, resident_limit, resident_pool
+
+# A callback sees the simulation and each round's record; a truthy return stops the run.
+Callback = Callable[["Simulation", dict], Any]
+
+
+@dataclasses.dataclass
+class SimulationResult:
+    """What a run returns.
+
+    Attributes:
+      params: the final server params.
+      state: the final server state (params, optimizer and aggregator state, round, key).
+      history: one dict per round: "round", "wall_time", "train_loss" (NaN when every
+        client was excluded), "num_included", "num_excluded", "excluded_clients",
+        "update_norm" and "params_norm" (the server's), "outlier_clients" (clients whose
+        update norm is far above the cohort's, `health.outliers`), "chunk_size",
+        "step_efficiency" (useful over executed local steps: a vmapped chunk runs to its
+        longest client), "server" (the aggregator's round metrics), "clients" (per-client
+        train metrics and update norms), and on evaluation rounds "eval" (summary) and
+        "eval_clients" (per-client metrics).
+      chunk_size: the vectorization width K used.
+      chunk_size_source: "given" (passed in), "cache" (an earlier run's choice for the same
+        program on the same devices), "search" (timed on the first cohort) or
+        "checkpoint" (a resumed run's).
+      timings: seconds spent in "chunk_size_choice_s" (the cache lookup, or the search and
+        its compiles), "compile_s" (the round program; 0 when the search compiled it),
+        "rounds_s" (the rounds, evaluation apart), "eval_s" (evaluation, its compile
+        included) and "total_s".
+      store: the client store (None for a stateless algorithm).
+    """
+
+    params: Any
+    state: ServerState
+    history: list[dict]
+    chunk_size: int
+    chunk_size_source: str = "given"
+    timings: dict = dataclasses.field(default_factory=dict)
+    store: Any = None
+
+
+class Simulation:
+    """A run of `algorithm` on `train`, round by round.
+
+    Args:
+      algorithm: e.g. `fs.algorithms.fedavg(...)`.
+      train: the training population.
+      cohort_size: clients per round, uniformly without replacement; or give `sampler`.
+      sampler: a `fs.sampling` sampler (Poisson, with replacement, by size).
+      seed: the one seed every random choice derives from.
+      params: initial params; default `algorithm.model.init(key(seed))`.
+      eval_data: population to evaluate every `eval_every` rounds and after a run's last.
+      eval_clients: evaluate this many clients of `eval_data` (a fixed seeded sample).
+      chunk_size: the vectorization width K. None: the K an earlier run chose for the same
+        round program on the same devices (`chunk_size` module), else the fastest of a few
+        timed on the first cohort (then kept for the next run). The K used is in the result
+        and every history record: passing it reproduces the run.
+      mesh: a mesh with a "clients" axis (`fs.client_mesh()`) to split cohorts over devices.
+      resident: keep `train` on the device; default when it is in memory and takes under
+        2 GiB on a CPU, or under a quarter of an accelerator's memory (`resident_limit`).
+        Otherwise each round reads its cohort's rows (from memory, a memory-mapped file or
+        SQLite), on a background thread while the previous round runs.
+      output_dir: where `history.jsonl` (written as the run goes) and `checkpoints/` go.
+      checkpoint_every: with `output_dir`, a checkpoint every this many rounds (0: only at
+        the end of a run and when it is stopped by SIGTERM or Ctrl-C); the newest
+        `keep_checkpoints` are kept.
+      resume: continue from the newest checkpoint in `output_dir` (refused, naming the
+        difference, if it is from another configuration).
+      progress: show a tqdm progress bar with rounds/s and the latest metrics.
+      callbacks: `(simulation, record) -> stop?` after each round; a truthy return ends
+        the run after that round (early stopping).
+    """
+
+    def __init__(self, algorithm: FederatedAlgorithm, train: FederatedData, *,
+                 cohort_size: int | None = None, sampler: sampling.Sampler | None = None,
+                 seed: int = 0, params: Any = None, eval_data: FederatedData | None = None,
+                 eval_every: int = 0, eval_clients: int | None = None,
+                 eval_batch_size: int = 64, chunk_size: int | None = None,
+                 mesh: jax.sharding.Mesh | None = None, resident: bool | None = None,
+                 output_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
+                 keep_checkpoints: int = 3, resume: bool = False, progress: bool = True,
+                 callbacks: Sequence[Callback] = ()):
+        if not isinstance(algorithm, FederatedAlgorithm):
+            raise TypeError(f"algorithm must be a FederatedAlgorithm (e.g. fs.algorithms."
+                            f"fedavg(model, optax.sgd(0.1))), got {type(algorithm).__name__}")
+        train = check_not_empty(check_data("train", train), "train")
+        if sampler is None:
+            if cohort_size is None:
+                raise TypeError("give cohort_size (clients per round) or a sampler")
+            sampler = sampling.uniform(train.num_clients, check_integer("cohort_size",
+                                                                        cohort_size, 1))
+        elif not isinstance(sampler, sampling.Sampler):
+            raise TypeError(f"sampler must be a fs.sampling.Sampler, got "
+                            f"{type(sampler).__name__}")
+        # JAX keys take 32 bits of a seed without x64: 2**32 would train as seed 0 does.
+        seed = check_integer("seed", seed, 0, 2**32 - 1)
+        eval_every = check_integer("eval_every", eval_every, 0)
+        eval_batch_size = check_integer("eval_batch_size", eval_batch_size, 1)
+        self.checkpoint_every = check_integer("checkpoint_every", checkpoint_every, 0)
+        keep_checkpoints = check_integer("keep_checkpoints", keep_checkpoints, 1)
+        progress, resume = check_bool("progress", progress), check_bool("resume", resume)
+        if resident is not None:
+            resident = check_bool("resident", resident)
+        check_mesh(mesh)
+        if eval_data is not None:
+            eval_data = check_not_empty(check_data("eval_data", eval_data), "eval_data")
+        elif eval_every or eval_clients is not None:
+            raise ValueError(f"{'eval_every' if eval_every else 'eval_clients'} is set but no "
+                             "eval_data was given")
+        if eval_clients is not None:
+            check_eval_clients(eval_clients, eval_data, "eval_clients")
+        devices = 1 if mesh is None else mesh.shape["clients"]
+        per_device = -(-sampler.max_size // devices)
+        if chunk_size is not None and check_integer("chunk_size", chunk_size, 1) > per_device:
+            raise ValueError(
+                f"chunk_size {chunk_size} is larger than the {per_device} client(s) per device "
+                f"(cohort {sampler.max_size} over {devices} device(s)): the rest of every chunk "
+                f"would be padding; use chunk_size <= {per_device}")
+        if output_dir is not None:
+            output_dir = check_output_dir(output_dir)
+        elif resume:
+            raise ValueError("resume=True needs the output_dir holding the checkpoints")
+        if params is None:
+            try:
+                params = algorithm.model.init(jax.random.key(seed))
+            except TypeError as e:
+                raise TypeError(f"model.init(key) failed ({e}): a Model's init takes one PRNG "
+                                "key and returns the params") from e
+        if resident is None:
+            resident = is_in_memory(train) and train.nbytes <= resident_limit()
+        check_model_fits(algorithm.model, train, params,
+                         algorithm.batching.resolve_batch_size(train), finite=resident)
+        check_some_client_trains(algorithm.batching, train)
+
+        self.algorithm, self.train, self.sampler, self.seed = algorithm, train, sampler, seed
+        self.eval_every, self.output_dir, self.progress = eval_every, output_dir, progress
+        self.callbacks = tuple(callbacks)
+        self.timings = {"chunk_size_choice_s": 0.0, "compile_s": 0.0, "rounds_s": 0.0,
+                        "eval_s": 0.0}
+        self._start = time.perf_counter()
+        one = Engine(1, mesh)
+        self.state = replicate(algorithm.init(params, jax.random.key(seed)), one)
+        self.store = new_store(algorithm, train, params, one)
+        self.round, self.history = 0, []
+        self.monitor = Monitor(sum(int(np.size(x)) for x in jax.tree.leaves(params)),
+                               float(tree_norm(params)))
+        self.pool = resident_pool(train, mesh) if resident else None
+        self.mesh = mesh
+        self.evaluator = None
+        if eval_data is not None:  # checked against the params now, not after the training
+            self.evaluator = Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
+                                       num_clients=eval_clients, engine=one, seed=seed,
+                                       name="eval_data")
+            self.evaluator.check(params)
+
+        first = sampler.sample(seed, 0)
+        self.fingerprint = None
+        self.checkpoints = None
+        restored = None
+        if output_dir is not None:
+            self.fingerprint = self._fingerprint(first)
+            self.checkpoints = Checkpoints(output_dir / "checkpoints", keep_checkpoints)
+            if resume:
+                restored = self._restore()
+            elif self.checkpoints.rounds():
+                raise ValueError(f"output_dir {str(output_dir)!r} holds checkpoints of an "
+                                 "earlier run: pass resume=True to continue it, or another "
+                                 "output_dir")
+        runner, source = None, "given"
+        if restored is not None:
+            chunk_size, source = restored, "checkpoint"
+        elif chunk_size is None:
+            t = time.perf_counter()
+            chunk_size, source, runner = chunk_size_lib.cached_chunk_size(
+                algorithm, train, sampler.max_size, self.state, first, seed=seed, mesh=mesh,
+                pool=self.pool, store=self.store)
+            self.timings["chunk_size_choice_s"] = time.perf_counter() - t
+        if runner is None or self.store is not None:  # a store's buffers are donated
+            runner = RoundRunner(algorithm, train, sampler.max_size, Engine(chunk_size, mesh),
+                                 seed, self.pool, donate=self.store is not None)
+        self.runner, self.chunk_size, self.chunk_size_source = runner, chunk_size, source
+        self._sink_path = None if output_dir is None else output_dir / "history.jsonl"
+        if self._sink_path is not None:
+            if not resume and self._sink_path.exists():
+                warnings.warn(f"output_dir {str(output_dir)!r} holds an earlier run's "
+                              "history.jsonl; this run overwrites it", stacklevel=2)
+            self._write_history()
+        self._stop: int | None = None
+        self._saved: int | None = None  # the round of this run's newest checkpoint
+
+    # -- one round ------------------------------------------------------------------------
+    def pack(self, round_num: int):
+        """Round `round_num`'s device inputs (sampled, read and packed on the host)."""
+        return self.runner.pack(self.sampler.sample(self.seed, round_num), round_num)
+
+    def step(self, packed=None, *, evaluate: bool | None = None) -> dict:
+        """Runs one round (on `packed`, default packed now) and returns its record."""
+        r = self.round
+        packed = self.pack(r) if packed is None else packed
+        if self.runner.compiled is None:  # a search's winner is compiled already
+            self.timings["compile_s"] += self.runner.compile(self.state, self.store, packed)
+        t = time.perf_counter()
+        self.state, self.store, metrics = self.runner(self.state, self.store, packed)
+        record = _round_record(r, metrics, self.train, time.perf_counter() - self._start,
+                               self.chunk_size)
+        self.timings["rounds_s"] += time.perf_counter() - t
+        self.round = r + 1
+        self.monitor.check(record)
+        if evaluate is None:
+            evaluate = bool(self.eval_every) and self.round % self.eval_every == 0
+        if evaluate and self.evaluator is not None:
+            t = time.perf_counter()
+            ev = self.evaluator(self.state.params)
+            self.timings["eval_s"] += time.perf_counter() - t
+            record["eval"] = ev.summary
+            record["eval_clients"] = {k: v.tolist() for k, v in ev.clients.items()}
+        self.history.append(record)
+        if self._sink_path is not None:
+            with open(self._sink_path, "a") as sink:
+                sink.write(json.dumps(_line(record)) + "\n")
+        if self.checkpoints is not None and self.checkpoint_every and \
+                self.round % self.checkpoint_every == 0:
+            self.save()
+        if self.monitor.stuck:
+            error = self.monitor.stuck
+            error.result = self.result()
+            raise error
+        return record
+
+    # -- many rounds ----------------------------------------------------------------------
+    def run(self, num_rounds: int) -> SimulationResult:
+        """Runs `num_rounds` more rounds (evaluating after the last) and returns the result.
+
+        Round r+1 is sampled, read and packed on a background thread while round r runs.
+        SIGTERM or Ctrl-C stops the run after the round in progress, with a checkpoint when
+        there is an `output_dir`, then raises (SystemExit 143, KeyboardInterrupt); a second
+        Ctrl-C interrupts at once.
+        """
+        num_rounds = check_integer("rounds", num_rounds, 0)
+        end = self.round + num_rounds
+        prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjax_sim-prefetch")
+        restore_signals = self._catch_signals()
+        bar = tqdm(total=num_rounds, desc="rounds", unit="round", disable=not self.progress)
+        try:
+            upcoming = prefetch.submit(self.pack, self.round) if num_rounds else None
+            while self.round < end:
+                packed = upcoming.result()
+                if self.round + 1 < end:
+                    upcoming = prefetch.submit(self.pack, self.round + 1)
+                record = self.step(packed, evaluate=None if self.round + 1 < end else True)
+                bar.update(1)
+                bar.set_postfix(_postfix(record), refresh=False)
+                stop = [bool(cb(self, record)) for cb in self.callbacks]
+                if self._stop is not None:
+                    break
+                if any(stop):
+                    if self.evaluator is not None and "eval" not in record:
+                        record["eval"] = self.evaluator(self.state.params).summary
+                    break
+            if self.checkpoints is not None and self._saved != self.round:
+                self.save()
+        finally:
+            bar.close()
+            prefetch.shutdown(wait=True, cancel_futures=True)
+            restore_signals()
+        if self._stop is not None:
+            signum, self._stop = self._stop, None
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        return self.result()
+
+    def result(self) -> SimulationResult:
+        self.timings["total_s"] = time.perf_counter() - self._start
+        return SimulationResult(params=_to_host(self.state.params), state=self.state,
+                                history=self.history, chunk_size=self.chunk_size,
+                                chunk_size_source=self.chunk_size_source,
+                                timings=dict(self.timings), store=self.store)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save(self) -> None:
+        """Writes a checkpoint of the rounds completed so far (needs an output_dir)."""
+        if self.checkpoints is None:
+            raise ValueError("save needs the Simulation's output_dir")
+        meta = {"round": self.round, "chunk_size": self.chunk_size,
+                "fingerprint": self.fingerprint, "history": self.history,
+                "monitor": self.monitor.snapshot()}
+        self.checkpoints.save(self.round, self.state, self.store, meta)
+        self._saved = self.round
+
+    def _restore(self) -> int | None:
+        """Loads the newest checkpoint; returns its chunk size (None when there is none)."""
+        found = self.checkpoints.restore(self.state, self.store)
+        if found is None:
+            return None
+        state, store, meta = found
+        if meta["fingerprint"] != self.fingerprint:
+            diff = [f"{k}: checkpoint {meta['fingerprint'].get(k)!r}, now {v!r}"
+                    for k, v in self.fingerprint.items() if meta["fingerprint"].get(k) != v]
+            raise ValueError(f"the checkpoints in {self.checkpoints.directory} are from "
+                             f"another configuration ({'; '.join(diff)}): resume with the "
+                             "same algorithm, data, sampler and seed, or use another "
+                             "output_dir")
+        self.state, self.store, self.round = state, store, int(meta["round"])
+        self.history = list(meta["history"])
+        self.monitor.restore(meta["monitor"])
+        return int(meta["chunk_size"])
+
+    def _fingerprint(self, first_cohort) -> dict:
+        """What a checkpoint's run must share with this one to be resumed by it."""
+        program = chunk_size_lib.round_program_key(
+            self.algorithm, self.train, self.sampler.max_size, self.state, first_cohort,
+            seed=self.seed, mesh=self.mesh, pool=self.pool, store=self.store)
+        population = hashlib.sha256(np.asarray(self.train.offsets).tobytes()).hexdigest()[:16]
+        return {"round_program": program, "seed": self.seed, "sampler": self.sampler.name,
+                "population": f"{self.train.num_clients} clients, "
+                              f"{self.train.total_examples} examples, offsets {population}"}
+
+    def _write_history(self) -> None:
+        with open(self._sink_path, "w") as sink:
+            for record in self.history:
+                sink.write(json.dumps(_line(record)) + "\n")
+
+    def _catch_signals(self) -> Callable[[], None]:
+        """SIGTERM and a first Ctrl-C set a flag the round loop stops at; returns a function
+        putting the old handlers back. Only the main thread may install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        old = {}
+
+        def handler(signum, frame):
+            if self._stop is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: at once
+            self._stop = signum
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            old[s] = signal.signal(s, handler)
+        return lambda: [signal.signal(s, h) for s, h in old.items()] and None
+
+
+def simulate(algorithm: FederatedAlgorithm, train: FederatedData, *, rounds: int,
+             **kwargs) -> SimulationResult:
+    """Runs `rounds` rounds of `algorithm` on `train` (with `resume=True`, up to round
+    `rounds` from the newest checkpoint): `Simulation(algorithm, train, **kwargs)` then
+    `run`. See `Simulation` for the arguments.
+
+    Example:
+      >>> result = simulate(algo, train, rounds=100, cohort_size=10)   # doctest: +SKIP
+    """
+    rounds = check_integer("rounds", rounds, 0)
+    sim = Simulation(algorithm, train, **kwargs)
+    return sim.run(max(rounds - sim.round, 0))
+
+
+def step_efficiency(num_steps: np.ndarray, chunk_size: int) -> float:
+    """Useful local steps over executed ones: a vmapped chunk runs to its longest client."""
+    steps = np.asarray(num_steps, np.int64).reshape(-1, chunk_size)
+    executed = int(steps.max(axis=1).sum()) * chunk_size
+    return float(steps.sum() / executed) if executed else 1.0
+
+
+def _to_host(tree):
+    """Fetches a pytree of (possibly global) arrays to numpy.
+
+    Multi-process, an array split over the mesh (per-client metrics are sharded over
+    "clients") spans other processes' devices: it is all-gathered first, a collective every
+    process reaches at the same point since all run the same loop.
+    """
+    def get(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
+
+
+def _round_record(r: int, metrics, data: FederatedData, wall_time: float,
+                  chunk_size: int) -> dict:
+    m = _to_host(metrics)
+    ids = m.clients["client_ids"]
+    real = ids < data.num_clients
+    clients = {k: v[real].tolist() for k, v in m.clients.items() if k != "client_ids"}
+    clients["client_id"] = data.client_ids[ids[real]].tolist()
+    excluded = data.client_ids[ids[real & ~m.clients["finite"]]].tolist()
+    return {
+        "round": r,
+        "wall_time": wall_time,
+        "train_loss": float(m.train_loss),
+        "num_included": int(m.num_included),
+        "num_excluded": int(m.num_excluded),
+        "excluded_clients": excluded,
+        "update_norm": float(m.update_norm),
+        "params_norm": float(m.params_norm),
+        "chunk_size": chunk_size,
+        "step_efficiency": step_efficiency(m.clients["num_steps"], chunk_size),
+        "server": {k: float(v) for k, v in m.server.items()},
+        "clients": clients,
+    }
+
+
+def _line(record: dict) -> dict:
+    """A record as history.jsonl keeps it (per-client lists apart)."""
+    return {k: v for k, v in record.items() if k not in ("clients", "eval_clients")}
+
+
+def _postfix(record: dict) -> dict:
+    postfix = {"loss": f"{record['train_loss']:.4f}"}
+    if "eval" in record and "accuracy" in record["eval"]:
+        postfix["acc"] = f"{record['eval']['accuracy']['weighted_mean']:.3f}"
+    return postfix
