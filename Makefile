@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-all lint bench bench-peers bench-gpu clean
+.PHONY: run test test-slow test-all lint bench bench-peers bench-gpu clean
 
 $(BIN)/fedjax-sim: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ run: $(BIN)/fedjax-sim
 
 test: $(BIN)/fedjax-sim
 	$(BIN)/pytest -q -m "not slow"
+
+# Slow tests (real subprocesses killed mid-run, the benchmark suite end to end): CI runs them.
+test-slow: $(BIN)/fedjax-sim
+	$(BIN)/pytest -q -m slow
 
 test-all: $(BIN)/fedjax-sim
 	$(BIN)/pytest -q

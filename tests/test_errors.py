@@ -477,12 +477,14 @@ def test_output_dir_that_is_a_file(tmp_path):
         run(from_client_dict(wide_clients()), output_dir=path)
 
 
-def test_an_output_dir_with_an_earlier_run_is_overwritten_with_a_warning(tmp_path):
+def test_an_output_dir_with_an_earlier_run_is_refused_not_overwritten(tmp_path):
     data = from_client_dict(wide_clients())
     run(data, output_dir=tmp_path)
-    with pytest.warns(UserWarning, match="holds an earlier run's history.jsonl; this run "
-                      "overwrites it"):
+    first = (tmp_path / "history.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run: pass "
+                       r"resume=True to continue it, or another output_dir"):
         run(data, output_dir=tmp_path)
+    assert (tmp_path / "history.jsonl").read_text() == first
 
 
 def test_loaders_given_a_directory(tmp_path):

@@ -9,16 +9,18 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 import fedjax_sim as fs
 from fedjax_sim.chunk_size import autotune, choose_chunk_size, chunk_candidates
 from fedjax_sim.rounds import resident_pool
 from fedjax_sim.sampling import sample_cohort
 from fedjax_sim.simulation import step_efficiency
-from fedjax_sim.testing import assert_trees_equal
+from fedjax_sim.testing import assert_trees_close, assert_trees_equal
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +346,58 @@ def test_sigterm_then_kill_9_mid_write_then_resume_gives_the_uninterrupted_bits(
     assert got.keys() == whole.keys()
     for k in whole:
         np.testing.assert_array_equal(got[k], whole[k], err_msg=k)
+
+
+# -- samplers --------------------------------------------------------------------------------
+def test_poisson_cohorts_vary_in_size_without_a_recompile():
+    data = _scaffold_population()
+    algo = fs.algorithms.fedavg(fs.models.logistic_regression(5, 3), optax.sgd(0.1),
+                                batch_size=4)
+    sampler = fs.sampling.poisson(data.num_clients, 3.0)
+    sizes = [len(sampler.sample(0, r)) for r in range(6)]
+    assert len(set(sizes)) > 1 and max(sizes) <= sampler.max_size < data.num_clients + 1
+    sim = fs.Simulation(algo, data, sampler=sampler, chunk_size=1, progress=False)
+    result = sim.run(6)
+    assert [r["num_included"] for r in result.history] == sizes
+    # One program, compiled ahead for the padded bound: an input of another shape would fail.
+    with pytest.raises(ValueError, match=r"poisson: expected_size must be in \(0, 8\]"):
+        fs.sampling.poisson(data.num_clients, 9)
+
+
+def test_samplers_draw_what_they_say():
+    n = 50
+    uniform = fs.sampling.uniform(n, 10)
+    np.testing.assert_array_equal(uniform.sample(1, 2), sample_cohort(n, 10, 1, 2))
+    assert len(set(uniform.sample(1, 2).tolist())) == 10
+    draws = np.concatenate([fs.sampling.with_replacement(n, 40).sample(0, r) for r in range(5)])
+    assert len(np.unique(draws)) < len(draws)  # repeats happen with replacement
+    sizes = np.arange(1, n + 1)
+    picked = np.concatenate([fs.sampling.by_size(sizes, 5).sample(0, r) for r in range(400)])
+    big, small = np.sum(picked >= 40), np.sum(picked < 10)
+    assert big > 4 * small  # sampled in proportion to size
+    q = np.mean([len(fs.sampling.poisson(n, 5).sample(0, r)) for r in range(400)])
+    assert 4.5 < q < 5.5
+
+
+def test_a_round_vmapped_over_two_seeds_is_the_two_runs():
+    """The round's key comes from the state, so vmapping the round over two states (two
+    seeds, one cohort) gives exactly the two separate rounds."""
+    data = _scaffold_population()
+    model = fs.models.from_linen(_Dropout(), (5,), 3)
+    algo = fs.algorithms.fedavg(model, optax.sgd(0.1), batch_size=4)
+    engine = fs.Engine(1)
+    params = model.init(jax.random.key(0))
+    inputs, _, _ = fs.testing.round_inputs(algo, data, [0, 3, 5], engine=engine)
+    states = [algo.init(params, jax.random.key(s)) for s in (1, 2)]
+    one = jax.jit(lambda s: algo.round(s, inputs, (), engine=engine)[0].params)
+    both = jax.jit(jax.vmap(lambda s: algo.round(s, inputs, (), engine=engine)[0].params))(
+        jax.tree.map(lambda a, b: jnp.stack([a, b]), *states))
+    for i, s in enumerate(states):
+        assert_trees_close(jax.tree.map(lambda x, i=i: x[i], both), one(s), 1e-6, 1e-7)
+    assert not np.allclose(one(states[0])["Dense_0"]["kernel"], one(states[1])["Dense_0"]["kernel"])
+
+
+class _Dropout(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(3)(nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(8)(x))))
