@@ -754,6 +754,7 @@ def test_a_federated_data_built_by_hand_is_checked():
         ({"x": x.tolist()}, [0, 3, 5], TypeError, r"feature 'x' must be an array"),
         ({"x": x}, [0.0, 3.0, 5.0], TypeError, r"offsets must be integers"),
         ((x,), [0, 3, 5], TypeError, r"features must be a dict"),
+        ({"x": x}, [0, 0, 5], ValueError, r"1 client\(s\) have zero examples, e.g. \['a'\]"),
     ]
     for features, offsets, error, message in cases:
         with pytest.raises(error, match=message):

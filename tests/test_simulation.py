@@ -401,3 +401,24 @@ class _Dropout(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         return nn.Dense(3)(nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(8)(x))))
+
+
+def test_a_float64_run_under_jax_enable_x64():
+    """x64 is process-wide, so a fresh interpreter: params stay float64 through training,
+    aggregation and evaluation."""
+    code = """
+import jax; jax.config.update("jax_enable_x64", True)
+import numpy as np, optax, fedjax_sim as fs
+train, test = fs.data.synthetic(num_clients=20, seed=0)
+train = train.map(lambda f: {**f, "x": f["x"].astype(np.float64)})
+model = fs.models.logistic_regression(60, 10)
+params = jax.tree.map(lambda p: p.astype(np.float64), model.init(None))
+r = fs.simulate(fs.algorithms.fedavg(model, optax.sgd(0.05), batch_size=10), train, rounds=2,
+                cohort_size=5, chunk_size=1, params=params, eval_data=test, progress=False)
+assert r.params["w"].dtype == np.float64, r.params["w"].dtype
+assert np.isfinite(r.history[-1]["train_loss"]) and "eval" in r.history[-1]
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -52,6 +52,11 @@ class FederatedData:
         if off[0] != 0 or np.any(np.diff(off) < 0):
             raise ValueError("FederatedData: offsets must start at 0 and never decrease (they "
                              f"are cumulative example counts), got {off[:5].tolist()}...")
+        empty = np.flatnonzero(np.diff(off) == 0)
+        if len(empty):  # refused here, not rounds later when a cohort samples one
+            raise ValueError(f"FederatedData: {len(empty)} client(s) have zero examples, e.g. "
+                             f"{self.client_ids[empty[:3]].tolist()}; leave them out (the "
+                             "builders from_arrays and from_client_dict drop them)")
         for k, v in self.features.items():
             if not (hasattr(v, "shape") and hasattr(v, "dtype")):
                 raise TypeError(f"FederatedData: feature {k!r} must be an array (numpy), got "
@@ -165,15 +170,16 @@ class FederatedData:
         rank = np.empty(len(owner), np.int64)
         rank[order] = np.arange(len(owner)) - np.repeat(self.offsets[:-1], n)[order]
         is_test = rank < n_test[owner]
-        train = self._select_rows(~is_test, owner)
-        test = self._select_rows(is_test, owner)
-        return train, test.subset(np.nonzero(test.num_examples)[0])
+        return self._select_rows(~is_test, owner), self._select_rows(is_test, owner)
 
     def _select_rows(self, mask: np.ndarray, owner: np.ndarray) -> FederatedData:
+        """The population of the rows in `mask`, without the clients left with none."""
         counts = np.bincount(owner[mask], minlength=self.num_clients)
+        keep = counts > 0
         rows = np.nonzero(mask)[0]
-        return FederatedData(self.client_ids, {k: v[rows] for k, v in self.features.items()},
-                             np.concatenate([[0], np.cumsum(counts)]))
+        return FederatedData(self.client_ids[keep],
+                             {k: v[rows] for k, v in self.features.items()},
+                             np.concatenate([[0], np.cumsum(counts[keep])]))
 
     def map(self, fn, *, batch_size: int = 65_536, jit: bool = False) -> FederatedData:
         """Preprocesses every example in batches: `fn(features) -> features`, numpy on the host,
