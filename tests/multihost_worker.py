@@ -21,8 +21,9 @@ MAX_EXAMPLES = 60
 
 
 def run(mesh, *, cohort_size: int = 8, chunk_size: int = 1, rounds: int = 3,
-        resident: bool = True, evaluate: bool = True):
-    """FedAvg on a small MLP and 40 synthetic clients; returns the `SimulationResult`."""
+        resident: bool = True, evaluate: bool = True, algorithm: str = "fedavg"):
+    """FedAvg (or SCAFFOLD, whose client store is split over the processes' devices) on a
+    small MLP and 40 synthetic clients; returns the `SimulationResult`."""
     import optax
 
     import fedjax_sim as fs
@@ -30,7 +31,8 @@ def run(mesh, *, cohort_size: int = 8, chunk_size: int = 1, rounds: int = 3,
     train, test = fs.data.synthetic(num_clients=NUM_CLIENTS, max_examples_per_client=MAX_EXAMPLES,
                                     seed=0)
     model = fs.models.mlp(train.features["x"].shape[1], 10, hidden=(16,))
-    algo = fs.algorithms.fedavg(model, optax.sgd(0.1), batch_size=10)
+    algo = (fs.algorithms.scaffold(model, 0.1, batch_size=10) if algorithm == "scaffold"
+            else fs.algorithms.fedavg(model, optax.sgd(0.1), batch_size=10))
     return fs.simulate(algo, train, rounds=rounds, cohort_size=cohort_size, seed=0,
                        chunk_size=chunk_size, mesh=mesh, resident=resident,
                        eval_data=test if evaluate else None, eval_every=2 if evaluate else 0,
@@ -74,6 +76,8 @@ def main(argv: list[str]) -> None:
     # The vectorization width chosen by timing (chunk_size=None) must be the same everywhere.
     summary["auto_chunk_size"] = np.array(run(mesh, chunk_size=None, rounds=1,
                                               evaluate=False).chunk_size)
+    summary.update({f"scaffold/{k}": v for k, v in
+                    summarize(run(mesh, algorithm="scaffold", evaluate=False)).items()})
     np.savez(Path(out_dir) / f"process_{process_id}.npz", **summary)
     jax.distributed.shutdown()
 

@@ -226,14 +226,22 @@ def _run_workers(num_processes: int, out_dir: Path) -> list[dict]:
 def test_two_processes_match_one_process(tmp_path):
     """Two processes with one CPU device each (a 2-device global mesh) train, evaluate and
     record exactly the same thing in both processes, and the same as one process with a
-    2-device mesh and as one device."""
+    2-device mesh and as one device; SCAFFOLD (its client store split over the processes)
+    too."""
     procs = _run_workers(2, tmp_path)
     assert_summaries(procs[1], procs[0], exact=True, what="process 1 vs process 0")
     assert any(k.endswith("/eval/accuracy") for k in procs[0])
     # The timed choice of K, made by process 0 for all: cohort 8 on 2 devices, 4 per device.
     assert [int(p.pop("auto_chunk_size")) in chunk_candidates(4) for p in procs] == [True] * 2
 
+    scaffold = {k.split("/", 1)[1]: procs[0].pop(k) for k in list(procs[0])
+                if k.startswith("scaffold/")}
+    for k in [k for k in procs[1] if k.startswith("scaffold/")]:
+        procs[1].pop(k)
     two_devices = worker.summarize(worker.run(client_mesh(jax.devices()[:2])))
     assert_summaries(procs[0], two_devices, exact=False, what="2 processes vs 1 process")
     one = worker.summarize(worker.run(None))
     assert_summaries(procs[0], one, exact=False, what="2 processes vs 1 device")
+    # SCAFFOLD: its client store split over the two processes' devices.
+    alone = worker.summarize(worker.run(None, algorithm="scaffold", evaluate=False))
+    assert_summaries(scaffold, alone, exact=False, what="SCAFFOLD, 2 processes vs 1 device")
