@@ -250,3 +250,47 @@ def reference_scaffold_round(model: Model, client_lr: float, server_optimizer, p
     updates, server_opt_state = server_optimizer.update(dy, server_opt_state, params)
     c = jax.tree.map(lambda c, d: c + len(dys) / num_clients * d, c, dc)
     return optax.apply_updates(params, updates), server_opt_state, c, new_c
+
+
+def reference_mime_round(model: Model, optimizer, params, opt_state, grad_cohort: Cohort,
+                         train_cohort: Cohort, pool: dict[str, np.ndarray], key: jax.Array,
+                         *, svrg: bool, client_weighting: str = "num_examples"):
+    """One Mime (`svrg`) or MimeLite round (Karimireddy et al. 2021), one client and one step
+    at a time: c = the weighted mean of the clients' full-batch gradients at x; each client
+    steps y <- y + U(g, s) with the optimizer state s frozen, g = grad f_i(y) (MimeLite) or
+    grad f_i(y) - grad f_i(x) + c (Mime, on the same batch); x <- weighted mean of the y;
+    s <- V(s, c). Returns `(params, opt_state)`."""
+    def rows(cohort, i, s):
+        offset = s * cohort.batch_size + np.arange(cohort.batch_size)
+        order = np.asarray(cohort.order)
+        idx = order[np.minimum(int(cohort.start[i]) + offset, len(order) - 1)]
+        return ({k: jnp.asarray(v[idx]) for k, v in pool.items()},
+                jnp.asarray(offset < int(cohort.length[i])))
+
+    grad = jax.jit(lambda p, batch, mask, k: jax.grad(
+        lambda p: jnp.sum(jnp.where(mask, model.loss(p, batch, k), 0.0))
+        / jnp.maximum(jnp.sum(mask), 1))(p))
+    real = [i for i in range(len(train_cohort.client_ids)) if train_cohort.weights[i] > 0]
+    weights = [float(train_cohort.num_examples[i]) if client_weighting == "num_examples"
+               else 1.0 for i in real]
+    mean = lambda trees: jax.tree.map(
+        lambda *xs: sum(w * x for w, x in zip(weights, xs, strict=True)) / sum(weights), *trees)
+    client_key = lambda pass_key, i: jax.random.fold_in(jax.random.fold_in(
+        pass_key, int(train_cohort.client_ids[i])), 0)
+    c = mean([grad(params, *rows(grad_cohort, i, 0),
+                   jax.random.fold_in(client_key(jax.random.fold_in(key, 0), i), 0))
+              for i in real])
+    ys = []
+    for i in real:
+        y, k0 = params, client_key(jax.random.fold_in(key, 2), i)
+        for s in range(int(train_cohort.num_steps[i])):
+            batch, mask = rows(train_cohort, i, s)
+            k = jax.random.fold_in(k0, s)
+            g = grad(y, batch, mask, k)
+            if svrg:
+                g = jax.tree.map(lambda g, gx, c: g - gx + c, g, grad(params, batch, mask, k), c)
+            updates, _ = optimizer.update(g, opt_state, y)
+            y = optax.apply_updates(y, updates)
+        ys.append(y)
+    _, opt_state = optimizer.update(c, opt_state, params)
+    return mean(ys), opt_state

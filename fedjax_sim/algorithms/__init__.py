@@ -1,8 +1,10 @@
-"""Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx and SCAFFOLD."""
+"""Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime and
+MimeLite."""
 
 from fedjax_sim.algorithms.base import FederatedAlgorithm, RoundMetrics, ServerState
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
 from fedjax_sim.algorithms.fedprox import fedprox
+from fedjax_sim.algorithms.mime import mime, mimelite
 from fedjax_sim.algorithms.scaffold import scaffold
 from fedjax_sim.algorithms.server_optimizers import (
     fedadagrad,
@@ -24,6 +26,8 @@ __all__ = [
     "fedprox",
     "fedsgd",
     "fedyogi",
+    "mime",
+    "mimelite",
     "optimizer_client_update",
     "scaffold",
     "scale_by_fedopt",
