@@ -1,8 +1,9 @@
-"""Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime and
-MimeLite."""
+"""Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite
+and FedNova."""
 
 from fedjax_sim.algorithms.base import FederatedAlgorithm, RoundMetrics, ServerState
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
+from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
 from fedjax_sim.algorithms.mime import mime, mimelite
 from fedjax_sim.algorithms.scaffold import scaffold
@@ -22,6 +23,7 @@ __all__ = [
     "fedadam",
     "fedavg",
     "fedavgm",
+    "fednova",
     "fedopt",
     "fedprox",
     "fedsgd",
