@@ -294,3 +294,39 @@ def reference_mime_round(model: Model, optimizer, params, opt_state, grad_cohort
         ys.append(y)
     _, opt_state = optimizer.update(c, opt_state, params)
     return mean(ys), opt_state
+
+
+def reference_feddyn_round(model: Model, client_lr: float, alpha: float, params, h,
+                           client_g: dict, cohort: Cohort, pool: dict[str, np.ndarray],
+                           key: jax.Array, num_clients: int):
+    """One FedDyn round (Acar et al. 2021, Algorithm 1) with client SGD, one client and one
+    step at a time: w <- w - lr (grad L_i(w) - g_i + alpha (w - x)); g_i <- g_i - alpha (w - x);
+    h <- h - alpha (|P| / N) mean(w - x); x <- mean(w) - h / alpha (uniform means).
+    `client_g` maps ids to gradient states (absent: zeros) and is not changed; returns
+    `(params, h, new client_g)`."""
+    order = np.asarray(cohort.order)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad = jax.jit(lambda p, batch, mask, k: jax.grad(
+        lambda p: jnp.sum(jnp.where(mask, model.loss(p, batch, k), 0.0))
+        / jnp.maximum(jnp.sum(mask), 1))(p))
+    new_g, ws = dict(client_g), []
+    for i in range(len(cohort.client_ids)):
+        if cohort.weights[i] == 0:
+            continue
+        cid = int(cohort.client_ids[i])
+        gi = client_g.get(cid, zeros)
+        k0 = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 0), cid), 0)
+        w = params
+        for s in range(int(cohort.num_steps[i])):
+            offset = s * cohort.batch_size + np.arange(cohort.batch_size)
+            idx = order[np.minimum(int(cohort.start[i]) + offset, len(order) - 1)]
+            g = grad(w, {k: jnp.asarray(v[idx]) for k, v in pool.items()},
+                     jnp.asarray(offset < int(cohort.length[i])), jax.random.fold_in(k0, s))
+            w = jax.tree.map(lambda w, g, gi, x: w - client_lr * (g - gi + alpha * (w - x)),
+                             w, g, gi, params)
+        new_g[cid] = jax.tree.map(lambda gi, w, x: gi - alpha * (w - x), gi, w, params)
+        ws.append(w)
+    mean_w = jax.tree.map(lambda *xs: sum(xs) / len(xs), *ws)
+    h = jax.tree.map(lambda h, m, x: h - alpha * len(ws) / num_clients * (m - x), h, mean_w,
+                     params)
+    return jax.tree.map(lambda m, h: m - h / alpha, mean_w, h), h, new_g

@@ -1,8 +1,9 @@
-"""Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite
-and FedNova."""
+"""Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
+FedNova and FedDyn."""
 
 from fedjax_sim.algorithms.base import FederatedAlgorithm, RoundMetrics, ServerState
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
+from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
 from fedjax_sim.algorithms.mime import mime, mimelite
@@ -23,6 +24,7 @@ __all__ = [
     "fedadam",
     "fedavg",
     "fedavgm",
+    "feddyn",
     "fednova",
     "fedopt",
     "fedprox",
