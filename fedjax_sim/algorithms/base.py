@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.data.cohort import Batching, Cohort
-from fedjax_sim.engine import PassResult
+from fedjax_sim.engine import PassResult, run_clients
 from fedjax_sim.models.core import Model
 
 # A client optimizer: an optax transformation, or a function of the (traced) round number that
@@ -191,3 +191,21 @@ def keep_excluded_states(result: PassResult, old_rows, new_rows):
     return jax.tree.map(
         lambda n, o: jnp.where(finite.reshape((-1,) + (1,) * (n.ndim - 1)), n, o.astype(n.dtype)),
         new_rows, old_rows)
+
+
+def run_pass(update, aggregator, state: ServerState, inputs: RoundInputs, broadcast, *,
+             engine, client_states=(), pass_index: int = -1, salt: int = 0):
+    """One engine pass over `inputs.cohorts[pass_index]` and the aggregator's server part:
+    `(result, aggregate, agg_state, agg_metrics)`. The clients draw from
+    `fold_in(round key, 2 salt)`, the aggregator's server part from `2 salt + 1`."""
+    key = round_key(state)
+    result = run_clients(update, inputs.cohorts[pass_index], inputs.pool, broadcast,
+                         jax.random.fold_in(key, 2 * salt), engine=engine, aggregator=aggregator,
+                         agg_state=state.agg_state, client_states=client_states)
+    aggregate, agg_state, agg_metrics = aggregator.server(
+        result.reduced, state.agg_state, jax.random.fold_in(key, 2 * salt + 1))
+    return result, aggregate, agg_state, agg_metrics
+
+
+def zeros_like(tree):
+    return jax.tree.map(jnp.zeros_like, tree)

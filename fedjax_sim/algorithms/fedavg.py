@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import jax
 import optax
 
 from fedjax_sim import aggregators as aggregators_lib
@@ -25,14 +24,14 @@ from fedjax_sim.algorithms.base import (
     delta,
     included,
     init_state,
-    round_key,
     round_metrics,
+    run_pass,
     server_step,
 )
 from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
 from fedjax_sim.checks import check_model, check_optimizer
 from fedjax_sim.data.cohort import Batching
-from fedjax_sim.engine import ClientResult, ClientUpdate, Engine, run_clients
+from fedjax_sim.engine import ClientResult, ClientUpdate, Engine
 from fedjax_sim.models.core import Model
 
 
@@ -109,16 +108,13 @@ def fedopt(
         return init_state(params, key, server_optimizer, aggregator)
 
     def round_fn(state, inputs, client_states, *, engine: Engine):
-        key, cohort = round_key(state), inputs.cohort
-        result = run_clients(update, cohort, inputs.pool, Broadcast(state.params, state.round),
-                             jax.random.fold_in(key, 0), engine=engine, aggregator=aggregator,
-                             agg_state=state.agg_state)
-        mean_delta, agg_state, agg_metrics = aggregator.server(result.reduced, state.agg_state,
-                                                               jax.random.fold_in(key, 1))
-        ok = included(cohort, result)
+        result, mean_delta, agg_state, agg_metrics = run_pass(
+            update, aggregator, state, inputs, Broadcast(state.params, state.round),
+            engine=engine)
+        ok = included(inputs.cohort, result)
         state, updates = server_step(state, mean_delta, server_optimizer, ok.any())
         return (state._replace(agg_state=agg_state), client_states,
-                round_metrics(cohort, result, state, updates, agg_metrics))
+                round_metrics(inputs.cohort, result, state, updates, agg_metrics))
 
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle),)

@@ -24,7 +24,7 @@ from fedjax_sim.algorithms.fedavg import check_aggregator
 from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
 from fedjax_sim.checks import check_model, check_optimizer
 from fedjax_sim.data.cohort import Batching
-from fedjax_sim.engine import ClientResult, ClientUpdate, run_clients
+from fedjax_sim.engine import ClientResult, ClientUpdate
 
 
 def feddyn(model, client_optimizer, alpha: float, server_optimizer=None, *, batch_size=10,
@@ -48,18 +48,16 @@ def feddyn(model, client_optimizer, alpha: float, server_optimizer=None, *, batc
         return ClientResult(d, g, train_metrics(local))
 
     update = ClientUpdate(init_local, step, finalize)
-    zeros = lambda params: jax.tree.map(jnp.zeros_like, params)
 
     def init(params, key):
-        return base.init_state(params, key, server_optimizer, aggregator, extra=zeros(params))
+        return base.init_state(params, key, server_optimizer, aggregator,
+                               extra=base.zeros_like(params))
 
     def round_fn(state, inputs, client_states, *, engine):
-        key, cohort = base.round_key(state), inputs.cohort
-        result = run_clients(update, cohort, inputs.pool, Broadcast(state.params, state.round),
-                             jax.random.fold_in(key, 0), engine=engine, aggregator=aggregator,
-                             agg_state=state.agg_state, client_states=client_states)
-        d, agg_state, agg_metrics = aggregator.server(result.reduced, state.agg_state,
-                                                      jax.random.fold_in(key, 1))
+        cohort = inputs.cohort
+        result, d, agg_state, agg_metrics = base.run_pass(
+            update, aggregator, state, inputs, Broadcast(state.params, state.round),
+            engine=engine, client_states=client_states)
         ok = base.included(cohort, result)
         fraction = jnp.sum(ok) / inputs.num_clients  # |P| / N
         h = jax.tree.map(lambda h, d: h + alpha * fraction * d, state.extra, d)
@@ -73,4 +71,4 @@ def feddyn(model, client_optimizer, alpha: float, server_optimizer=None, *, batc
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle),)
     return base.FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes,
-                                   client_state=zeros)
+                                   client_state=base.zeros_like)

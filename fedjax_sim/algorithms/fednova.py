@@ -22,7 +22,7 @@ from fedjax_sim.algorithms.fedavg import check_aggregator
 from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
 from fedjax_sim.checks import check_model, check_optimizer
 from fedjax_sim.data.cohort import Batching
-from fedjax_sim.engine import ClientResult, ClientUpdate, run_clients
+from fedjax_sim.engine import ClientResult, ClientUpdate
 
 
 def fednova(model, client_lr: float, server_optimizer=None, *, momentum: float = 0.0,
@@ -53,12 +53,10 @@ def fednova(model, client_lr: float, server_optimizer=None, *, momentum: float =
         return base.init_state(params, key, server_optimizer, aggregator)
 
     def round_fn(state, inputs, client_states, *, engine):
-        key, cohort = base.round_key(state), inputs.cohort
-        result = run_clients(update, cohort, inputs.pool, Broadcast(state.params, state.round),
-                             jax.random.fold_in(key, 0), engine=engine, aggregator=aggregator,
-                             agg_state=state.agg_state)
-        (d, tau_eff), agg_state, agg_metrics = aggregator.server(
-            result.reduced, state.agg_state, jax.random.fold_in(key, 1))
+        cohort = inputs.cohort
+        result, (d, tau_eff), agg_state, agg_metrics = base.run_pass(
+            update, aggregator, state, inputs, Broadcast(state.params, state.round),
+            engine=engine)
         pseudo = jax.tree.map(lambda x: tau_eff * x, d)
         new, updates = base.server_step(state, pseudo, server_optimizer,
                                         base.included(cohort, result).any())

@@ -26,7 +26,7 @@ from fedjax_sim.algorithms import base
 from fedjax_sim.algorithms.fedavg import check_aggregator
 from fedjax_sim.checks import check_model, check_optimizer
 from fedjax_sim.data.cohort import Batching
-from fedjax_sim.engine import ClientResult, ClientUpdate, run_clients
+from fedjax_sim.engine import ClientResult, ClientUpdate
 
 
 class Local(NamedTuple):
@@ -89,17 +89,11 @@ def _mime(model, optimizer, *, svrg, batch_size, num_epochs, max_steps, drop_rem
     server_sgd = optax.sgd(1.0)  # x <- mean of the clients' params
 
     def round_fn(state, inputs, client_states, *, engine):
-        key = base.round_key(state)
         (gpass, tpass), s = inputs.cohorts, state.extra
-        res = run_clients(grads, gpass, inputs.pool, (state.params, s, ()),
-                          jax.random.fold_in(key, 0), engine=engine, aggregator=aggregator,
-                          agg_state=state.agg_state)
-        c, _, _ = aggregator.server(res.reduced, state.agg_state, jax.random.fold_in(key, 1))
-        result = run_clients(train, tpass, inputs.pool, (state.params, s, c),
-                             jax.random.fold_in(key, 2),
-                             engine=engine, aggregator=aggregator, agg_state=state.agg_state)
-        mean_delta, agg_state, agg_metrics = aggregator.server(
-            result.reduced, state.agg_state, jax.random.fold_in(key, 3))
+        res, c, _, _ = base.run_pass(grads, aggregator, state, inputs, (state.params, s, ()),
+                                     engine=engine, pass_index=0)
+        result, mean_delta, agg_state, agg_metrics = base.run_pass(
+            train, aggregator, state, inputs, (state.params, s, c), engine=engine, salt=1)
         ok = base.included(tpass, result) & base.included(gpass, res)
         new, updates = base.server_step(state, mean_delta, server_sgd, ok.any())
         _, s_new = optimizer.update(c, s, state.params)  # s <- V(s, c)
