@@ -495,3 +495,31 @@ def test_map_runs_in_batches_and_keeps_clients(jit):
     np.testing.assert_array_equal(mapped.features["z"], data.features["y"] + 1)
     with pytest.raises(ValueError, match="one row per example"):
         data.map(lambda f: {"x": f["x"][:1]}, batch_size=7)
+
+
+def test_stragglers_do_a_seeded_uniform_share_of_the_epochs():
+    """FedProx's systems heterogeneity: each client is a straggler with probability p, seeded
+    by (seed, round, client id), and then runs a uniform number of epochs in [1, E]."""
+    data = make_data()
+    indices = np.arange(data.num_clients)
+    full = Batching(batch_size=1, num_epochs=5, shuffle=False)
+    half = Batching(batch_size=1, num_epochs=5, shuffle=False, straggler_fraction=0.5)
+    dropped = Batching(batch_size=1, num_epochs=5, shuffle=False, straggler_fraction=0.5,
+                       drop_stragglers=True)
+    seen_straggler = 0
+    for r in range(20):
+        a, _, _ = pack(data, indices, full, round_num=r, sort=False)
+        b, _, _ = pack(data, indices, half, round_num=r, sort=False)
+        c, _, _ = pack(data, indices, dropped, round_num=r, sort=False)
+        epochs = b.num_steps[: len(indices)] / a.num_examples[: len(indices)]
+        assert np.all((epochs >= 1) & (epochs <= 5) & (epochs == np.round(epochs)))
+        slow = epochs < 5
+        seen_straggler += slow.sum()
+        np.testing.assert_array_equal(b.weights[: len(indices)], 1)  # kept
+        kept = c.weights[: len(indices)] > 0  # a straggler drawing all 5 epochs is dropped too
+        assert np.all(epochs[kept] == 5) and not np.any(kept[slow])
+        again, _, _ = pack(data, indices, half, round_num=r, sort=False)
+        np.testing.assert_array_equal(again.num_steps, b.num_steps)  # seeded
+    assert 0.2 < seen_straggler / (20 * len(indices)) < 0.6  # about p (4/5 of them slowed)
+    with pytest.raises(ValueError, match=r"straggler_fraction must be a number in \[0, 1\]"):
+        Batching(straggler_fraction=1.5)

@@ -75,6 +75,8 @@ def fedopt(
     client_weighting: Literal["num_examples", "uniform"] = "num_examples",
     aggregator: aggregators_lib.Aggregator | None = None,
     mu: float = 0.0,
+    straggler_fraction: float = 0.0,
+    drop_stragglers: bool = False,
 ) -> FederatedAlgorithm:
     """Federated optimization with any client and server optax optimizers.
 
@@ -91,6 +93,7 @@ def fedopt(
       aggregator: an `fs.aggregators` chain (a single stage is chained); default
         `aggregators.default(client_weighting)`.
       mu: FedProx's proximal coefficient (`fedprox`); 0 is FedAvg.
+      straggler_fraction, drop_stragglers: per-client variable local work (see `Batching`).
 
     Example:
       >>> import optax, fedjax_sim as fs
@@ -117,7 +120,7 @@ def fedopt(
                 round_metrics(inputs.cohort, result, state, updates, agg_metrics))
 
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
-                       max_examples_per_client, shuffle),)
+                       max_examples_per_client, shuffle, straggler_fraction, drop_stragglers),)
     return FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes)
 
 

@@ -67,6 +67,11 @@ class Batching:
       max_examples_per_client: optional cap; a larger client uses its first this-many examples.
       shuffle: a fresh permutation of the client's examples each epoch, seeded by
         (seed, round, client id, epoch).
+      straggler_fraction: the chance that a client is a straggler in a round, seeded by
+        (seed, round, client id); a straggler runs a uniform number of epochs in
+        [1, num_epochs] (FedProx's systems heterogeneity, Li et al. 2020, section 5.2).
+      drop_stragglers: leave the stragglers' partial work out of the aggregate (weight 0,
+        FedAvg's rule in that paper) instead of keeping it (FedProx's).
     """
 
     batch_size: int | None = 10
@@ -75,6 +80,8 @@ class Batching:
     drop_remainder: bool = False
     max_examples_per_client: int | None = None
     shuffle: bool = True
+    straggler_fraction: float = 0.0
+    drop_stragglers: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "num_epochs", "max_steps", "max_examples_per_client"):
@@ -83,6 +90,10 @@ class Batching:
                 check_integer(name, value, 1)
         check_bool("drop_remainder", self.drop_remainder)
         check_bool("shuffle", self.shuffle)
+        check_bool("drop_stragglers", self.drop_stragglers)
+        f = self.straggler_fraction
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 <= f <= 1:
+            raise ValueError(f"straggler_fraction must be a number in [0, 1], got {f!r}")
 
     def examples_used(self, num_examples: np.ndarray) -> np.ndarray:
         n = np.asarray(num_examples, dtype=np.int64)
@@ -96,8 +107,11 @@ class Batching:
             return int(self.batch_size)
         return max(1, int(self.examples_used(data.num_examples).max()))
 
-    def steps_and_length(self, n: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        length = n * self.num_epochs
+    def steps_and_length(self, n: np.ndarray, batch_size: int,
+                         epochs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each client's local steps and `order` entries, for `epochs` each (default
+        `num_epochs`)."""
+        length = n * (self.num_epochs if epochs is None else epochs)
         if self.max_steps is not None:
             length = np.minimum(length, self.max_steps * batch_size)
         if self.drop_remainder:
@@ -151,6 +165,14 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _unit(seed: int, round_num: int, ids: np.ndarray, salt: int) -> np.ndarray:
+    """Uniform [0, 1) draws per client from (seed, round, client id, salt): counter-based,
+    like the shuffles, so a client's draw does not depend on the rest of the cohort."""
+    h = _mix(_mix(np.uint64(seed) ^ (np.uint64(round_num) << np.uint64(32))
+                  ^ (np.uint64(salt) << np.uint64(56))) ^ ids.astype(np.uint64))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 def _argsort_within(segment: np.ndarray, key: np.ndarray, num_segments: int) -> np.ndarray:
     """The permutation sorting `key` (uint64) within each run of the nondecreasing `segment`.
 
@@ -192,12 +214,20 @@ def pack_cohort(
             f"client(s) {data.client_ids[indices[n == 0]][:5].tolist()} have zero examples"
         )
     b = shape.batch_size
-    steps, length = batching.steps_and_length(n, b)
+    straggler = np.zeros(c, bool)
+    epochs = None
+    if batching.straggler_fraction:
+        straggler = _unit(seed, round_num, indices, 1) < batching.straggler_fraction
+        drawn = 1 + np.minimum((_unit(seed, round_num, indices, 2) * batching.num_epochs)
+                               .astype(np.int64), batching.num_epochs - 1)
+        epochs = np.where(straggler, drawn, batching.num_epochs)
+    steps, length = batching.steps_and_length(n, b, epochs)
 
     if sort:  # Largest clients first: chunks of similar step counts waste fewer masked steps.
         by_steps = np.lexsort((indices, -steps))
-        indices, n, steps, length = (indices[by_steps], n[by_steps], steps[by_steps],
-                                     length[by_steps])
+        indices, n, steps, length, straggler = (indices[by_steps], n[by_steps],
+                                                steps[by_steps], length[by_steps],
+                                                straggler[by_steps])
 
     # Pool rows: each client's first n examples (the cap keeps the first ones).
     full_counts = data.num_examples[indices]
@@ -237,6 +267,8 @@ def pack_cohort(
     # A client too small for one full batch (drop_remainder) trains no step: its zero update
     # must not pull the average toward no change.
     weights = (steps > 0).astype(np.float32)
+    if batching.drop_stragglers:
+        weights = np.where(straggler, 0, weights).astype(np.float32)
 
     pad = shape.size - c
 
