@@ -37,6 +37,20 @@ def check_integer(name: str, value: Any, minimum: int | None = None,
     return int(value)
 
 
+def check_number(name: str, value: Any, *, above: float | None = None,
+                 at_least: float | None = None) -> float:
+    """`value` as a finite float; ValueError naming `name` unless it is a real number (not a
+    bool) that is finite, > `above` and >= `at_least` where given."""
+    ok = (not isinstance(value, bool) and isinstance(value, int | float | np.number)
+          and math.isfinite(value) and (above is None or value > above)
+          and (at_least is None or value >= at_least))
+    if not ok:
+        bound = (f" > {above:g}" if above is not None else
+                 f" >= {at_least:g}" if at_least is not None else "")
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
 def check_bool(name: str, value: Any) -> bool:
     """`value` as a bool; TypeError for anything else ("False" is a truthy string)."""
     if not isinstance(value, bool | np.bool_):

@@ -1,5 +1,5 @@
 """Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
-FedNova and FedDyn."""
+FedNova, FedDyn and q-FFL."""
 
 from fedjax_sim.algorithms.base import FederatedAlgorithm, RoundMetrics, ServerState
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
@@ -7,6 +7,7 @@ from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
 from fedjax_sim.algorithms.mime import mime, mimelite
+from fedjax_sim.algorithms.qffl import qffl
 from fedjax_sim.algorithms.scaffold import scaffold
 from fedjax_sim.algorithms.server_optimizers import (
     fedadagrad,
@@ -32,6 +33,7 @@ __all__ = [
     "fedyogi",
     "mime",
     "mimelite",
+    "qffl",
     "optimizer_client_update",
     "scaffold",
     "scale_by_fedopt",

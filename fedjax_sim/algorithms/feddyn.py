@@ -13,8 +13,6 @@ References: Acar et al., "Federated Learning Based on Dynamic Regularization", I
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -22,7 +20,7 @@ import optax
 from fedjax_sim.algorithms import base
 from fedjax_sim.algorithms.fedavg import check_aggregator
 from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
-from fedjax_sim.checks import check_model, check_optimizer
+from fedjax_sim.checks import check_model, check_number, check_optimizer
 from fedjax_sim.data.cohort import Batching
 from fedjax_sim.engine import ClientResult, ClientUpdate
 
@@ -32,8 +30,7 @@ def feddyn(model, client_optimizer, alpha: float, server_optimizer=None, *, batc
            shuffle=True, client_weighting="uniform", aggregator=None) -> base.FederatedAlgorithm:
     """FedDyn with regularization `alpha` (> 0); clients weighted uniformly, as in the paper."""
     check_model(model)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < math.inf:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    alpha = check_number("alpha", alpha, above=0)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     check_optimizer(client_optimizer, "client_optimizer", allow_schedule=True)
     check_optimizer(server_optimizer, "server_optimizer")

@@ -20,7 +20,7 @@ import optax
 from fedjax_sim.algorithms import base
 from fedjax_sim.algorithms.fedavg import check_aggregator
 from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
-from fedjax_sim.checks import check_model, check_optimizer
+from fedjax_sim.checks import check_model, check_number, check_optimizer
 from fedjax_sim.data.cohort import Batching
 from fedjax_sim.engine import ClientResult, ClientUpdate
 
@@ -31,9 +31,8 @@ def fednova(model, client_lr: float, server_optimizer=None, *, momentum: float =
             aggregator=None) -> base.FederatedAlgorithm:
     """FedNova with client SGD at `client_lr` and heavy-ball `momentum` (0: vanilla)."""
     check_model(model)
-    if not (isinstance(client_lr, int | float) and 0 < client_lr < float("inf")):
-        raise ValueError(f"client_lr must be a finite number > 0, got {client_lr!r}")
-    if not (isinstance(momentum, int | float) and 0 <= momentum < 1):
+    client_lr = check_number("client_lr", client_lr, above=0)
+    if not 0 <= check_number("momentum", momentum) < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     check_optimizer(server_optimizer, "server_optimizer")

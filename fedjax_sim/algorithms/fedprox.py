@@ -10,9 +10,8 @@ References: Li et al., "Federated Optimization in Heterogeneous Networks", MLSys
 
 from __future__ import annotations
 
-import math
-
 from fedjax_sim.algorithms.fedavg import fedopt
+from fedjax_sim.checks import check_number
 
 
 def fedprox(model, client_optimizer, server_optimizer=None, *, mu: float, **kwargs):
@@ -22,6 +21,5 @@ def fedprox(model, client_optimizer, server_optimizer=None, *, mu: float, **kwar
       >>> import optax, fedjax_sim as fs
       >>> algo = fedprox(fs.models.logistic_regression(60, 10), optax.sgd(0.01), mu=1.0)
     """
-    if isinstance(mu, bool) or not isinstance(mu, int | float) or not (0 <= mu < math.inf):
-        raise ValueError(f"mu must be a finite number >= 0 (0 is FedAvg), got {mu!r}")
-    return fedopt(model, client_optimizer, server_optimizer, mu=float(mu), **kwargs)
+    mu = check_number("mu", mu, at_least=0)
+    return fedopt(model, client_optimizer, server_optimizer, mu=mu, **kwargs)

@@ -19,7 +19,7 @@ import optax
 from fedjax_sim.algorithms import base
 from fedjax_sim.algorithms.fedavg import check_aggregator
 from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
-from fedjax_sim.checks import check_model, check_optimizer
+from fedjax_sim.checks import check_model, check_number, check_optimizer
 from fedjax_sim.data.cohort import Batching
 from fedjax_sim.engine import ClientResult, ClientUpdate
 
@@ -32,8 +32,7 @@ def scaffold(model, client_lr: float, server_optimizer=None, *, batch_size=10, n
     Clients are weighted uniformly by default, as in the paper's 1/|S| means.
     """
     check_model(model)
-    if not (isinstance(client_lr, int | float) and 0 < client_lr < float("inf")):
-        raise ValueError(f"client_lr must be a finite number > 0, got {client_lr!r}")
+    client_lr = check_number("client_lr", client_lr, above=0)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     check_optimizer(server_optimizer, "server_optimizer")
     aggregator = check_aggregator(aggregator, client_weighting)
