@@ -44,7 +44,7 @@ from fedjax_sim.checks import (
     check_output_dir,
     check_some_client_trains,
 )
-from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.data.federated import FederatedData, check_labels
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.engine import Engine, replicate
 from fedjax_sim.evaluation import Evaluator
@@ -181,6 +181,8 @@ class Simulation:
             resident = is_in_memory(train) and train.nbytes <= resident_limit()
         check_model_fits(algorithm.model, train, params,
                          algorithm.batching.resolve_batch_size(train), finite=resident)
+        for feature, num_ids in algorithm.id_features:
+            check_labels(train, feature, num_ids, what=feature)
         check_some_client_trains(algorithm.batching, train)
 
         self.algorithm, self.train, self.sampler, self.seed = algorithm, train, sampler, seed

@@ -1,6 +1,7 @@
 """Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
-FedNova, FedDyn and q-FFL."""
+FedNova, FedDyn, q-FFL and agnostic FedAvg."""
 
+from fedjax_sim.algorithms.agnostic import agnostic_fedavg
 from fedjax_sim.algorithms.base import FederatedAlgorithm, RoundMetrics, ServerState
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
 from fedjax_sim.algorithms.feddyn import feddyn
@@ -18,6 +19,7 @@ from fedjax_sim.algorithms.server_optimizers import (
 )
 
 __all__ = [
+    "agnostic_fedavg",
     "FederatedAlgorithm",
     "RoundMetrics",
     "ServerState",

@@ -98,6 +98,8 @@ class FederatedAlgorithm(NamedTuple):
         pass, then local training); the last is the local training.
       client_state: `(params) -> state` of one client not yet sampled (evaluated on the
         current server params when it is first sampled), or None for a stateless algorithm.
+      id_features: `((feature, number of ids), ...)` the algorithm itself reads from the
+        data (agnostic FedAvg's domain id), checked like labels before anything compiles.
     """
 
     init: Callable[[Any, jax.Array], ServerState]
@@ -105,6 +107,7 @@ class FederatedAlgorithm(NamedTuple):
     model: Model
     passes: tuple[Batching, ...]
     client_state: Callable[[Any], Any] | None = None
+    id_features: tuple[tuple[str, int], ...] = ()
 
     @property
     def batching(self) -> Batching:

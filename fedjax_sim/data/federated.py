@@ -368,8 +368,9 @@ def check_labels(data: FederatedData, key: str, num_classes: int, what: str = "c
     cohort by cohort as the simulation reads it.
     """
     if key not in data.features:
-        raise ValueError(f"data has no {'label' if what == 'class' else 'input'} feature {key!r}; "
-                         f"features: {sorted(data.features)}")
+        kind = {"class": "label", "token": "input"}.get(what, what)
+        raise ValueError(f"data has no {kind} feature {key!r}; features: "
+                         f"{sorted(data.features)}")
     y = data.features[key]
     if not np.issubdtype(y.dtype, np.integer):
         _check_label_dtype(data, y, key, num_classes, what)
@@ -421,10 +422,12 @@ def _check_label_values(data, y, rows, key, num_classes, what="class") -> None:
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         flat = y.reshape(len(y), -1)  # sequence labels: [examples, tokens]
         bad = np.flatnonzero((flat < 0) | (flat >= num_classes))
-        kinds = "classes" if what == "class" else "token ids in its vocabulary"
+        kinds = {"class": "classes", "token": "token ids in its vocabulary"}.get(what,
+                                                                                f"{what} ids")
+        noun = {"class": "labels", "token": "token ids"}.get(what, f"{what} ids")
         raise ValueError(
-            f"{'labels' if what == 'class' else 'token ids'} out of range: feature {key!r} has "
+            f"{noun} out of range: feature {key!r} has "
             f"{len(bad)} value(s) outside [0, {num_classes}) (e.g. {int(flat.flat[bad[0]])} for "
-            f"client {_client_of_row(data, rows[bad[0] // flat.shape[1]])!r}); the model has "
-            f"{num_classes} {kinds}"
+            f"client {_client_of_row(data, rows[bad[0] // flat.shape[1]])!r}); the "
+            f"{'model' if what in ('class', 'token') else 'algorithm'} has {num_classes} {kinds}"
         )
