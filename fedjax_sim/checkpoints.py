@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from fedjax_sim.client_store import HostStore
+
 
 def _saveable(state) -> Any:
     """The state with its typed PRNG key as raw key data (orbax stores plain arrays)."""
@@ -44,9 +46,11 @@ class Checkpoints:
     def restore(self, state, store) -> tuple[Any, Any, dict] | None:
         """(state, store, meta) of the newest readable checkpoint, shaped and placed like the
         given `state` and `store`; None when there is none."""
-        template = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                {"state": _saveable(state),
-                                 "store": store if store is not None else {}})
+        # A host store's numpy arrays are their own template: they restore as numpy, not
+        # onto the device.
+        template = {"state": jax.tree.map(ocp.utils.to_shape_dtype_struct, _saveable(state)),
+                    "store": {} if store is None else store if isinstance(store, HostStore)
+                    else jax.tree.map(ocp.utils.to_shape_dtype_struct, store)}
         errors = []
         for r in reversed(self.rounds()):
             try:

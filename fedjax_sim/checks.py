@@ -321,14 +321,14 @@ def check_sizes(name: str, value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
+def check_output_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
     """The output directory, created; raises naming it when it is a file or cannot be made."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"output_dir {str(path)!r} is a file, not a directory: pass a "
+        raise ValueError(f"{what} {str(path)!r} is a file, not a directory: pass a "
                          "directory (it is created if missing)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"output_dir {str(path)!r} cannot be created: {e.strerror}") from e
+        raise ValueError(f"{what} {str(path)!r} cannot be created: {e.strerror}") from e
     return path

@@ -80,7 +80,7 @@ def search_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
         runner = runners[k]
         packed = jax.block_until_ready(runner.pack(indices, 0))
         t = time.perf_counter()
-        jax.block_until_ready(runner(state, store, packed))
+        jax.block_until_ready(runner(state, store, packed, commit=False))
         return time.perf_counter() - t
 
     k = autotune(sorted(candidates), build, seconds, repeats=repeats)

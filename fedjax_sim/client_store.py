@@ -1,6 +1,8 @@
 """Per-client persistent state (SCAFFOLD's control variates, FedDyn's gradients, personal
-heads): a `[num_clients, ...]` table on the device, gathered and scattered by client id with
-each round's cohort inside the compiled round.
+heads): a `[num_clients, ...]` table on the device (`ClientStore`), gathered and scattered by
+client id with each round's cohort inside the compiled round; or, for a population whose
+table does not fit the device, in host memory or memory-mapped files (`HostStore`), whose
+cohort rows travel with the round's inputs (`CohortRows`) and come back to be written.
 
 A client not yet sampled has no row: `gather` gives it the algorithm's initial state, computed
 from the current server params, and `scatter` marks its row as written. Padding clients (ids
@@ -11,6 +13,8 @@ of the devices), so each device holds a share of the population's states.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -55,17 +59,31 @@ def _zeros(shape, dtype, engine: Engine) -> jax.Array:
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
+class CohortRows(NamedTuple):
+    """A cohort's rows of a host store, sent with the round's inputs: `rows` `[C, ...]` and
+    `known` bool[C] (False: never written, or a padding client)."""
+
+    rows: Any
+    known: Any
+
+
+def fill(rows: CohortRows, initial: Any) -> Any:
+    """The cohort's states: its rows, and `initial` (one client's initial state) where a
+    client has none yet."""
+    def one(r, init):
+        mask = rows.known.reshape((-1,) + (1,) * (r.ndim - 1))
+        return jnp.where(mask, r, jnp.asarray(init, r.dtype)[None])
+
+    return jax.tree.map(one, rows.rows, initial)
+
+
 def gather(store: ClientStore, ids: jax.Array, initial: Any) -> Any:
     """The rows of clients `ids` `[C, ...]`; `initial` (one client's initial state) for clients
     never written and for padding clients."""
     known = jnp.take(store.written, ids, mode="fill", fill_value=False)
-
-    def one(table, init):
-        rows = jnp.take(table, ids, axis=0, mode="fill", fill_value=0)
-        mask = known.reshape((-1,) + (1,) * (rows.ndim - 1))
-        return jnp.where(mask, rows, jnp.asarray(init, table.dtype)[None])
-
-    return jax.tree.map(one, store.table, initial)
+    rows = jax.tree.map(lambda t: jnp.take(t, ids, axis=0, mode="fill", fill_value=0),
+                        store.table)
+    return fill(CohortRows(rows, known), initial)
 
 
 def scatter(store: ClientStore, ids: jax.Array, rows: Any, num_clients: int) -> ClientStore:
@@ -90,3 +108,70 @@ def check_template(template: Any, expected: Any) -> None:
             raise ValueError(f"client state leaf of shape {tuple(y.shape)} and dtype {y.dtype} "
                              f"from the clients does not fit the store's "
                              f"{tuple(x.shape)} {x.dtype} (from client_state)")
+
+
+class HostStore(NamedTuple):
+    """A client store in host memory, or in memory-mapped `.npy` files: for populations whose
+    table of states does not fit the device. Each round reads its cohort's rows here
+    (`rows`), sends them with the round's inputs and writes the returned rows back (`write`).
+
+    Attributes:
+      table: numpy arrays `[num_clients, ...]`, one per leaf of a client's state.
+      written: bool[num_clients], whether a client's row holds its state yet.
+    """
+
+    table: Any
+    written: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.written.shape[0])
+
+    @classmethod
+    def create(cls, num_clients: int, template: Any,
+               path: str | os.PathLike | None = None) -> HostStore:
+        """An empty store (`template` as in `create`); with `path`, its arrays are `.npy` files
+        in that directory, memory-mapped (so the table may exceed the host's memory)."""
+        leaves, treedef = jax.tree.flatten(template)
+        for leaf in leaves:
+            if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+                raise TypeError(f"client_state must return a pytree of arrays, got a leaf of "
+                                f"type {type(leaf).__name__}")
+        specs = [((num_clients, *x.shape), np.dtype(x.dtype)) for x in leaves]
+        if path is None:
+            arrays = [np.zeros(shape, dtype) for shape, dtype in specs]
+            written = np.zeros(num_clients, bool)
+        else:
+            root = Path(path)
+            root.mkdir(parents=True, exist_ok=True)
+            arrays = [np.lib.format.open_memmap(root / f"leaf_{i}.npy", "w+", dtype, shape)
+                      for i, (shape, dtype) in enumerate(specs)]
+            written = np.lib.format.open_memmap(root / "written.npy", "w+", bool,
+                                                (num_clients,))
+        return cls(jax.tree.unflatten(treedef, arrays), written)
+
+    def rows(self, ids: np.ndarray) -> CohortRows:
+        """The rows of clients `ids` (host arrays); padding ids (`>= num_rows`) read zeros,
+        not known."""
+        ids = np.asarray(ids)
+        real = ids < self.num_rows
+        safe = np.where(real, ids, 0)
+        rows = jax.tree.map(lambda t: np.where(real.reshape((-1,) + (1,) * (t.ndim - 1)),
+                                               t[safe], 0).astype(t.dtype), self.table)
+        return CohortRows(rows, self.written[safe] & real)
+
+    def write(self, ids: np.ndarray, rows: Any) -> None:
+        """Writes clients `ids`' rows in place; padding ids write nothing."""
+        ids = np.asarray(ids)
+        real = ids < self.num_rows
+        for table, new in zip(jax.tree.leaves(self.table), jax.tree.leaves(rows), strict=True):
+            table[ids[real]] = np.asarray(new)[real]
+        self.written[ids[real]] = True
+
+    def load(self, other: Any) -> HostStore:
+        """This store with `other`'s contents (a restored checkpoint) copied in place."""
+        for table, new in zip(jax.tree.leaves(self.table), jax.tree.leaves(other.table),
+                              strict=True):
+            table[...] = np.asarray(new)
+        self.written[...] = np.asarray(other.written)
+        return self

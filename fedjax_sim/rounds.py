@@ -9,12 +9,14 @@ pack-then-place sequence is written once.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fedjax_sim import client_store
 from fedjax_sim.algorithms.base import FederatedAlgorithm, RoundInputs
@@ -27,7 +29,7 @@ from fedjax_sim.data.cohort import (
     resident_order,
 )
 from fedjax_sim.data.federated import FederatedData, check_rows
-from fedjax_sim.engine import Engine, place_cohort, replicate
+from fedjax_sim.engine import Engine, place_cohort, place_rows, replicate
 
 
 class Packer:
@@ -93,7 +95,9 @@ class RoundRunner:
     The round program is `(state, store, inputs) -> (state, store, metrics)`: it gathers the
     cohort's rows of the client store (None for a stateless algorithm), runs
     `algorithm.round` and scatters the new rows back. With `donate`, the store's buffers are
-    reused for the new store (a table of every client's state is not copied each round).
+    reused for the new store (a table of every client's state is not copied each round). A
+    `HostStore` stays on the host: the program takes the cohort's rows (`CohortRows`) and
+    returns the new ones, which `__call__` writes back.
     """
 
     def __init__(self, algorithm: FederatedAlgorithm, data: FederatedData, cohort_size: int,
@@ -108,11 +112,16 @@ class RoundRunner:
 
         def round_fn(state, store, inputs, *, engine):
             ids = inputs.cohort.client_ids
-            rows = () if store is None else client_store.gather(
-                store, ids, algorithm.client_state(state.params))
+            initial = None if store is None else algorithm.client_state(state.params)
+            if isinstance(store, client_store.CohortRows):
+                rows = client_store.fill(store, initial)
+            else:
+                rows = () if store is None else client_store.gather(store, ids, initial)
             state, rows, metrics = algorithm.round(state, inputs, rows, engine=engine)
-            if store is not None:
+            if isinstance(store, client_store.ClientStore):
                 store = client_store.scatter(store, ids, rows, num_clients)
+            elif store is not None:
+                store = rows
             return state, store, metrics
 
         self.fn = jax.jit(round_fn, static_argnames=("engine",),
@@ -121,9 +130,16 @@ class RoundRunner:
     def pack(self, indices: np.ndarray, round_num: int) -> RoundInputs:
         return self.packer(indices, seed=self.seed, round_num=round_num)
 
+    def _program_store(self, store, inputs: RoundInputs):
+        """What the program takes for `store`: a host store's cohort rows, placed."""
+        if isinstance(store, client_store.HostStore):
+            return place_rows(store.rows(_host(inputs.cohort.client_ids)), self.engine)
+        return store
+
     def lower(self, state, store, inputs: RoundInputs) -> jax.stages.Lowered:
         """The round program for these shapes."""
-        return self.fn.lower(state, store, inputs, engine=self.engine)
+        return self.fn.lower(state, self._program_store(store, inputs), inputs,
+                             engine=self.engine)
 
     def compile(self, state, store, inputs: RoundInputs) -> float:
         """Compiles the round program ahead of time, for `__call__`; returns the seconds."""
@@ -131,19 +147,48 @@ class RoundRunner:
         self.compiled = self.lower(state, store, inputs).compile()
         return time.perf_counter() - start
 
-    def __call__(self, state, store, inputs: RoundInputs) -> tuple[Any, Any, Any]:
+    def __call__(self, state, store, inputs: RoundInputs, *,
+                 commit: bool = True) -> tuple[Any, Any, Any]:
+        """One round; a host store's new rows are written back unless `commit` is False
+        (the chunk-size search times rounds it does not keep)."""
+        program_store = self._program_store(store, inputs)
         if self.compiled is not None:
-            return self.compiled(state, store, inputs)
-        return self.fn(state, store, inputs, engine=self.engine)
+            state, new, metrics = self.compiled(state, program_store, inputs)
+        else:
+            state, new, metrics = self.fn(state, program_store, inputs, engine=self.engine)
+        if isinstance(store, client_store.HostStore):
+            if commit:
+                store.write(_host(inputs.cohort.client_ids), jax.tree.map(_host, new))
+            new = store
+        return state, new, metrics
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A global array's values on this host (gathered from every process)."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def new_store(algorithm: FederatedAlgorithm, data: FederatedData, params: Any,
-              engine: Engine) -> client_store.ClientStore | None:
-    """An empty client store for a stateful algorithm (None for a stateless one)."""
+              engine: Engine, where: str | os.PathLike | None = None) -> Any:
+    """An empty client store for a stateful algorithm (None for a stateless one).
+
+    `where`: "device" (a `ClientStore`), "host" (a `HostStore` in memory), a directory (a
+    `HostStore` memory-mapped there), or None: on the device when the table takes at most
+    `resident_limit()` bytes, else in host memory.
+    """
     if algorithm.client_state is None:
         return None
-    return client_store.create(data.num_clients, jax.eval_shape(algorithm.client_state, params),
-                               engine)
+    template = jax.eval_shape(algorithm.client_state, params)
+    if where is None:
+        row = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                  for x in jax.tree.leaves(template))
+        where = "device" if row * data.num_clients <= resident_limit() else "host"
+    if where == "device":
+        return client_store.create(data.num_clients, template, engine)
+    return client_store.HostStore.create(data.num_clients, template,
+                                         None if where == "host" else where)
 
 
 # On a CPU, a population up to this size stays on the device and cohorts are gathered there

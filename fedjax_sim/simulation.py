@@ -44,6 +44,7 @@ from fedjax_sim.checks import (
     check_output_dir,
     check_some_client_trains,
 )
+from fedjax_sim.client_store import HostStore
 from fedjax_sim.data.federated import FederatedData, check_labels
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.engine import Engine, replicate
@@ -111,6 +112,9 @@ class Simulation:
         2 GiB on a CPU, or under a quarter of an accelerator's memory (`resident_limit`).
         Otherwise each round reads its cohort's rows (from memory, a memory-mapped file or
         SQLite), on a background thread while the previous round runs.
+      client_store: where a stateful algorithm's per-client states live: "device", "host"
+        (host memory; each round sends its cohort's rows), a directory (host, memory-mapped
+        `.npy` files there), or None: on the device when the table fits `resident_limit`.
       output_dir: where `history.jsonl` (written as the run goes) and `checkpoints/` go.
       checkpoint_every: with `output_dir`, a checkpoint every this many rounds (0: only at
         the end of a run and when it is stopped by SIGTERM or Ctrl-C); the newest
@@ -128,6 +132,7 @@ class Simulation:
                  eval_every: int = 0, eval_clients: int | None = None,
                  eval_batch_size: int = 64, chunk_size: int | None = None,
                  mesh: jax.sharding.Mesh | None = None, resident: bool | None = None,
+                 client_store: str | os.PathLike | None = None,
                  output_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                  keep_checkpoints: int = 3, resume: bool = False, progress: bool = True,
                  callbacks: Sequence[Callback] = ()):
@@ -193,7 +198,14 @@ class Simulation:
         self._start = time.perf_counter()
         one = Engine(1, mesh)
         self.state = replicate(algorithm.init(params, jax.random.key(seed)), one)
-        self.store = new_store(algorithm, train, params, one)
+        if client_store in ("device", "host", None):
+            where = client_store
+        elif isinstance(client_store, (str, os.PathLike)):
+            where = check_output_dir(client_store, "client_store")
+        else:
+            raise TypeError(f"client_store must be 'device', 'host', a directory or None, got "
+                            f"{client_store!r}"[:200])
+        self.store = new_store(algorithm, train, params, one, where)
         self.round, self.history = 0, []
         self.monitor = Monitor(sum(int(np.size(x)) for x in jax.tree.leaves(params)),
                                float(tree_norm(params)))
@@ -354,6 +366,8 @@ class Simulation:
                              f"another configuration ({'; '.join(diff)}): resume with the "
                              "same algorithm, data, sampler and seed, or use another "
                              "output_dir")
+        if isinstance(self.store, HostStore):
+            store = self.store.load(store)  # in place: a memory-mapped table stays mapped
         self.state, self.store, self.round = state, store, int(meta["round"])
         self.history = list(meta["history"])
         self.monitor.restore(meta["monitor"])

@@ -46,3 +46,24 @@ def test_a_client_state_of_another_structure_is_named():
         client_store.check_template({"c": jnp.zeros(3)}, {"c": jnp.zeros(4)})
     with pytest.raises(TypeError, match="client_state must return a pytree of arrays"):
         client_store.create(3, {"c": "zeros"}, Engine())
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_a_host_store_reads_initial_rows_until_written_and_padding_never_writes(mapped,
+                                                                              tmp_path):
+    template = {"c": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    store = client_store.HostStore.create(10, template, tmp_path if mapped else None)
+    ids = np.array([4, 1, 10, 11])  # 10 and 11 are padding
+    before = store.rows(ids)
+    assert not before.known.any() and (before.rows["c"] == 0).all()
+    store.write(ids, {"c": np.arange(12.0).reshape(4, 3)})
+    after = store.rows(np.array([1, 4, 5, 10]))
+    np.testing.assert_array_equal(after.known, [True, True, False, False])
+    np.testing.assert_array_equal(after.rows["c"][:2], [[3, 4, 5], [0, 1, 2]])
+    np.testing.assert_array_equal(after.rows["c"][2:], 0)  # 5 untouched, 10 padding
+    assert store.written.sum() == 2
+    filled = client_store.fill(after, {"c": jnp.full(3, 7.0)})
+    np.testing.assert_array_equal(filled["c"][2:], 7.0)
+    if mapped:  # the table is the files: another mapping of them sees the rows
+        np.testing.assert_array_equal(np.load(tmp_path / "leaf_0.npy", mmap_mode="r")[4],
+                                      [0, 1, 2])

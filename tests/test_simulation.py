@@ -397,6 +397,61 @@ def test_a_round_vmapped_over_two_seeds_is_the_two_runs():
     assert not np.allclose(one(states[0])["Dense_0"]["kernel"], one(states[1])["Dense_0"]["kernel"])
 
 
+def _stack(states):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def test_a_round_vmapped_over_learning_rates_is_the_separate_runs():
+    """Client and server learning rates built with optax.inject_hyperparams are traced state:
+    two rounds of a vmap over two (client, server) pairs give each pair's own run, which is
+    the run with those values as constants."""
+    data = _scaffold_population()
+    model = fs.models.logistic_regression(5, 3)
+    params = model.init(None)
+    engine = fs.Engine(2)
+    injected = fs.algorithms.fedavg(model, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+                                    optax.inject_hyperparams(optax.adam)(learning_rate=0.01),
+                                    batch_size=4)
+    inputs, _, _ = fs.testing.round_inputs(injected, data, [0, 3, 5, 6], engine=engine)
+    pairs = [(0.05, 0.02), (0.3, 0.005)]
+    states = [fs.algorithms.with_hparams(injected.init(params, jax.random.key(0)),
+                                         client={"learning_rate": c},
+                                         server={"learning_rate": s}) for c, s in pairs]
+    two_rounds = lambda algo: lambda st: algo.round(
+        algo.round(st, inputs, (), engine=engine)[0], inputs, (), engine=engine)[0].params
+    both = jax.jit(jax.vmap(two_rounds(injected)))(_stack(states))
+    for i, (c, s) in enumerate(pairs):
+        plain = fs.algorithms.fedavg(model, optax.sgd(c), optax.adam(s), batch_size=4)
+        alone = jax.jit(two_rounds(plain))(plain.init(params, jax.random.key(0)))
+        assert_trees_close(jax.tree.map(lambda x, i=i: x[i], both), alone, 1e-5, 1e-6)
+    assert not np.allclose(both["w"][0], both["w"][1])
+    with pytest.raises(KeyError, match="no injected hyperparameter 'momentum'"):
+        fs.algorithms.with_hparams(states[0], client={"momentum": 0.9})
+
+
+def test_scaffold_vmapped_over_client_learning_rates():
+    """SCAFFOLD's client learning rate (in both its steps and its control-variate update) is
+    traced: a vmap over two rates gives the two algorithms built with them."""
+    data = _scaffold_population()
+    model = fs.models.logistic_regression(5, 3)
+    params = model.init(None)
+    engine = fs.Engine(1)
+    algo = fs.algorithms.scaffold(model, 0.1, batch_size=4)
+    inputs, _, _ = fs.testing.round_inputs(algo, data, [1, 2, 4], engine=engine)
+    rows = jax.tree.map(lambda p: jnp.zeros((3, *p.shape)), params)
+    run = lambda a: lambda st: a.round(st, inputs, rows, engine=engine)[:2]
+    states = [fs.algorithms.with_hparams(algo.init(params, jax.random.key(0)),
+                                         client={"learning_rate": lr}) for lr in (0.05, 0.2)]
+    both = jax.jit(jax.vmap(run(algo)))(_stack(states))
+    for i, lr in enumerate((0.05, 0.2)):
+        other = fs.algorithms.scaffold(model, lr, batch_size=4)
+        state, new_rows = jax.jit(run(other))(other.init(params, jax.random.key(0)))
+        got = jax.tree.map(lambda x, i=i: x[i], both)
+        assert_trees_close(got[0].params, state.params, 1e-6, 1e-7)
+        assert_trees_close(got[0].extra, state.extra, 1e-6, 1e-7)
+        assert_trees_close(got[1], new_rows, 1e-6, 1e-7)
+
+
 class _Dropout(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -422,3 +477,29 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("mesh", [False, True])
+def test_scaffold_with_a_host_store_equals_the_device_store(mesh, tmp_path):
+    """The host store (in memory, and memory-mapped) gives the device store's bits, params
+    and every client's row; a resumed run with a memory-mapped store too."""
+    data = _scaffold_population()
+    algo = fs.algorithms.scaffold(fs.models.logistic_regression(5, 3), 0.1, batch_size=4)
+    kwargs = dict(cohort_size=3, seed=2, chunk_size=1, progress=False,
+                  mesh=fs.client_mesh() if mesh else None)
+    device = fs.simulate(algo, data, rounds=5, client_store="device", **kwargs)
+    host = fs.simulate(algo, data, rounds=5, client_store="host", **kwargs)
+    assert isinstance(host.store, fs.client_store.HostStore)
+    assert_trees_equal(device.params, host.params)
+    n = data.num_clients
+    np.testing.assert_array_equal(np.asarray(device.store.written)[:n], host.store.written)
+    assert_trees_equal(jax.tree.map(lambda t: np.asarray(t)[:n], device.store.table),
+                       host.store.table)
+    assert 0 < host.store.written.sum() < n  # some clients sampled, some never
+    fs.simulate(algo, data, rounds=3, client_store=tmp_path / "rows", output_dir=tmp_path / "run",
+                **kwargs)
+    resumed = fs.simulate(algo, data, rounds=5, client_store=tmp_path / "rows",
+                          output_dir=tmp_path / "run", resume=True, **kwargs)
+    assert isinstance(resumed.store.written, np.memmap)
+    assert_trees_equal(device.params, resumed.params)
+    assert_trees_equal(host.store.table, resumed.store.table)

@@ -2,7 +2,12 @@
 FedNova, FedDyn, q-FFL and agnostic FedAvg."""
 
 from fedjax_sim.algorithms.agnostic import agnostic_fedavg
-from fedjax_sim.algorithms.base import FederatedAlgorithm, RoundMetrics, ServerState
+from fedjax_sim.algorithms.base import (
+    FederatedAlgorithm,
+    RoundMetrics,
+    ServerState,
+    with_hparams,
+)
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
 from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
@@ -39,4 +44,5 @@ __all__ = [
     "optimizer_client_update",
     "scaffold",
     "scale_by_fedopt",
+    "with_hparams",
 ]

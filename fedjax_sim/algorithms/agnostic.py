@@ -69,7 +69,7 @@ def agnostic_fedavg(model, client_optimizer, num_domains: int, server_optimizer=
 
     def round_fn(state, inputs, client_states, *, engine):
         result, (sums, losses, shares), agg_state, agg_metrics = base.run_pass(
-            update, aggregator, state, inputs, Broadcast(state.params, state.round),
+            update, aggregator, state, inputs, Broadcast.of(state),
             engine=engine)
         present = shares > 0
         safe = jnp.where(present, shares, 1.0)
@@ -87,7 +87,8 @@ def agnostic_fedavg(model, client_optimizer, num_domains: int, server_optimizer=
 
     def init_state(params, key):
         uniform = jnp.full((num_domains,), 1.0 / num_domains, jnp.float32)
-        return base.init_state(params, key, server_optimizer, aggregator, extra=uniform)
+        return base.init_state(params, key, server_optimizer, aggregator, extra=uniform,
+                               client_optimizer=client_optimizer)
 
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle),)

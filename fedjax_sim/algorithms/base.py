@@ -32,6 +32,11 @@ class ServerState(NamedTuple):
       round: i32[], rounds completed (the number of the next round).
       key: the run's PRNG key; round r draws from `fold_in(key, r)` (`round_key`).
       extra: algorithm-specific server state (SCAFFOLD's control variate), `()` if none.
+      hparams: the client optimizer's hyperparameters, by name, when it is built with
+        `optax.inject_hyperparams` (`{}` otherwise): every client's optimizer starts from
+        these values, so they are traced, and a round vmapped over states with other values
+        runs those runs side by side (the server optimizer's live in `opt_state` the same
+        way). `with_hparams` sets them.
     """
 
     params: Any
@@ -40,6 +45,7 @@ class ServerState(NamedTuple):
     round: jax.Array
     key: jax.Array
     extra: Any = ()
+    hparams: dict = {}
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["cohorts", "pool"],
@@ -121,15 +127,57 @@ def resolve_optimizer(opt: ClientOptimizer, round_num: jax.Array) -> optax.Gradi
     return opt(round_num)
 
 
+def client_hparams(opt: ClientOptimizer, params) -> dict:
+    """The hyperparameters `optax.inject_hyperparams` put in `opt`'s state, by name (`{}` for
+    none, or for a per-round function of the round: its values are its own)."""
+    if not isinstance(opt, optax.GradientTransformation):
+        return {}
+    found = {}
+    is_injected = lambda x: isinstance(getattr(x, "hyperparams", None), dict)
+    for node in jax.tree.leaves(opt.init(params), is_leaf=is_injected):
+        if is_injected(node):
+            found.update({k: jnp.asarray(v) for k, v in node.hyperparams.items()
+                          if not callable(v)})
+    return found
+
+
+def injected_sgd(learning_rate: float, momentum: float = 0.0) -> optax.GradientTransformation:
+    """Client SGD whose learning rate is traced (`ServerState.hparams["learning_rate"]`)."""
+    return optax.inject_hyperparams(
+        lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None))(
+            learning_rate=learning_rate)
+
+
+def with_hparams(state: ServerState, *, client: dict | None = None,
+                 server: dict | None = None) -> ServerState:
+    """`state` with other values for the client optimizer's injected hyperparameters and the
+    server optimizer's (each built with `optax.inject_hyperparams`), e.g.
+    `with_hparams(state, client={"learning_rate": 0.03})`; a name the optimizer does not
+    inject is refused."""
+    hparams = dict(state.hparams)
+    for name, value in (client or {}).items():
+        if name not in hparams:
+            raise KeyError(f"the client optimizer has no injected hyperparameter {name!r} "
+                           f"(it has {sorted(hparams)}): build it with "
+                           f"optax.inject_hyperparams(...)(...)")
+        hparams[name] = jnp.asarray(value, jnp.result_type(hparams[name]))
+    opt_state = state.opt_state
+    if server:
+        opt_state = optax.tree_utils.tree_set(opt_state, **server)
+    return state._replace(hparams=hparams, opt_state=opt_state)
+
+
 def round_key(state: ServerState) -> jax.Array:
     """This round's key: clients draw from `fold_in(key, 0)`, the server from 1 on."""
     return jax.random.fold_in(state.key, state.round)
 
 
-def init_state(params, key, server_optimizer, aggregator, extra=()) -> ServerState:
+def init_state(params, key, server_optimizer, aggregator, extra=(),
+               client_optimizer: ClientOptimizer | None = None) -> ServerState:
     params = jax.tree.map(jnp.asarray, params)
+    hparams = {} if client_optimizer is None else client_hparams(client_optimizer, params)
     return ServerState(params, server_optimizer.init(params), aggregator.init(params),
-                       jnp.int32(0), key, extra)
+                       jnp.int32(0), key, extra, hparams)
 
 
 def included(cohort: Cohort, result: PassResult) -> jax.Array:

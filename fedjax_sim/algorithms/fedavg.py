@@ -108,11 +108,12 @@ def fedopt(
     update = optimizer_client_update(model, client_optimizer, mu=mu)
 
     def init(params, key):
-        return init_state(params, key, server_optimizer, aggregator)
+        return init_state(params, key, server_optimizer, aggregator,
+                          client_optimizer=client_optimizer)
 
     def round_fn(state, inputs, client_states, *, engine: Engine):
         result, mean_delta, agg_state, agg_metrics = run_pass(
-            update, aggregator, state, inputs, Broadcast(state.params, state.round),
+            update, aggregator, state, inputs, Broadcast.of(state),
             engine=engine)
         ok = included(inputs.cohort, result)
         state, updates = server_step(state, mean_delta, server_optimizer, ok.any())

@@ -48,12 +48,12 @@ def feddyn(model, client_optimizer, alpha: float, server_optimizer=None, *, batc
 
     def init(params, key):
         return base.init_state(params, key, server_optimizer, aggregator,
-                               extra=base.zeros_like(params))
+                               extra=base.zeros_like(params), client_optimizer=client_optimizer)
 
     def round_fn(state, inputs, client_states, *, engine):
         cohort = inputs.cohort
         result, d, agg_state, agg_metrics = base.run_pass(
-            update, aggregator, state, inputs, Broadcast(state.params, state.round),
+            update, aggregator, state, inputs, Broadcast.of(state),
             engine=engine, client_states=client_states)
         ok = base.included(cohort, result)
         fraction = jnp.sum(ok) / inputs.num_clients  # |P| / N

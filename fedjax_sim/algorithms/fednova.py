@@ -37,7 +37,8 @@ def fednova(model, client_lr: float, server_optimizer=None, *, momentum: float =
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     check_optimizer(server_optimizer, "server_optimizer")
     aggregator = check_aggregator(aggregator, client_weighting)
-    init_local, step = local_training(model, optax.sgd(client_lr, momentum=momentum or None))
+    client_sgd = base.injected_sgd(client_lr, momentum)
+    init_local, step = local_training(model, client_sgd)
 
     def finalize(broadcast, local, ctx):
         tau, rho = local.step.astype(jnp.float32), momentum
@@ -49,12 +50,13 @@ def fednova(model, client_lr: float, server_optimizer=None, *, momentum: float =
     update = ClientUpdate(init_local, step, finalize)
 
     def init(params, key):
-        return base.init_state(params, key, server_optimizer, aggregator)
+        return base.init_state(params, key, server_optimizer, aggregator,
+                               client_optimizer=client_sgd)
 
     def round_fn(state, inputs, client_states, *, engine):
         cohort = inputs.cohort
         result, (d, tau_eff), agg_state, agg_metrics = base.run_pass(
-            update, aggregator, state, inputs, Broadcast(state.params, state.round),
+            update, aggregator, state, inputs, Broadcast.of(state),
             engine=engine)
         pseudo = jax.tree.map(lambda x: tau_eff * x, d)
         new, updates = base.server_step(state, pseudo, server_optimizer,

@@ -17,12 +17,18 @@ from fedjax_sim.models.core import Model
 
 
 class Broadcast(NamedTuple):
-    """What the server sends every client: its params, the round number, and whatever else
-    the algorithm needs (SCAFFOLD's control variate), `()` if nothing."""
+    """What the server sends every client: its params, the round number, whatever else the
+    algorithm needs (SCAFFOLD's control variate, `()` if nothing), and the client optimizer's
+    traced hyperparameters (`ServerState.hparams`)."""
 
     params: Any
     round: jax.Array
     extra: Any = ()
+    hparams: dict = {}
+
+    @classmethod
+    def of(cls, state, extra=()) -> Broadcast:
+        return cls(state.params, state.round, extra, state.hparams)
 
 
 class LocalState(NamedTuple):
@@ -53,8 +59,11 @@ def local_training(model: Model, client_optimizer: ClientOptimizer, *, mu: float
         extra = () if linear is None else linear(broadcast, ctx)
         # Unchanged by the steps, the anchor stays one unbatched copy under the engine's vmap.
         anchor = broadcast.params if mu else ()
-        return LocalState(broadcast.params, opt.init(broadcast.params), broadcast.round,
-                          ctx.key, jnp.int32(0), zero, zero, extra, anchor)
+        opt_state = opt.init(broadcast.params)
+        if broadcast.hparams:
+            opt_state = optax.tree_utils.tree_set(opt_state, **broadcast.hparams)
+        return LocalState(broadcast.params, opt_state, broadcast.round, ctx.key, jnp.int32(0),
+                          zero, zero, extra, anchor)
 
     def step(state: LocalState, batch, mask) -> LocalState:
         opt = resolve_optimizer(client_optimizer, state.round)

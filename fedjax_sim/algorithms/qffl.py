@@ -40,7 +40,6 @@ def qffl(model, client_lr: float, q: float, *, batch_size=10, num_epochs=1, max_
     check_model(model)
     client_lr = check_number("client_lr", client_lr, above=0)
     q = check_number("q", q, at_least=0)
-    lipschitz = 1.0 / client_lr
     aggregator = aggregators.chain(aggregators.weight_by("uniform"), aggregators.mean())
     zero = lambda: jnp.zeros((), jnp.result_type(float))
 
@@ -51,10 +50,12 @@ def qffl(model, client_lr: float, q: float, *, batch_size=10, num_epochs=1, max_
     losses = ClientUpdate(lambda b, ctx: LossSum(b.params, zero(), zero()), loss_step,
                           lambda b, s, ctx: ClientResult(metrics={
                               "loss_at_w": s.total / jnp.maximum(s.count, 1.0)}))
-    init_local, step = local_training(model, optax.sgd(client_lr))
+    client_sgd = base.injected_sgd(client_lr)
+    init_local, step = local_training(model, client_sgd)
 
     def finalize(broadcast, local, ctx):
         f = jnp.maximum(ctx.state, 1e-10)  # F_k, from the first pass
+        lipschitz = 1.0 / broadcast.hparams["learning_rate"]
         dw = jax.tree.map(lambda d: lipschitz * d, base.delta(broadcast.params, local.params))
         sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(dw))
         h = q * f ** (q - 1) * sq + lipschitz * f ** q
@@ -65,7 +66,7 @@ def qffl(model, client_lr: float, q: float, *, batch_size=10, num_epochs=1, max_
     server = optax.sgd(1.0)
 
     def round_fn(state, inputs, client_states, *, engine):
-        bcast = Broadcast(state.params, state.round)
+        bcast = Broadcast.of(state)
         first = run_clients(losses, inputs.cohorts[0], inputs.pool, bcast,
                             jax.random.fold_in(base.round_key(state), 0), engine=engine)
         result, (delta, h), agg_state, agg_metrics = base.run_pass(
@@ -81,5 +82,6 @@ def qffl(model, client_lr: float, q: float, *, batch_size=10, num_epochs=1, max_
               Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle))
     return base.FederatedAlgorithm(
-        init=lambda params, key: base.init_state(params, key, server, aggregator),
+        init=lambda params, key: base.init_state(params, key, server, aggregator,
+                                                  client_optimizer=client_sgd),
         round=round_fn, model=model, passes=passes)

@@ -36,28 +36,32 @@ def scaffold(model, client_lr: float, server_optimizer=None, *, batch_size=10, n
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     check_optimizer(server_optimizer, "server_optimizer")
     aggregator = check_aggregator(aggregator, client_weighting)
+    client_sgd = base.injected_sgd(client_lr)
     init_local, step = local_training(
-        model, optax.sgd(client_lr),
+        model, client_sgd,
         linear=lambda b, ctx: jax.tree.map(jnp.subtract, b.extra, ctx.state))
 
     def finalize(broadcast, local, ctx):
-        steps = jnp.maximum(local.step, 1).astype(jnp.float32)
+        trained = local.step > 0  # a client with no step keeps its c_i
+        scale = 1.0 / (jnp.maximum(local.step, 1).astype(jnp.float32)
+                       * broadcast.hparams["learning_rate"])
         drift = base.delta(broadcast.params, local.params)  # x - y
-        c_new = jax.tree.map(lambda ci, c, d: jnp.where(local.step > 0, ci - c + d / (steps *
-                             client_lr), ci), ctx.state, broadcast.extra, drift)
-        dc = jax.tree.map(jnp.subtract, c_new, ctx.state)
+        # dc = c_i+ - c_i = (x - y) / (K lr) - c, one pass; c_i+ = c_i + dc.
+        dc = jax.tree.map(lambda c, d: jnp.where(trained, d * scale - c, 0.0), broadcast.extra,
+                          drift)
+        c_new = jax.tree.map(jnp.add, ctx.state, dc)
         return ClientResult((drift, dc), c_new, train_metrics(local))
 
     update = ClientUpdate(init_local, step, finalize)
 
     def init(params, key):
         return base.init_state(params, key, server_optimizer, aggregator,
-                               extra=base.zeros_like(params))
+                               extra=base.zeros_like(params), client_optimizer=client_sgd)
 
     def round_fn(state, inputs, client_states, *, engine):
         cohort = inputs.cohort
         result, (dy, dc), agg_state, agg_metrics = base.run_pass(
-            update, aggregator, state, inputs, Broadcast(state.params, state.round, state.extra),
+            update, aggregator, state, inputs, Broadcast.of(state, state.extra),
             engine=engine, client_states=client_states)
         ok = base.included(cohort, result)
         fraction = jnp.sum(ok) / inputs.num_clients  # |S| / N
