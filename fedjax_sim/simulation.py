@@ -196,6 +196,7 @@ class Simulation:
         self.timings = {"chunk_size_choice_s": 0.0, "compile_s": 0.0, "rounds_s": 0.0,
                         "eval_s": 0.0}
         self._start = time.perf_counter()
+        chunk_size_lib.use_compilation_cache()
         one = Engine(1, mesh)
         self.state = replicate(algorithm.init(params, jax.random.key(seed)), one)
         if client_store in ("device", "host", None):

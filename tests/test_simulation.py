@@ -140,8 +140,15 @@ def test_autotune_times_contenders_round_robin_so_a_slow_spell_does_not_decide()
 
     k = autotune([1, 2, 4, 8, 16], lambda k: built.append(k) or True, seconds, repeats=2)
     assert k == 4
-    assert built == [1, 2, 4, 8, 16]  # 16 is over 2x the best: the sweep ends there
+    assert built == [1, 2, 4, 8, 16]  # 16 is over 1.5x the best: the sweep ends there
     assert calls == [1, 2, 4, 8, 16] + [1, 2, 4, 8] * 2
+
+
+def test_autotune_compiles_no_candidate_after_one_past_the_stop_ratio():
+    built = []
+    k = autotune([1, 2, 4, 8], lambda k: built.append(k) or True,
+                 {1: 1.0, 2: 1.6, 4: 0.5, 8: 0.4}.get, repeats=1)
+    assert (k, built) == (1, [1, 2])  # 2 ran 1.6x as long as 1: 4 and 8 are not compiled
 
 
 def test_autotune_stops_before_a_candidate_that_does_not_fit():
