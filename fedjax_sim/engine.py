@@ -113,7 +113,8 @@ class PassResult(NamedTuple):
       reduced: the aggregator's reduction (`Reduced`: sums, or `[C, ...]` rows); None when no
         aggregator ran.
       metrics: per-client arrays `[C]`: the update's and the aggregator's metrics.
-      states: the clients' new persistent states `[C, ...]` (`()` when stateless).
+      states: the clients' new persistent states `[C, ...]` (`()` when stateless); a client
+        whose output the aggregator excluded as not finite keeps its old state.
     """
 
     reduced: Reduced | None
@@ -161,13 +162,20 @@ def run_clients(
         _, local = lax.while_loop(lambda c: c[0] < num_steps, body, (jnp.int32(0), local))
         result = update.finalize(bcast, local, ctx)
         metrics = dict(result.metrics or {})
-        output = ()
+        output, new_state = (), result.state
         if aggregator is not None:
             output, weight, agg_metrics = aggregator.client(
                 result.output, weight, ctx._replace(key=jax.random.fold_in(client_key, 1)),
                 agg_state)
             metrics.update(agg_metrics)
-        return output, weight, result.state, metrics
+            if "finite" in agg_metrics and jax.tree.leaves(new_state):
+                # An excluded client (its output not finite) keeps its old state: a diverged
+                # client must not write NaNs into the store. Done here, per client, it fuses
+                # with finalize instead of a pass over every [C, ...] row after the engine.
+                new_state = jax.tree.map(
+                    lambda n, o: jnp.where(agg_metrics["finite"], n, o.astype(n.dtype)),
+                    new_state, state)
+        return output, weight, new_state, metrics
 
     def chunk(bcast, rows, xs):
         if xs[0].shape[0] == 1:

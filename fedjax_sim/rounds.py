@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -118,10 +119,13 @@ class RoundRunner:
             else:
                 rows = () if store is None else client_store.gather(store, ids, initial)
             state, rows, metrics = algorithm.round(state, inputs, rows, engine=engine)
+            # A client excluded as not finite writes nothing: its row stays as it was.
+            writes = metrics.clients.get("finite", jnp.ones(ids.shape, bool))
             if isinstance(store, client_store.ClientStore):
-                store = client_store.scatter(store, ids, rows, num_clients)
+                store = client_store.scatter(store, jnp.where(writes, ids, num_clients), rows,
+                                             num_clients)
             elif store is not None:
-                store = rows
+                store = client_store.CohortRows(rows, writes)
             return state, store, metrics
 
         self.fn = jax.jit(round_fn, static_argnames=("engine",),
@@ -158,7 +162,9 @@ class RoundRunner:
             state, new, metrics = self.fn(state, program_store, inputs, engine=self.engine)
         if isinstance(store, client_store.HostStore):
             if commit:
-                store.write(_host(inputs.cohort.client_ids), jax.tree.map(_host, new))
+                ids = _host(inputs.cohort.client_ids)
+                store.write(np.where(_host(new.known), ids, store.num_rows),
+                            jax.tree.map(_host, new.rows))
             new = store
         return state, new, metrics
 

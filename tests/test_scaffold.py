@@ -100,3 +100,22 @@ def test_scaffold_follows_the_papers_rule_on_a_case_by_hand():
 def test_scaffold_rejects_a_bad_learning_rate():
     with pytest.raises(ValueError, match="client_lr must be a finite number > 0"):
         fs.algorithms.scaffold(quadratic_model(), -0.1)
+
+
+def test_a_client_whose_update_is_not_finite_writes_no_state():
+    """Client 1's update (about 7.5e29) overflows the norm's float32 sum of squares, so it
+    counts as diverged: excluded, its row stays unwritten, and the other client's c_i is
+    written."""
+    data = fs.data.from_client_dict({"c0": {"a": np.array([1.0], np.float32)},
+                                     "c1": {"a": np.array([1e30], np.float32)}})
+    model = quadratic_model()
+    algo = fs.algorithms.scaffold(model, 0.5, batch_size=None)
+    engine = Engine()
+    params = model.init(None)
+    state = replicate(algo.init(params, jax.random.key(0)), engine)
+    store = new_store(algo, data, params, engine)
+    runner = RoundRunner(algo, data, 2, engine, seed=0, pool=replicate(data.features, engine))
+    state, store, metrics = runner(state, store, runner.pack(np.array([0, 1]), 0))
+    assert int(metrics.num_excluded) == 1 and np.isfinite(float(state.params["w"]))
+    np.testing.assert_array_equal(np.asarray(store.written)[:2], [True, False])
+    assert np.isfinite(np.asarray(store.table["w"])).all()

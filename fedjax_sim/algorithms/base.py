@@ -235,15 +235,6 @@ def delta(server_params, client_params):
     return jax.tree.map(jnp.subtract, server_params, client_params)
 
 
-def keep_excluded_states(result: PassResult, old_rows, new_rows):
-    """The clients' new persistent states, but an excluded client's (non-finite output) keeps
-    its old one: a diverged client must not write NaNs into the store."""
-    finite = result.metrics["finite"]
-    return jax.tree.map(
-        lambda n, o: jnp.where(finite.reshape((-1,) + (1,) * (n.ndim - 1)), n, o.astype(n.dtype)),
-        new_rows, old_rows)
-
-
 def run_pass(update, aggregator, state: ServerState, inputs: RoundInputs, broadcast, *,
              engine, client_states=(), pass_index: int = -1, salt: int = 0):
     """One engine pass over `inputs.cohorts[pass_index]` and the aggregator's server part:

@@ -61,8 +61,7 @@ def feddyn(model, client_optimizer, alpha: float, server_optimizer=None, *, batc
         pseudo = jax.tree.map(lambda d, h: d + h / alpha, d, h)
         new, updates = base.server_step(state, pseudo, server_optimizer, ok.any())
         h = jax.tree.map(lambda n, o: jnp.where(ok.any(), n, o), h, state.extra)
-        rows = base.keep_excluded_states(result, client_states, result.states)
-        return (new._replace(agg_state=agg_state, extra=h), rows,
+        return (new._replace(agg_state=agg_state, extra=h), result.states,
                 base.round_metrics(cohort, result, new, updates, agg_metrics))
 
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,

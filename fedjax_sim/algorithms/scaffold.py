@@ -67,8 +67,7 @@ def scaffold(model, client_lr: float, server_optimizer=None, *, batch_size=10, n
         fraction = jnp.sum(ok) / inputs.num_clients  # |S| / N
         c = jax.tree.map(lambda c, d: c + fraction * d, state.extra, dc)
         new, updates = base.server_step(state, dy, server_optimizer, ok.any())
-        rows = base.keep_excluded_states(result, client_states, result.states)
-        return (new._replace(agg_state=agg_state, extra=c), rows,
+        return (new._replace(agg_state=agg_state, extra=c), result.states,
                 base.round_metrics(cohort, result, new, updates, agg_metrics))
 
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
