@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fedjax_sim.engine import CLIENTS, Engine
+if TYPE_CHECKING:
+    from fedjax_sim.engine import Engine
+
 
 
 class ClientStore(NamedTuple):
@@ -55,8 +57,28 @@ def create(num_clients: int, template: Any, engine: Engine) -> ClientStore:
 def _zeros(shape, dtype, engine: Engine) -> jax.Array:
     if engine.mesh is None:
         return jnp.zeros(shape, dtype)
+    from fedjax_sim.engine import CLIENTS  # the engine imports this module
+
     sharding = NamedSharding(engine.mesh, P(CLIENTS))
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+class InScan(NamedTuple):
+    """A device store handed to the engine whole (one device, no mesh): each chunk of K
+    clients gathers its rows inside the engine's scan and scatters its new rows back, so the
+    table is read and written once a round, not copied into `[C, ...]` rows and back (which
+    made SCAFFOLD's 1,000-client W1 round 2x FedAvg's). `run_clients` returns the written
+    store as its `states`.
+
+    Attributes:
+      store: the `ClientStore`.
+      initial: one client's initial state (for clients never written).
+      num_clients: the population's size (ids at or past it are padding).
+    """
+
+    store: ClientStore
+    initial: Any
+    num_clients: int
 
 
 class CohortRows(NamedTuple):

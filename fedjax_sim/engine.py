@@ -25,6 +25,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedjax_sim import client_store
 from fedjax_sim.aggregators import Aggregator, Reduced, sum_rows
 from fedjax_sim.data.cohort import Cohort
 
@@ -138,8 +139,14 @@ def run_clients(
 
     Client c's key is `fold_in(key, client_ids[c])`: its training key (`ctx.key`) folds in 0,
     the aggregator's per-client key folds in 1. `client_states` are the clients' persistent
-    states `[C, ...]`, in cohort order.
+    states `[C, ...]`, in cohort order, or a whole store (`client_store.InScan`, one device
+    only), gathered and scattered chunk by chunk; then the result's `states` is the new
+    `ClientStore`.
     """
+    in_scan = isinstance(client_states, client_store.InScan)
+    if in_scan and engine.mesh is not None:
+        raise ValueError("a store is gathered inside the engine on one device only: on a mesh "
+                         "pass the cohort's rows")
     b = cohort.batch_size
     arange_b = jnp.arange(b, dtype=jnp.int32)
     last = cohort.order.shape[0] - 1
@@ -191,19 +198,40 @@ def run_clients(
             return (), (metrics, states, output, weight)
         return (), (metrics, states)
 
+    def store_chunk(bcast, rows, x, store):
+        """A chunk that reads its clients' rows from `store` and writes their new ones."""
+        ids = x[4]
+        states = client_store.gather(store, ids, client_states.initial)
+        partial, (metrics, new, *rest) = chunk(bcast, rows, (*x[:6], states))
+        writes = metrics.get("finite", jnp.ones(ids.shape, bool))  # excluded: no write
+        n = client_states.num_clients
+        store = client_store.scatter(store, jnp.where(writes, ids, n), new, n)
+        return partial, (metrics, (), *rest), store
+
     def local(bcast, rows, *per_client):
         k = engine.chunk_size
         xs = jax.tree.map(lambda a: a.reshape((-1, k) + a.shape[1:]), per_client)
-        carry_shape = jax.eval_shape(lambda: chunk(bcast, rows, jax.tree.map(lambda a: a[0],
-                                                                             xs))[0])
+        first = jax.tree.map(lambda a: a[0], xs)
+        if in_scan:
+            carry_shape = jax.eval_shape(lambda: store_chunk(bcast, rows, first,
+                                                             client_states.store)[0])
+        else:
+            carry_shape = jax.eval_shape(lambda: chunk(bcast, rows, first)[0])
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), carry_shape)
 
-        def body(acc, x):
-            partial, per = chunk(bcast, rows, x)
-            return jax.tree.map(jnp.add, acc, partial), per
+        def body(carry, x):
+            acc, store = carry
+            if in_scan:
+                partial, per, store = store_chunk(bcast, rows, x, store)
+            else:
+                partial, per = chunk(bcast, rows, x)
+            return (jax.tree.map(jnp.add, acc, partial), store), per
 
-        total, per = lax.scan(body, zeros, xs)
+        store = client_states.store if in_scan else None
+        (total, store), per = lax.scan(body, (zeros, store), xs)
         per = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), per)
+        if in_scan:
+            per = (per[0], store, *per[2:])
         if engine.mesh is not None and reduction == "sum":
             total = lax.psum(total, CLIENTS)
         return total, per
@@ -212,7 +240,7 @@ def run_clients(
     # closed-over array whose sharding names the Auto mesh fails inside the Manual body.
     rows = (cohort.order, pool)
     per_client = (cohort.start, cohort.length, cohort.num_steps, cohort.weights,
-                  cohort.client_ids, cohort.num_examples, client_states)
+                  cohort.client_ids, cohort.num_examples, () if in_scan else client_states)
     if engine.mesh is None:
         total, per = local(broadcast, rows, *per_client)
     else:

@@ -114,6 +114,11 @@ class RoundRunner:
         def round_fn(state, store, inputs, *, engine):
             ids = inputs.cohort.client_ids
             initial = None if store is None else algorithm.client_state(state.params)
+            if isinstance(store, client_store.ClientStore) and engine.mesh is None:
+                # One device: the engine reads and writes the table chunk by chunk.
+                whole = client_store.InScan(store, initial, num_clients)
+                state, out, metrics = algorithm.round(state, inputs, whole, engine=engine)
+                return state, out.store if isinstance(out, client_store.InScan) else out, metrics
             if isinstance(store, client_store.CohortRows):
                 rows = client_store.fill(store, initial)
             else:
