@@ -46,12 +46,17 @@ def create(num_clients: int, template: Any, engine: Engine) -> ClientStore:
     """An empty store for `num_clients` clients whose state has `template`'s structure, shapes
     and dtypes (arrays or `jax.ShapeDtypeStruct`s)."""
     rows = -(-num_clients // engine.num_devices) * engine.num_devices
+    _check_leaves(template)
+    table = jax.tree.map(lambda x: _zeros((rows, *x.shape), x.dtype, engine), template)
+    return ClientStore(table, _zeros((rows,), bool, engine))
+
+
+def _check_leaves(template: Any) -> Any:
     for leaf in jax.tree.leaves(template):
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             raise TypeError(f"client_state must return a pytree of arrays, got a leaf of type "
                             f"{type(leaf).__name__}")
-    table = jax.tree.map(lambda x: _zeros((rows, *x.shape), x.dtype, engine), template)
-    return ClientStore(table, _zeros((rows,), bool, engine))
+    return template
 
 
 def _zeros(shape, dtype, engine: Engine) -> jax.Array:
@@ -154,11 +159,7 @@ class HostStore(NamedTuple):
                path: str | os.PathLike | None = None) -> HostStore:
         """An empty store (`template` as in `create`); with `path`, its arrays are `.npy` files
         in that directory, memory-mapped (so the table may exceed the host's memory)."""
-        leaves, treedef = jax.tree.flatten(template)
-        for leaf in leaves:
-            if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-                raise TypeError(f"client_state must return a pytree of arrays, got a leaf of "
-                                f"type {type(leaf).__name__}")
+        leaves, treedef = jax.tree.flatten(_check_leaves(template))
         specs = [((num_clients, *x.shape), np.dtype(x.dtype)) for x in leaves]
         if path is None:
             arrays = [np.zeros(shape, dtype) for shape, dtype in specs]
