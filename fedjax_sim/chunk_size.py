@@ -48,6 +48,12 @@ def choose_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
                              memory_budget=memory_budget, repeats=repeats)[0]
 
 
+# A candidate of a search is timed on 1 / PARTIAL_ROUND of the cohort when a round is longer
+# than LONG_ROUND_S: W3's 100-client round takes 20 s on a 2-core CPU.
+PARTIAL_ROUND = 4
+LONG_ROUND_S = 2.0
+
+
 def search_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mesh, pool,
                       store=None, candidates=None, memory_budget=None,
                       repeats=1) -> tuple[int, RoundRunner]:
@@ -60,7 +66,8 @@ def search_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
     Candidates (`chunk_candidates`) are compiled and timed by `autotune`; one whose compiled
     program needs more than `memory_budget` bytes of temporaries (XLA's own memory analysis)
     ends the search. Every candidate shares `pool` (`RoundRunner`), and a cohort is packed
-    for each timed run rather than kept per candidate: a host-packed cohort can be large.
+    for each timed run rather than kept per candidate: a host-packed cohort can be large. A
+    long round is timed on part of the cohort (`PARTIAL_ROUND`).
     """
     devices = 1 if mesh is None else mesh.shape["clients"]
     if candidates is None:
@@ -76,12 +83,23 @@ def search_chunk_size(algorithm, data, cohort_size, state, indices, *, seed, mes
         mem = runner.compiled.memory_analysis()
         return mem is None or mem.temp_size_in_bytes <= memory_budget
 
+    # Long rounds are timed on part of the cohort (the rest padding, which takes no step)
+    # and scaled up; a round the first candidate's part puts under LONG_ROUND_S is timed whole
+    # from then on (there a padding client's epilogue is no longer small beside a step).
+    whole = [False]
+
     def seconds(k):
+        real = len(indices) if whole[0] else min(len(indices), max(
+            -(-len(indices) // PARTIAL_ROUND), k * devices))
         runner = runners[k]
-        packed = jax.block_until_ready(runner.pack(indices, 0))
+        packed = jax.block_until_ready(runner.pack(indices[:real], 0))
         t = time.perf_counter()
         jax.block_until_ready(runner(state, store, packed, commit=False))
-        return time.perf_counter() - t
+        estimate = (time.perf_counter() - t) * len(indices) / real
+        if not whole[0] and process0_decides(estimate < LONG_ROUND_S):
+            whole[0] = True
+            return seconds(k)
+        return estimate
 
     k = autotune(sorted(candidates), build, seconds, repeats=repeats)
     return k, runners.get(k) or RoundRunner(algorithm, data, cohort_size, Engine(k, mesh),

@@ -88,6 +88,32 @@ def test_automatic_chunk_size_is_a_timed_candidate_and_reproducible(population, 
     np.testing.assert_array_equal(auto.params["w"], fixed.params["w"])
 
 
+@pytest.mark.parametrize("long_round", [True, False])
+def test_a_long_round_is_timed_on_part_of_the_cohort(population, monkeypatch, long_round):
+    """Where a round is long, each candidate is timed on a quarter of the cohort (at least
+    one chunk per device), the rest padding; a short round is timed whole after its first
+    run."""
+    chunking = importlib.import_module("fedjax_sim.chunk_size")
+    rounds = importlib.import_module("fedjax_sim.rounds")
+    monkeypatch.setattr(chunking, "LONG_ROUND_S", 0.0 if long_round else float("inf"))
+    packed = []
+    pack = rounds.RoundRunner.pack
+    monkeypatch.setattr(rounds.RoundRunner, "pack", lambda self, indices, r: packed.append(
+        (self.engine.chunk_size, len(indices))) or pack(self, indices, r))
+    train, _ = population
+    algo = _algo()
+    state = algo.init(algo.model.init(None), jax.random.key(0))
+    k = choose_chunk_size(algo, train, 12, state, sample_cohort(train.num_clients, 12, 0, 0),
+                          seed=0, mesh=None, pool=resident_pool(train, None),
+                          candidates=[1, 2, 8])
+    assert k in (1, 2, 8)
+    part = [(c, n) for c, n in packed if n < 12]  # compiles pack the whole cohort
+    if long_round:  # a quarter, or one chunk
+        assert {(1, 3), (2, 3), (8, 8)} == set(part)
+    else:  # the first timed run finds the round short; all later ones are whole
+        assert part == [(1, 3)]
+
+
 def test_memory_budget_skips_candidates_that_do_not_fit(population):
     train, _ = population
     algo = _algo()
