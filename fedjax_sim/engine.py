@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedjax_sim import client_store
-from fedjax_sim.aggregators import Aggregator, Reduced, sum_rows
+from fedjax_sim.aggregators import Aggregator, Reduced, sum_rows, weighted_sum_rows
 from fedjax_sim.data.cohort import Cohort
 
 CLIENTS = "clients"  # the mesh axis the cohort is split over
@@ -193,7 +193,8 @@ def run_clients(
             out = jax.vmap(one_client, in_axes=(None, None) + (0,) * 7)(bcast, rows, *xs)
         output, weight, states, metrics = out
         if reduction == "sum":
-            return Reduced(jax.tree.map(sum_rows, output), sum_rows(weight)), (metrics, states)
+            wsum = lambda o: weighted_sum_rows(weight, o)
+            return Reduced(jax.tree.map(wsum, output), sum_rows(weight)), (metrics, states)
         if reduction == "rows":
             return (), (metrics, states, output, weight)
         return (), (metrics, states)

@@ -9,7 +9,7 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim import aggregators as agg
-from fedjax_sim.aggregators import UNROLLED_SUM_MAX, Reduced, sum_rows
+from fedjax_sim.aggregators import UNROLLED_SUM_MAX, Reduced, sum_rows, weighted_sum_rows
 from fedjax_sim.engine import ClientContext, replicate
 from fedjax_sim.testing import assert_trees_close, reference_round, round_inputs
 
@@ -20,6 +20,17 @@ def test_sum_rows_is_the_sum_over_clients(k):
     got = sum_rows(jnp.asarray(x))
     assert got.shape == (5, 3) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, UNROLLED_SUM_MAX, UNROLLED_SUM_MAX + 1, 33])
+def test_weighted_sum_rows_is_the_weighted_sum_over_clients(k):
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((k, 5, 3)).astype(np.float32)
+    w = rng.uniform(0, 3, k).astype(np.float32)
+    got = weighted_sum_rows(jnp.asarray(w), jnp.asarray(x))
+    assert got.shape == (5, 3) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, np.tensordot(w.astype(np.float64), x, 1), rtol=1e-5,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [2, UNROLLED_SUM_MAX + 1])
@@ -44,8 +55,8 @@ def run_chain(chain, outputs, weights, num_examples, chunks=((0, 2), (2, 6))):
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_client)
     out, w, metrics = stacked
     if chain.reduction == "sum":
-        parts = [Reduced(jax.tree.map(lambda o, a=a, b=b: sum_rows(o[a:b]), out), sum_rows(w[a:b]))
-                 for a, b in chunks]
+        parts = [Reduced(jax.tree.map(lambda o, a=a, b=b: weighted_sum_rows(w[a:b], o[a:b]), out),
+                         sum_rows(w[a:b])) for a, b in chunks]
         reduced = jax.tree.map(jnp.add, *parts)
     else:
         reduced = Reduced(out, w)
