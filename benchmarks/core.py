@@ -5,7 +5,7 @@ batch 16, one local epoch (4 local steps), client SGD 0.1, server SGD 1.0; cohor
 1,000 clients with population = cohort, so every client trains every round.
 
   python benchmarks/core.py           # full run (~5 min on a 2-core CPU)
-  python benchmarks/core.py --quick   # smoke test (< 1 min): 100 clients, K in {1, auto of 1|4},
+  python benchmarks/core.py --quick   # smoke test (~1 min): 100 clients, K in {1, auto},
                                       # 2 timed rounds
 
 Writes `benchmarks/results/core-<machine>.json` (one row per measurement) and `.md` (a table);
@@ -16,13 +16,17 @@ How each number is measured:
     each and then the timed rounds interleaved (a round of each system in turn), so that load
     from other processes on a shared machine falls on all of them alike. `s/round` is the
     median of the timed rounds.
-  * fedjax_sim at a fixed K: the round program is traced, lowered and compiled ahead of time
-    (`compile_s`, timed); rounds run as `fs.simulate` runs them (dispatch round r, pack the
-    cohort of round r+1 on the host while it runs, fetch the metrics and wait for the state).
-  * fedjax_sim with K=auto: `choose_chunk_size` called as `fs.simulate(chunk_size=None)` calls
-    it (`autotune_s`, timed), then the chosen K measured as one more system in the interleaved
-    set (a separate instance, even when that K is also in the fixed-K list); its `compile_s` is
-    what remains to compile after autotuning (JAX's cache serves the program autotuning built).
+  * fedjax_sim runs through its public API: one `fs.Simulation` per system, its rounds run as
+    `fs.simulate` runs them (`run_fedjax_sim.SimulationRounds`: `sim.step` runs round r while
+    round r+1 is packed on a background thread; `step` fetches the round's record). Setting up
+    a system runs its first round, which compiles the round program (`compile_s`, the
+    Simulation's `timings["compile_s"]`); the warm-up and timed rounds follow it. fedjax_sim's
+    caches of earlier runs (chosen K, compiled programs: `FEDJAX_SIM_CACHE_DIR`) are off.
+  * fedjax_sim with K=auto: a `fs.Simulation(chunk_size=None)`, which searches as
+    `fs.simulate(chunk_size=None)` does (`autotune_s`, its `timings["chunk_size_choice_s"]`),
+    measured as one more system in the interleaved set (a separate instance, even when its K
+    is also in the fixed-K list); its `compile_s` is what remains to compile after the search
+    (0: the search compiled the winner).
   * loop: `benchmarks/loop.py`; `compile_s` is the AOT compile of its three jitted functions.
   * Before timing, one round of each system from the same params with shuffling off must agree
     to 1e-5 (asserted).
@@ -48,11 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 from limits import matmul_rate  # noqa: E402
 from loop import LoopFedAvg, client_arrays  # noqa: E402
+from run_fedjax_sim import SimulationRounds, no_caches  # noqa: E402
 
 import fedjax_sim as fs
-from fedjax_sim import chunk_size as sim_chunks
-from fedjax_sim import engine as engine_lib
-from fedjax_sim import rounds, sampling
 
 FEATURES, HIDDEN, CLASSES = 784, (200,), 10
 EXAMPLES_PER_CLIENT, BATCH, EPOCHS = 64, 16, 1
@@ -157,42 +159,32 @@ def check_against_loop(train, model, chunk_sizes) -> float:
 # system in turn, so that load from other processes on a shared machine hits all alike.
 
 class EngineSystem:
-    """fedjax_sim at a fixed K, run as `fs.simulate` runs rounds: dispatch round r, pack the
-    cohort of round r+1 on the host while it runs, then fetch the metrics."""
+    """fedjax_sim at a fixed K (or, for `k=None`, the K `fs.simulate(chunk_size=None)` chooses),
+    a `fs.Simulation` run as `fs.simulate` runs it (`SimulationRounds`). Its first round, run
+    here, compiles the round program."""
 
-    def __init__(self, algo, train, cohort: int, k: int):
-        self.k, self.cohort, self.train = k, cohort, train
-        engine = fs.Engine(k)
-        params = algo.model.init(jax.random.key(SEED))
-        self.state = engine_lib.replicate(algo.init(params, jax.random.key(SEED)), engine)
-        self.runner = rounds.RoundRunner(algo, train, cohort, engine, SEED,
-                                         rounds.resident_pool(train, None))
-        self.packed = self.runner.pack(self._indices(0), 0)
-        self.r = 0
-        t = time.perf_counter()
-        lowered = self.runner.lower(self.state, None, self.packed)
-        self.trace_s = time.perf_counter() - t
-        compiled = lowered.compile()  # the jit's own first call reuses it from JAX's cache
-        self.compile_s = time.perf_counter() - t
-        mem = compiled.memory_analysis()
-        self.temp_mb = None if mem is None else mem.temp_size_in_bytes / 2**20
-
-    def _indices(self, r):
-        return sampling.sample_cohort(self.train.num_clients, self.cohort, SEED, r)
+    def __init__(self, algo, train, cohort: int, k: int | None):
+        self.sim = fs.Simulation(algo, train, cohort_size=cohort, seed=SEED, chunk_size=k,
+                                 resident=True, progress=False)
+        self.k = self.sim.chunk_size
+        self.autotune_s = self.sim.timings["chunk_size_choice_s"]
+        self.rounds = SimulationRounds(self.sim)
+        self.round()
+        self.compile_s = self.sim.timings["compile_s"]
 
     def round(self) -> None:
-        self.state, _, metrics = self.runner(self.state, None, self.packed)
-        self.r += 1
-        self.packed = self.runner.pack(self._indices(self.r), self.r)
-        self.loss = float(metrics.train_loss)
-        jax.block_until_ready(self.state)
+        self.loss = self.rounds()["train_loss"]
+
+    def close(self) -> None:
+        self.rounds.close()
 
     def result(self) -> dict:
         assert np.isfinite(self.loss), f"K={self.k}: train loss {self.loss}"
+        # temp_mb (XLA's temporary buffers of the round program) is not measured:
+        # fs.Simulation does not expose its compiled program.
         return {"system": "fedjax_sim", "chunk_size": self.k,
-                "padded_cohort": self.runner.shape.size, "compile_s": self.compile_s,
-                "trace_s": self.trace_s, "temp_mb": self.temp_mb,
-                "final_train_loss": self.loss}
+                "padded_cohort": self.rounds.padded_cohort, "compile_s": self.compile_s,
+                "temp_mb": None, "final_train_loss": self.loss}
 
 
 class LoopSystem:
@@ -207,6 +199,9 @@ class LoopSystem:
     def round(self) -> None:
         self.params, self.opt_state = jax.block_until_ready(
             self.loop.round(self.params, self.opt_state, self.clients, self.rng))
+
+    def close(self) -> None:
+        pass
 
     def result(self) -> dict:
         return {"system": "loop", "chunk_size": None, "compile_s": self.compile_s}
@@ -224,19 +219,6 @@ def time_interleaved(systems: list, rounds: int, label: str) -> list[dict]:
             print(f"  {label}: warm-up done", flush=True)
     return [{**s.result(), "first_round_s": ts[0], "round_s": ts[1:]}
             for s, ts in zip(systems, times, strict=True)]
-
-
-def autotune(algo, train, cohort: int, candidates=None) -> tuple[int, float]:
-    """What `fs.simulate(chunk_size=None)` does before its first round (same call, same
-    arguments, unless `candidates` is given): returns the chosen K and the seconds it took."""
-    params = algo.model.init(jax.random.key(SEED))
-    state = engine_lib.replicate(algo.init(params, jax.random.key(SEED)), fs.Engine(1))
-    pool = rounds.resident_pool(train, None) if train.nbytes <= rounds.resident_limit() else None
-    t = time.perf_counter()
-    k = sim_chunks.choose_chunk_size(algo, train, cohort, state,
-                              sampling.sample_cohort(train.num_clients, cohort, SEED, 0),
-                              seed=SEED, mesh=None, pool=pool, candidates=candidates)
-    return k, time.perf_counter() - t
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -303,7 +285,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: 100 clients, K in {1, auto among 1 and 4}, 2 rounds")
+                   help="smoke test: 100 clients, K in {1, auto}, 2 rounds")
     p.add_argument("--cohorts", type=int, nargs="+", help="default 100 1000 (quick: 100)")
     p.add_argument("--chunk-sizes", type=int, nargs="+",
                    help="K values besides auto; default 1 2 4 8 16 and C (quick: 1 only)")
@@ -312,6 +294,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-auto", action="store_true", help="skip the chunk_size=None row")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    no_caches()  # every run compiles and searches (see the module docstring)
 
     t_start = time.perf_counter()
     loadavg_start = [round(x, 2) for x in os.getloadavg()]
@@ -340,20 +323,20 @@ def main(argv=None) -> None:
         print(f"C={c} loop: compile {systems[0].compile_s:.2f} s", flush=True)
         for k in ks:
             systems.append(EngineSystem(algo, train, c, k))
-            print(f"C={c} K={k}: compile {systems[-1].compile_s:.2f} s, temp "
-                  f"{fmt(systems[-1].temp_mb, '.0f')} MB", flush=True)
+            print(f"C={c} K={k}: compile {systems[-1].compile_s:.2f} s", flush=True)
         auto = None
         if not args.no_auto:
-            jax.clear_caches()  # autotuning from cold, as in a fresh fs.simulate call
-            # --quick offers only K in {1, 4}, to stay short; the full run, simulate's choice.
-            auto, autotune_s = autotune(algo, train, c, [1, 4] if args.quick else None)
-            systems.append(EngineSystem(algo, train, c, auto))
-            print(f"C={c} autotune: K={auto} in {autotune_s:.2f} s; then compile "
-                  f"{systems[-1].compile_s:.2f} s", flush=True)
+            jax.clear_caches()  # the search from cold, as in a fresh fs.simulate call
+            auto = EngineSystem(algo, train, c, None)
+            systems.append(auto)
+            print(f"C={c} autotune: K={auto.k} in {auto.autotune_s:.2f} s; then compile "
+                  f"{auto.compile_s:.2f} s", flush=True)
         results = time_interleaved(systems, rounds, f"C={c}")
-        del systems
+        for system in systems:
+            system.close()
         if auto is not None:
-            results[-1].update(autotuned=True, autotune_s=autotune_s)
+            results[-1].update(autotuned=True, autotune_s=auto.autotune_s)
+        del systems, auto
         for r in results:
             print(f"C={c} {r['system']} K={r['chunk_size']}: "
                   f"{statistics.median(r['round_s']):.4f} s/round", flush=True)

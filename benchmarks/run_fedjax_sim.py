@@ -2,18 +2,27 @@
 
   python benchmarks/run_fedjax_sim.py --workload W1 --cohort 1000 [--chunk-size K] [--devices N]
 
-Without --chunk-size, K is chosen as `fs.simulate(chunk_size=None)` chooses it
-(`choose_chunk_size`, timed as `autotune_s`). Rounds run as `fs.simulate` runs them: dispatch
-round r, pack the cohort of round r+1 on the host meanwhile, fetch the metrics, wait for the
-state. The round program is compiled ahead of time (`compile_s`); a second compilation during
-the timed rounds is reported (`recompiled`). `--devices N` on a CPU splits the host into N XLA
-devices and shards the cohort over them.
+Everything goes through fedjax_sim's public API: a `fs.Simulation` runs the rounds, as
+`fs.simulate` does (`SimulationRounds`: round r+1 is packed on a background thread while
+`sim.step` runs round r). Without --chunk-size, K is chosen as `fs.simulate(chunk_size=None)`
+chooses it: a `Simulation` built with `chunk_size=None` runs the search (`autotune_s`, its
+`timings["chunk_size_choice_s"]`); the timed run is then a fresh `Simulation` at that K, after
+`jax.clear_caches()`, so that `compile_s` is a cold compile of the chosen program. The round
+program compiles in the timed Simulation's first `step` (`compile_s`, its
+`timings["compile_s"]`), whose round is the warm-up (`first_round_s`: that round without its
+compile); a compilation during the timed rounds is reported (`recompiled`). fedjax_sim's caches
+of earlier runs (the chosen K, compiled programs: `FEDJAX_SIM_CACHE_DIR`) are off, so every run
+searches and compiles. `--devices N` on a CPU splits the host into N XLA devices and shards the
+cohort over them.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -21,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,12 +47,6 @@ from workloads import (  # noqa: E402
 )
 
 import fedjax_sim as fs  # noqa: E402
-from fedjax_sim import chunk_size as sim_chunks  # noqa: E402
-from fedjax_sim import engine as engine_lib  # noqa: E402
-from fedjax_sim import (
-    rounds,  # noqa: E402
-    sampling,  # noqa: E402
-)
 
 # XLA compiles seen (the timed rounds must add none): counted by JAX's own compile event, as a
 # PRNG key carried in the state adds jit cache entries for one executable.
@@ -50,6 +54,50 @@ COMPILES: list[float] = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, secs, **kw: COMPILES.append(secs)
     if event == "/jax/core/compile/backend_compile_duration" else None)
+
+# `fs.Simulation`'s default for an in-memory population (its `resident` argument): on the
+# device when it takes under a quarter of an accelerator's memory, or under 2 GiB on a CPU.
+RESIDENT_BYTES_CPU = 2 << 30
+
+
+def no_caches() -> None:
+    """Turns off fedjax_sim's caches of earlier runs (the chunk-size choice and JAX's
+    persistent compilation cache): a benchmark times the search and a cold compile."""
+    os.environ["FEDJAX_SIM_CACHE_DIR"] = ""
+
+
+def resident_default(train) -> bool:
+    """Whether `fs.Simulation` keeps the in-memory `train` on the device by default."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    limit = stats["bytes_limit"] // 4 if stats and "bytes_limit" in stats else RESIDENT_BYTES_CPU
+    return train.nbytes <= limit
+
+
+class SimulationRounds:
+    """Rounds of a `fs.Simulation` as `Simulation.run` runs them: round r+1 is sampled, read
+    and packed (`sim.pack`) on a background thread while `sim.step` runs round r. A call runs
+    one round and returns once it is done (`step` fetches the round's record to the host; the
+    state is waited for too). The first round's inputs are packed before the first call."""
+
+    def __init__(self, sim: fs.Simulation):
+        self.sim = sim
+        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-prefetch")
+        self.upcoming = self.prefetch.submit(sim.pack, sim.round)
+        self.upcoming.result()
+        self.record: dict | None = None
+        self.padded_cohort: int | None = None
+
+    def __call__(self) -> dict:
+        packed = self.upcoming.result()
+        self.padded_cohort = int(packed.cohort.client_ids.shape[0])
+        self.upcoming = self.prefetch.submit(self.sim.pack, self.sim.round + 1)
+        self.record = self.sim.step(packed)
+        jax.block_until_ready(self.sim.state)
+        return self.record
+
+    def close(self) -> None:
+        self.prefetch.shutdown(wait=True, cancel_futures=True)
 
 
 def build_model(w):
@@ -94,6 +142,11 @@ def plain_steps(w, model, cohort: int, mesh):
         steps, mesh=mesh, in_specs=(P(), P()), out_specs=P("clients"), check_vma=False))
 
 
+def replicated(tree, mesh):
+    """`tree` on the default device, or on every device of `mesh`."""
+    return jax.device_put(tree, None if mesh is None else NamedSharding(mesh, P()))
+
+
 def plain_steps_s(w, model, params, batch, cohort: int, mesh) -> float:
     """Seconds for `plain_steps`, best of 3 after a warm-up: the reference a round's time
     is set against (small per-step matmuls run well below the device's large-matmul rate)."""
@@ -109,68 +162,61 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.devices > 1:
         jax.config.update("jax_num_cpu_devices", args.devices)  # before JAX's backend starts
+    no_caches()
 
     w = WORKLOADS[args.workload]
     algo, train = build(w, args.cohort)
     mesh = fs.client_mesh() if jax.device_count() > 1 else None
-    resident = train.nbytes <= rounds.resident_limit()
-    pool = rounds.resident_pool(train, mesh) if resident else None
-    params = algo.model.init(jax.random.key(SEED))
-    indices = sampling.sample_cohort(train.num_clients, args.cohort, SEED, 0)
+    resident = resident_default(train)
+
+    def simulation(chunk_size):
+        return fs.Simulation(algo, train, cohort_size=args.cohort, seed=SEED,
+                             chunk_size=chunk_size, mesh=mesh, resident=resident,
+                             progress=False)
 
     autotune_s = autotune_peak_mb = None
     k = args.chunk_size
     if k is None:
-        state1 = engine_lib.replicate(algo.init(params, jax.random.key(SEED)),
-                                      fs.Engine(1, mesh))
-        t = time.perf_counter()
-        k = sim_chunks.choose_chunk_size(algo, train, args.cohort, state1, indices, seed=SEED,
-                                  mesh=mesh, pool=pool)
-        autotune_s = time.perf_counter() - t
+        search = simulation(None)
+        k, autotune_s = search.chunk_size, search.timings["chunk_size_choice_s"]
+        del search  # its compiled candidates and device copy of the population
+        gc.collect()
         jax.clear_caches()  # compile_s below is then a cold compile of the chosen program
         # The search runs wider programs than the chosen one: its peak is reported apart.
         autotune_peak_mb = peak_host_mb()
         if not reset_peak_host_mb():
             autotune_peak_mb = None
 
-    engine = fs.Engine(k, mesh)
-    state = engine_lib.replicate(algo.init(params, jax.random.key(SEED)), engine)
-    runner = rounds.RoundRunner(algo, train, args.cohort, engine, SEED, pool)
-    packed = runner.pack(indices, 0)
+    sim = simulation(k)
+    run_round = SimulationRounds(sim)
     t = time.perf_counter()
-    compiled = runner.lower(state, None, packed).compile()
-    compile_s = time.perf_counter() - t
-    runner.compiled = compiled
-    mem = compiled.memory_analysis()
-
-    box = {"state": state, "packed": packed, "r": 0, "loss": None}
-
-    def run_round():
-        box["state"], _, metrics = runner(box["state"], None, box["packed"])
-        box["r"] += 1
-        box["packed"] = runner.pack(sampling.sample_cohort(train.num_clients, args.cohort, SEED,
-                                                      box["r"]), box["r"])
-        box["loss"] = float(metrics.train_loss)
-        jax.block_until_ready(box["state"])
+    run_round()  # compiles the round program (timings["compile_s"]), then runs the warm-up
+    first_s = time.perf_counter() - t
+    compile_s = sim.timings["compile_s"]
 
     compiles_before = len(COMPILES)
-    timing = time_rounds(run_round, args.rounds, min_seconds=args.min_seconds)
+    timing = time_rounds(run_round, args.rounds, warmup=0, min_seconds=args.min_seconds)
+    timing["first_round_s"] = first_s - compile_s
     recompiled = len(COMPILES) > compiles_before
+    run_round.close()
     x, y = (v[:w.batch_size] for v in client_data(w, 1))
-    plain_s = plain_steps_s(w, algo.model, engine_lib.replicate(params, engine),
-                            engine_lib.replicate({"x": x, "y": y}, engine), args.cohort, mesh)
+    params = algo.model.init(jax.random.key(SEED))
+    plain_s = plain_steps_s(w, algo.model, replicated(params, mesh),
+                            replicated({"x": x, "y": y}, mesh), args.cohort, mesh)
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     result_line({
         "system": "fedjax_sim", "workload": w.name, "cohort": args.cohort, **timing,
         "compile_s": compile_s, "autotune_s": autotune_s,
         "autotune_peak_mem_mb": autotune_peak_mb, "chunk_size": k,
-        "devices": jax.device_count(), "padded_cohort": runner.shape.size,
+        "devices": jax.device_count(), "padded_cohort": run_round.padded_cohort,
         "resident": resident, "recompiled": recompiled,
-        "temp_mb": None if mem is None else mem.temp_size_in_bytes / 2**20,
+        # XLA's temporary buffers of the round program: fs.Simulation does not expose its
+        # compiled program (`memory_analysis()`), so not measured.
+        "temp_mb": None,
         "device_peak_mem_mb": (stats["peak_bytes_in_use"] / 2**20
                                if stats and "peak_bytes_in_use" in stats else None),
-        "final_train_loss": box["loss"], "plain_steps_s": plain_s,
+        "final_train_loss": run_round.record["train_loss"], "plain_steps_s": plain_s,
         "jax_version": jax.__version__,
     })
 
