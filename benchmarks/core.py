@@ -168,6 +168,7 @@ class EngineSystem:
                                  resident=True, progress=False)
         self.k = self.sim.chunk_size
         self.autotune_s = self.sim.timings["chunk_size_choice_s"]
+        self.memory = self.sim.memory_analysis()  # compiles (unless the search did)
         self.rounds = SimulationRounds(self.sim)
         self.round()
         self.compile_s = self.sim.timings["compile_s"]
@@ -180,11 +181,10 @@ class EngineSystem:
 
     def result(self) -> dict:
         assert np.isfinite(self.loss), f"K={self.k}: train loss {self.loss}"
-        # temp_mb (XLA's temporary buffers of the round program) is not measured:
-        # fs.Simulation does not expose its compiled program.
+        temp = self.memory.temp_size_in_bytes / 2**20 if self.memory else None
         return {"system": "fedjax_sim", "chunk_size": self.k,
                 "padded_cohort": self.rounds.padded_cohort, "compile_s": self.compile_s,
-                "temp_mb": None, "final_train_loss": self.loss}
+                "temp_mb": temp, "final_train_loss": self.loss}
 
 
 class LoopSystem:

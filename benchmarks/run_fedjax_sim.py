@@ -8,9 +8,9 @@ Everything goes through fedjax_sim's public API: a `fs.Simulation` runs the roun
 chooses it: a `Simulation` built with `chunk_size=None` runs the search (`autotune_s`, its
 `timings["chunk_size_choice_s"]`); the timed run is then a fresh `Simulation` at that K, after
 `jax.clear_caches()`, so that `compile_s` is a cold compile of the chosen program. The round
-program compiles in the timed Simulation's first `step` (`compile_s`, its
-`timings["compile_s"]`), whose round is the warm-up (`first_round_s`: that round without its
-compile); a compilation during the timed rounds is reported (`recompiled`). fedjax_sim's caches
+program compiles before any round (`sim.memory_analysis()`, which also gives `temp_mb`; its
+`timings["compile_s"]`); the first round is the warm-up (`first_round_s`); a compilation
+during the timed rounds is reported (`recompiled`). fedjax_sim's caches
 of earlier runs (the chosen K, compiled programs: `FEDJAX_SIM_CACHE_DIR`) are off, so every run
 searches and compiles. `--devices N` on a CPU splits the host into N XLA devices and shards the
 cohort over them.
@@ -55,23 +55,10 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda event, secs, **kw: COMPILES.append(secs)
     if event == "/jax/core/compile/backend_compile_duration" else None)
 
-# `fs.Simulation`'s default for an in-memory population (its `resident` argument): on the
-# device when it takes under a quarter of an accelerator's memory, or under 2 GiB on a CPU.
-RESIDENT_BYTES_CPU = 2 << 30
-
-
 def no_caches() -> None:
     """Turns off fedjax_sim's caches of earlier runs (the chunk-size choice and JAX's
     persistent compilation cache): a benchmark times the search and a cold compile."""
     os.environ["FEDJAX_SIM_CACHE_DIR"] = ""
-
-
-def resident_default(train) -> bool:
-    """Whether `fs.Simulation` keeps the in-memory `train` on the device by default."""
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    limit = stats["bytes_limit"] // 4 if stats and "bytes_limit" in stats else RESIDENT_BYTES_CPU
-    return train.nbytes <= limit
 
 
 class SimulationRounds:
@@ -167,12 +154,10 @@ def main(argv=None) -> None:
     w = WORKLOADS[args.workload]
     algo, train = build(w, args.cohort)
     mesh = fs.client_mesh() if jax.device_count() > 1 else None
-    resident = resident_default(train)
 
     def simulation(chunk_size):
         return fs.Simulation(algo, train, cohort_size=args.cohort, seed=SEED,
-                             chunk_size=chunk_size, mesh=mesh, resident=resident,
-                             progress=False)
+                             chunk_size=chunk_size, mesh=mesh, progress=False)
 
     autotune_s = autotune_peak_mb = None
     k = args.chunk_size
@@ -188,15 +173,16 @@ def main(argv=None) -> None:
             autotune_peak_mb = None
 
     sim = simulation(k)
+    memory = sim.memory_analysis()  # compiles the round program (timings["compile_s"])
     run_round = SimulationRounds(sim)
     t = time.perf_counter()
-    run_round()  # compiles the round program (timings["compile_s"]), then runs the warm-up
-    first_s = time.perf_counter() - t
+    run_round()  # the warm-up
+    timing_first_s = time.perf_counter() - t
     compile_s = sim.timings["compile_s"]
 
     compiles_before = len(COMPILES)
     timing = time_rounds(run_round, args.rounds, warmup=0, min_seconds=args.min_seconds)
-    timing["first_round_s"] = first_s - compile_s
+    timing["first_round_s"] = timing_first_s
     recompiled = len(COMPILES) > compiles_before
     run_round.close()
     x, y = (v[:w.batch_size] for v in client_data(w, 1))
@@ -210,10 +196,8 @@ def main(argv=None) -> None:
         "compile_s": compile_s, "autotune_s": autotune_s,
         "autotune_peak_mem_mb": autotune_peak_mb, "chunk_size": k,
         "devices": jax.device_count(), "padded_cohort": run_round.padded_cohort,
-        "resident": resident, "recompiled": recompiled,
-        # XLA's temporary buffers of the round program: fs.Simulation does not expose its
-        # compiled program (`memory_analysis()`), so not measured.
-        "temp_mb": None,
+        "resident": sim.resident, "recompiled": recompiled,
+        "temp_mb": memory.temp_size_in_bytes / 2**20 if memory else None,
         "device_peak_mem_mb": (stats["peak_bytes_in_use"] / 2**20
                                if stats and "peak_bytes_in_use" in stats else None),
         "final_train_loss": run_round.record["train_loss"], "plain_steps_s": plain_s,

@@ -210,6 +210,7 @@ class Simulation:
         self.round, self.history = 0, []
         self.monitor = Monitor(sum(int(np.size(x)) for x in jax.tree.leaves(params)),
                                float(tree_norm(params)))
+        self.resident = resident  # the population on the device (else read per cohort)
         self.pool = resident_pool(train, mesh) if resident else None
         self.mesh = mesh
         self.evaluator = None
@@ -259,12 +260,28 @@ class Simulation:
         """Round `round_num`'s device inputs (sampled, read and packed on the host)."""
         return self.runner.pack(self.sampler.sample(self.seed, round_num), round_num)
 
+    def compile(self, packed=None) -> float:
+        """Compiles the round program (for `packed`, default the next round's inputs) unless
+        it is compiled already (a search's winner is); returns the seconds it took."""
+        if self.runner.compiled is not None:
+            return 0.0
+        packed = self.pack(self.round) if packed is None else packed
+        seconds = self.runner.compile(self.state, self.store, packed)
+        self.timings["compile_s"] += seconds
+        return seconds
+
+    def memory_analysis(self):
+        """XLA's memory analysis of the compiled round program (`temp_size_in_bytes`: the
+        temporary buffers a round needs), compiling it first if needed; None where the
+        backend gives none."""
+        self.compile()
+        return self.runner.compiled.memory_analysis()
+
     def step(self, packed=None, *, evaluate: bool | None = None) -> dict:
         """Runs one round (on `packed`, default packed now) and returns its record."""
         r = self.round
         packed = self.pack(r) if packed is None else packed
-        if self.runner.compiled is None:  # a search's winner is compiled already
-            self.timings["compile_s"] += self.runner.compile(self.state, self.store, packed)
+        self.compile(packed)
         t = time.perf_counter()
         self.state, self.store, metrics = self.runner(self.state, self.store, packed)
         record = _round_record(r, metrics, self.train, time.perf_counter() - self._start,

@@ -536,3 +536,17 @@ def test_scaffold_with_a_host_store_equals_the_device_store(mesh, tmp_path):
     assert isinstance(resumed.store.written, np.memmap)
     assert_trees_equal(device.params, resumed.params)
     assert_trees_equal(host.store.table, resumed.store.table)
+
+
+def test_the_round_compiles_before_the_first_step_and_reports_its_memory():
+    data = _scaffold_population()
+    algo = fs.algorithms.fedavg(fs.models.logistic_regression(5, 3), optax.sgd(0.1),
+                                batch_size=4)
+    sim = fs.Simulation(algo, data, cohort_size=3, chunk_size=1, progress=False)
+    assert sim.resident  # a small in-memory population stays on the device
+    assert sim.compile() > 0 and sim.compile() == 0.0  # compiled once
+    memory = sim.memory_analysis()
+    assert memory.temp_size_in_bytes >= 0 and memory.argument_size_in_bytes > 0
+    compiled = sim.timings["compile_s"]
+    sim.step()
+    assert sim.timings["compile_s"] == compiled  # the step compiled nothing more

@@ -4,6 +4,7 @@ FedNova, FedDyn, q-FFL and agnostic FedAvg."""
 from fedjax_sim.algorithms.agnostic import agnostic_fedavg
 from fedjax_sim.algorithms.base import (
     FederatedAlgorithm,
+    RoundInputs,
     RoundMetrics,
     ServerState,
     with_hparams,
@@ -26,6 +27,7 @@ from fedjax_sim.algorithms.server_optimizers import (
 __all__ = [
     "agnostic_fedavg",
     "FederatedAlgorithm",
+    "RoundInputs",
     "RoundMetrics",
     "ServerState",
     "fedadagrad",
