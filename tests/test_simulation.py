@@ -458,8 +458,28 @@ def test_a_round_vmapped_over_learning_rates_is_the_separate_runs():
         alone = jax.jit(two_rounds(plain))(plain.init(params, jax.random.key(0)))
         assert_trees_close(jax.tree.map(lambda x, i=i: x[i], both), alone, 1e-5, 1e-6)
     assert not np.allclose(both["w"][0], both["w"][1])
-    with pytest.raises(KeyError, match="no injected hyperparameter 'momentum'"):
+    with pytest.raises(KeyError, match="client optimizer has no traced hyperparameter 'momentum'"):
         fs.algorithms.with_hparams(states[0], client={"momentum": 0.9})
+    with pytest.raises(KeyError, match="algorithm has no traced hyperparameter 'mu'"):
+        fs.algorithms.with_hparams(states[0], mu=0.1)  # FedAvg has no proximal term
+
+
+def test_fedprox_vmapped_over_mu_is_the_separate_runs():
+    data = _scaffold_population()
+    model = fs.models.logistic_regression(5, 3)
+    params = model.init(None)
+    engine = fs.Engine(2)
+    algo = fs.algorithms.fedprox(model, optax.sgd(0.1), mu=1.0, batch_size=2, num_epochs=3)
+    inputs, _, _ = fs.testing.round_inputs(algo, data, [0, 3, 5, 6], engine=engine)
+    run = lambda a: lambda st: a.round(st, inputs, (), engine=engine)[0].params
+    states = [fs.algorithms.with_hparams(algo.init(params, jax.random.key(0)), mu=m)
+              for m in (0.01, 3.0)]
+    both = jax.jit(jax.vmap(run(algo)))(_stack(states))
+    for i, m in enumerate((0.01, 3.0)):
+        other = fs.algorithms.fedprox(model, optax.sgd(0.1), mu=m, batch_size=2, num_epochs=3)
+        alone = jax.jit(run(other))(other.init(params, jax.random.key(0)))
+        assert_trees_close(jax.tree.map(lambda x, i=i: x[i], both), alone, 1e-6, 1e-7)
+    assert not np.allclose(both["w"][0], both["w"][1])
 
 
 def test_scaffold_vmapped_over_client_learning_rates():

@@ -32,11 +32,11 @@ class ServerState(NamedTuple):
       round: i32[], rounds completed (the number of the next round).
       key: the run's PRNG key; round r draws from `fold_in(key, r)` (`round_key`).
       extra: algorithm-specific server state (SCAFFOLD's control variate), `()` if none.
-      hparams: the client optimizer's hyperparameters, by name, when it is built with
-        `optax.inject_hyperparams` (`{}` otherwise): every client's optimizer starts from
-        these values, so they are traced, and a round vmapped over states with other values
-        runs those runs side by side (the server optimizer's live in `opt_state` the same
-        way). `with_hparams` sets them.
+      hparams: traced hyperparameters: under "client", the client optimizer's, by name, when
+        it is built with `optax.inject_hyperparams` (every client's optimizer starts from
+        these values); beside it the algorithm's own (FedProx's "mu"). A round vmapped over
+        states with other values runs those runs side by side (the server optimizer's live
+        in `opt_state` the same way). `with_hparams` sets them.
     """
 
     params: Any
@@ -142,25 +142,33 @@ def client_hparams(opt: ClientOptimizer, params) -> dict:
 
 
 def injected_sgd(learning_rate: float, momentum: float = 0.0) -> optax.GradientTransformation:
-    """Client SGD whose learning rate is traced (`ServerState.hparams["learning_rate"]`)."""
+    """Client SGD whose learning rate is traced
+    (`ServerState.hparams["client"]["learning_rate"]`)."""
     return optax.inject_hyperparams(
         lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None))(
             learning_rate=learning_rate)
 
 
 def with_hparams(state: ServerState, *, client: dict | None = None,
-                 server: dict | None = None) -> ServerState:
-    """`state` with other values for the client optimizer's injected hyperparameters and the
-    server optimizer's (each built with `optax.inject_hyperparams`), e.g.
-    `with_hparams(state, client={"learning_rate": 0.03})`; a name the optimizer does not
-    inject is refused."""
-    hparams = dict(state.hparams)
-    for name, value in (client or {}).items():
-        if name not in hparams:
-            raise KeyError(f"the client optimizer has no injected hyperparameter {name!r} "
-                           f"(it has {sorted(hparams)}): build it with "
-                           f"optax.inject_hyperparams(...)(...)")
-        hparams[name] = jnp.asarray(value, jnp.result_type(hparams[name]))
+                 server: dict | None = None, **algorithm) -> ServerState:
+    """`state` with other values for the client optimizer's injected hyperparameters, the
+    server optimizer's (each built with `optax.inject_hyperparams`) and the algorithm's own,
+    e.g. `with_hparams(state, client={"learning_rate": 0.03}, mu=0.1)`; a name that is not
+    traced is refused."""
+    def replace(values: dict, new: dict, what: str, fix: str) -> dict:
+        values = dict(values)
+        for name, value in new.items():
+            if name not in values:
+                raise KeyError(f"{what} has no traced hyperparameter {name!r} (it has "
+                               f"{sorted(values)}){fix}")
+            values[name] = jnp.asarray(value, jnp.result_type(values[name]))
+        return values
+
+    hparams = replace(state.hparams, algorithm, "the algorithm", "")
+    if client:
+        hparams["client"] = replace(state.hparams.get("client", {}), client,
+                                    "the client optimizer",
+                                    ": build it with optax.inject_hyperparams(...)(...)")
     opt_state = state.opt_state
     if server:
         opt_state = optax.tree_utils.tree_set(opt_state, **server)
@@ -173,11 +181,16 @@ def round_key(state: ServerState) -> jax.Array:
 
 
 def init_state(params, key, server_optimizer, aggregator, extra=(),
-               client_optimizer: ClientOptimizer | None = None) -> ServerState:
+               client_optimizer: ClientOptimizer | None = None,
+               hparams: dict | None = None) -> ServerState:
+    """The initial state; `hparams` are the algorithm's own traced scalars ("mu")."""
     params = jax.tree.map(jnp.asarray, params)
-    hparams = {} if client_optimizer is None else client_hparams(client_optimizer, params)
+    traced = {k: jnp.asarray(v, jnp.result_type(float)) for k, v in (hparams or {}).items()}
+    injected = {} if client_optimizer is None else client_hparams(client_optimizer, params)
+    if injected:
+        traced["client"] = injected
     return ServerState(params, server_optimizer.init(params), aggregator.init(params),
-                       jnp.int32(0), key, extra, hparams)
+                       jnp.int32(0), key, extra, traced)
 
 
 def included(cohort: Cohort, result: PassResult) -> jax.Array:

@@ -109,7 +109,7 @@ def fedopt(
 
     def init(params, key):
         return init_state(params, key, server_optimizer, aggregator,
-                          client_optimizer=client_optimizer)
+                          client_optimizer=client_optimizer, hparams={"mu": mu} if mu else None)
 
     def round_fn(state, inputs, client_states, *, engine: Engine):
         result, mean_delta, agg_state, agg_metrics = run_pass(

@@ -41,6 +41,7 @@ class LocalState(NamedTuple):
     count: jax.Array  # examples seen
     linear: Any  # a constant added to every gradient (() when none)
     anchor: Any  # the server params, for the proximal term (() when mu is 0)
+    mu: Any  # the proximal coefficient (traced when the state's hparams hold "mu")
 
 
 def local_training(model: Model, client_optimizer: ClientOptimizer, *, mu: float = 0.0,
@@ -60,10 +61,11 @@ def local_training(model: Model, client_optimizer: ClientOptimizer, *, mu: float
         # Unchanged by the steps, the anchor stays one unbatched copy under the engine's vmap.
         anchor = broadcast.params if mu else ()
         opt_state = opt.init(broadcast.params)
-        if broadcast.hparams:
-            opt_state = optax.tree_utils.tree_set(opt_state, **broadcast.hparams)
+        if broadcast.hparams.get("client"):
+            opt_state = optax.tree_utils.tree_set(opt_state, **broadcast.hparams["client"])
         return LocalState(broadcast.params, opt_state, broadcast.round, ctx.key, jnp.int32(0),
-                          zero, zero, extra, anchor)
+                          zero, zero, extra, anchor, broadcast.hparams.get("mu", mu) if mu
+                          else ())
 
     def step(state: LocalState, batch, mask) -> LocalState:
         opt = resolve_optimizer(client_optimizer, state.round)
@@ -77,8 +79,8 @@ def local_training(model: Model, client_optimizer: ClientOptimizer, *, mu: float
         if linear is not None:
             grads = jax.tree.map(jnp.add, grads, state.linear)
         if mu:
-            grads = jax.tree.map(lambda g, p, p0: g + mu * (p - p0), grads, state.params,
-                                 state.anchor)
+            grads = jax.tree.map(lambda g, p, p0: g + state.mu * (p - p0), grads,
+                                 state.params, state.anchor)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         return state._replace(
             params=optax.apply_updates(state.params, updates),

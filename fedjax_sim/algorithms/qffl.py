@@ -55,7 +55,7 @@ def qffl(model, client_lr: float, q: float, *, batch_size=10, num_epochs=1, max_
 
     def finalize(broadcast, local, ctx):
         f = jnp.maximum(ctx.state, 1e-10)  # F_k, from the first pass
-        lipschitz = 1.0 / broadcast.hparams["learning_rate"]
+        lipschitz = 1.0 / broadcast.hparams["client"]["learning_rate"]
         dw = jax.tree.map(lambda d: lipschitz * d, base.delta(broadcast.params, local.params))
         sq = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(dw))
         h = q * f ** (q - 1) * sq + lipschitz * f ** q

@@ -44,7 +44,7 @@ def scaffold(model, client_lr: float, server_optimizer=None, *, batch_size=10, n
     def finalize(broadcast, local, ctx):
         trained = local.step > 0  # a client with no step keeps its c_i
         scale = 1.0 / (jnp.maximum(local.step, 1).astype(jnp.float32)
-                       * broadcast.hparams["learning_rate"])
+                       * broadcast.hparams["client"]["learning_rate"])
         drift = base.delta(broadcast.params, local.params)  # x - y
         # dc = c_i+ - c_i = (x - y) / (K lr) - c, one pass; c_i+ = c_i + dc.
         dc = jax.tree.map(lambda c, d: jnp.where(trained, d * scale - c, 0.0), broadcast.extra,
