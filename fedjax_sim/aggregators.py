@@ -85,6 +85,11 @@ def chain(*stages: Aggregator) -> Aggregator:
         raise ValueError(f"an aggregator chain needs exactly one reduction (mean, median, ...); "
                          f"got {len(reducing)} in {names}")
     r = reducing[0]
+    names = [s.name for s in stages]
+    if "dp_mean" in names and "weight_by_num_examples" in names:
+        raise ValueError("dp_mean's noise covers clients of weight at most 1: weight them "
+                         "uniformly (weight_by('uniform')), not by example count, whose "
+                         "weights are unbounded")
     before, after = range(r), range(r + 1, len(stages))
 
     def init(template):
@@ -162,6 +167,60 @@ def mean() -> Aggregator:
         return value, state, {"weight_sum": w}
 
     return stage("mean", client=client, server=server, reduction="sum")
+
+
+def clip(max_norm: float) -> Aggregator:
+    """Scales each client's output to an L2 norm of at most `max_norm` (all leaves together),
+    so one client moves the sum by at most that much: DP-FedAvg's per-client clipping
+    (McMahan et al. 2018). Reports "clipped" per client.
+    """
+    from fedjax_sim.checks import check_number  # not at the top: checks must load after data
+
+    max_norm = check_number("max_norm", max_norm, above=0)
+
+    def client(output, weight, ctx, state):
+        sq = sum(jnp.sum(jnp.square(x.astype(_accumulator(x.dtype))))
+                 for x in jax.tree.leaves(output))
+        norm = jnp.sqrt(sq)
+        scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
+        output = jax.tree.map(lambda o: (o * scale).astype(o.dtype), output)
+        return output, weight, {"clipped": norm > max_norm}
+
+    return stage("clip", client=client)
+
+
+def dp_mean(noise_multiplier: float, clip_norm: float, expected_weight: float) -> Aggregator:
+    """DP-FedAvg's noised mean (McMahan et al. 2018): `(sum_c w_c o_c + N(0, s^2 I)) / W` with
+    `s = noise_multiplier * clip_norm` and `W = expected_weight` fixed in advance (the
+    expected cohort size under uniform weights): dividing by the realized weight sum would
+    leak who took part. A streamed reduction; the noise is drawn once per round on the server
+    from the round's key (the same on every device and process).
+
+    Its guarantee needs `clip(clip_norm)` before it and client weights in [0, 1] (uniform);
+    `chain` refuses it with example-count weighting.
+
+    Example:
+      >>> agg = chain(clip(1.0), weight_by("uniform"), dp_mean(1.1, 1.0, 100))
+    """
+    from fedjax_sim.checks import check_number
+
+    z = check_number("noise_multiplier", noise_multiplier, at_least=0)
+    c = check_number("clip_norm", clip_norm, above=0)
+    expected = check_number("expected_weight", expected_weight, above=0)
+
+    def client(output, weight, ctx, state):
+        return jax.tree.map(lambda o: o.astype(_accumulator(o.dtype)), output), weight, {}
+
+    def server(reduced, state, key):
+        leaves, treedef = jax.tree.flatten(reduced.output)
+        keys = jax.random.split(key, len(leaves))
+        noised = [s + z * c * jax.random.normal(k, s.shape, s.dtype)
+                  for s, k in zip(leaves, keys, strict=True)]
+        value = jax.tree.map(lambda s: s / expected, jax.tree.unflatten(treedef, noised))
+        return value, state, {"weight_sum": reduced.weight,
+                              "noise_stddev": jnp.float32(z * c / expected)}
+
+    return stage("dp_mean", client=client, server=server, reduction="sum")
 
 
 def median() -> Aggregator:

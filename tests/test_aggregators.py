@@ -194,3 +194,82 @@ def test_aggregator_state_carries_across_rounds():
     result = fs.simulate(algo, data, rounds=3, cohort_size=4, chunk_size=2, progress=False)
     assert int(result.state.agg_state[-1]) == 3
     assert [r["server"]["rounds_seen"] for r in result.history] == [1.0, 2.0, 3.0]
+
+
+def test_clip_bounds_each_clients_norm_and_reports_who_was_clipped():
+    outputs = {"a": np.array([[6.0, 8.0], [0.3, 0.4]], np.float32),
+               "b": np.zeros((2,), np.float32)}
+    value, _, metrics, _ = run_chain(agg.chain(agg.clip(1.0), agg.weight_by("uniform"),
+                                               agg.median()), outputs, np.ones(2), np.ones(2),
+                                     chunks=((0, 2),))
+    np.testing.assert_array_equal(metrics["clipped"], [True, False])
+    np.testing.assert_allclose(metrics["update_norm"], [10.0, 0.5], rtol=1e-6)  # before clip
+    # the median of the clipped rows [0.6, 0.8] and [0.3, 0.4]
+    np.testing.assert_allclose(value["a"], [0.45, 0.6], rtol=1e-6)
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
+        agg.clip(0.0)
+
+
+def test_dp_mean_divides_by_the_expected_weight_and_adds_noise_of_the_stated_scale():
+    outputs, valid, n = outputs_and_weights()
+    exact, _, _, server = run_chain(agg.chain(agg.weight_by("uniform"),
+                                              agg.dp_mean(0.0, 1.0, 10.0)), outputs, valid, n)
+    for name, v in outputs.items():  # no noise: the sum over the expected weight
+        np.testing.assert_allclose(exact[name], np.tensordot(valid, v, 1) / 10.0, rtol=1e-5,
+                                   atol=1e-6)
+    np.testing.assert_allclose(server["weight_sum"], valid.sum())
+    z, c, w = 1.3, 0.5, 4.0
+    mean = agg.chain(agg.weight_by("uniform"), agg.dp_mean(z, c, w))
+    reduced = Reduced({"a": jnp.zeros((4000,)), "b": jnp.full((3,), 2.0)}, jnp.float32(4.0))
+    state = mean.init({"a": jnp.zeros(4000), "b": jnp.zeros(3)})
+    value, _, metrics = mean.server(reduced, state, jax.random.key(7))
+    noise = np.asarray(value["a"]) * w  # the sum was 0: what is left is the noise
+    assert abs(noise.std() / (z * c) - 1) < 0.05 and abs(noise.mean()) < 0.05
+    np.testing.assert_allclose(float(metrics["noise_stddev"]), z * c / w, rtol=1e-6)
+    again, _, _ = mean.server(reduced, state, jax.random.key(7))
+    np.testing.assert_array_equal(value["a"], again["a"])  # the round's key decides it
+    with pytest.raises(ValueError, match="weight them uniformly"):
+        agg.chain(agg.weight_by("num_examples"), agg.dp_mean(1.0, 1.0, 10))
+    with pytest.raises(ValueError, match="noise_multiplier must be a finite number >= 0"):
+        agg.dp_mean(-1.0, 1.0, 10)
+
+
+def _dp_round(chunk, mesh, z):
+    data = population()
+    model = fs.models.logistic_regression(4, 3)
+    params = jax.tree.map(lambda p: p + 0.1, model.init(None))
+    chain = agg.chain(agg.clip(0.4), agg.weight_by("uniform"), agg.dp_mean(z, 0.4, 10.0))
+    algo = fs.algorithms.fedavg(model, optax.sgd(0.3), batch_size=4, shuffle=False,
+                                aggregator=chain)
+    engine = fs.Engine(chunk, fs.client_mesh() if mesh else None)
+    inputs, cohort, pool = round_inputs(algo, data, np.arange(8), engine=engine)
+    state = replicate(algo.init(params, jax.random.key(0)), engine)
+    new, _, metrics = jax.jit(lambda s, i: algo.round(s, i, (), engine=engine))(state, inputs)
+    return model, params, cohort, pool, new, metrics
+
+
+@pytest.mark.parametrize("chunk, mesh", [(3, False), (1, True)])
+def test_dp_fedavg_under_the_engine_moves_by_the_clipped_sum_over_the_expected_cohort(chunk,
+                                                                                      mesh):
+    """Noise off: the server moves by sum_c clip(delta_c) / W, from the plain reference's
+    per-client deltas clipped by hand; noise on: the same noise on 1 and 8 devices."""
+    model, params, cohort, pool, new, metrics = _dp_round(chunk, mesh, 0.0)
+    sgd = optax.sgd(1.0)
+    _, _, ref = reference_round(model, optax.sgd(0.3), sgd, params, sgd.init(params), cohort,
+                                pool, jax.random.fold_in(jax.random.key(0), 0),
+                                cohort.batch_size)
+    deltas = ref["delta"][:8]
+    norms = [np.sqrt(sum(np.sum(np.square(np.asarray(d[k]))) for k in params)) for d in deltas]
+    scales = [min(1.0, 0.4 / n) for n in norms]
+    assert 0 < sum(s < 1 for s in scales) < 8  # some clients clipped, some not
+    np.testing.assert_array_equal(np.asarray(metrics.clients["clipped"])[:8],
+                                  [s < 1 for s in scales])
+    for k in params:
+        total = sum(s * np.asarray(d[k]) for s, d in zip(scales, deltas, strict=True))
+        np.testing.assert_allclose(new.params[k], params[k] - total / 10.0, rtol=1e-5,
+                                   atol=1e-6)
+    noised = _dp_round(chunk, mesh, 1.0)[4]
+    assert not np.allclose(noised.params["w"], new.params["w"])
+    other = _dp_round(1, not mesh, 1.0)[4]
+    for k in params:  # the noise comes from the round's key, whatever the layout
+        np.testing.assert_allclose(noised.params[k], other.params[k], rtol=1e-5, atol=1e-6)
