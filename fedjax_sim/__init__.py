@@ -8,7 +8,16 @@ Example:
   >>> result = fs.simulate(algo, train, rounds=2, cohort_size=10, progress=False)
 """
 
-from fedjax_sim import aggregators, algorithms, client_store, data, health, models, sampling
+from fedjax_sim import (
+    aggregators,
+    algorithms,
+    client_store,
+    data,
+    health,
+    models,
+    privacy,
+    sampling,
+)
 from fedjax_sim.engine import ClientContext, ClientResult, ClientUpdate, Engine, client_mesh
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
 from fedjax_sim.health import DivergedError
@@ -32,6 +41,7 @@ __all__ = [
     "evaluate_pooled",
     "health",
     "models",
+    "privacy",
     "sampling",
     "simulate",
 ]
