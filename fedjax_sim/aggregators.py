@@ -127,8 +127,7 @@ def mask_nonfinite() -> Aggregator:
     """
 
     def client(output, weight, ctx, state):
-        leaves = jax.tree.leaves(output)
-        sq = sum(jnp.sum(jnp.square(x.astype(_accumulator(x.dtype)))) for x in leaves)
+        sq = _sum_of_squares(output)
         finite = jnp.isfinite(sq)
         output = jax.tree.map(lambda o: jnp.where(finite, o, jnp.zeros_like(o)), output)
         norm = jnp.where(finite, jnp.sqrt(sq), jnp.nan)
@@ -157,16 +156,13 @@ def mean() -> Aggregator:
       >>> agg = chain(weight_by("uniform"), mean())
     """
 
-    def client(output, weight, ctx, state):
-        return jax.tree.map(lambda o: o.astype(_accumulator(o.dtype)), output), weight, {}
-
     def server(reduced, state, key):
         w = reduced.weight
         safe = jnp.where(w > 0, w, 1.0)
         value = jax.tree.map(lambda s: jnp.where(w > 0, s / safe, 0.0), reduced.output)
         return value, state, {"weight_sum": w}
 
-    return stage("mean", client=client, server=server, reduction="sum")
+    return stage("mean", client=_accumulate, server=server, reduction="sum")
 
 
 def clip(max_norm: float) -> Aggregator:
@@ -179,9 +175,7 @@ def clip(max_norm: float) -> Aggregator:
     max_norm = check_number("max_norm", max_norm, above=0)
 
     def client(output, weight, ctx, state):
-        sq = sum(jnp.sum(jnp.square(x.astype(_accumulator(x.dtype))))
-                 for x in jax.tree.leaves(output))
-        norm = jnp.sqrt(sq)
+        norm = jnp.sqrt(_sum_of_squares(output))
         scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
         output = jax.tree.map(lambda o: (o * scale).astype(o.dtype), output)
         return output, weight, {"clipped": norm > max_norm}
@@ -208,9 +202,6 @@ def dp_mean(noise_multiplier: float, clip_norm: float, expected_weight: float) -
     c = check_number("clip_norm", clip_norm, above=0)
     expected = check_number("expected_weight", expected_weight, above=0)
 
-    def client(output, weight, ctx, state):
-        return jax.tree.map(lambda o: o.astype(_accumulator(o.dtype)), output), weight, {}
-
     def server(reduced, state, key):
         leaves, treedef = jax.tree.flatten(reduced.output)
         keys = jax.random.split(key, len(leaves))
@@ -220,7 +211,7 @@ def dp_mean(noise_multiplier: float, clip_norm: float, expected_weight: float) -
         return value, state, {"weight_sum": reduced.weight,
                               "noise_stddev": jnp.float32(z * c / expected)}
 
-    return stage("dp_mean", client=client, server=server, reduction="sum")
+    return stage("dp_mean", client=_accumulate, server=server, reduction="sum")
 
 
 def median() -> Aggregator:
@@ -242,6 +233,16 @@ def median() -> Aggregator:
         return jax.tree.map(one, reduced.output), state, {"weight_sum": jnp.sum(reduced.weight)}
 
     return stage("median", server=server, reduction="rows")
+
+
+def _accumulate(output, weight, ctx, state):
+    """A streamed sum's client part: the output in its accumulator dtype (the reduction
+    weights it, `weighted_sum_rows`)."""
+    return jax.tree.map(lambda o: o.astype(_accumulator(o.dtype)), output), weight, {}
+
+
+def _sum_of_squares(tree) -> jax.Array:
+    return sum(jnp.sum(jnp.square(x.astype(_accumulator(x.dtype)))) for x in jax.tree.leaves(tree))
 
 
 def _accumulator(dtype) -> jnp.dtype:

@@ -113,10 +113,12 @@ def gather(store: ClientStore, ids: jax.Array, initial: Any) -> Any:
     return fill(CohortRows(rows, known), initial)
 
 
-def scatter(store: ClientStore, ids: jax.Array, rows: Any, num_clients: int) -> ClientStore:
-    """The store with clients `ids`' rows replaced by `rows`; ids `>= num_clients` (padding)
-    write nothing."""
-    ids = jnp.where(ids < num_clients, ids, store.num_rows)  # out of range: dropped
+def scatter(store: ClientStore, ids: jax.Array, rows: Any, num_clients: int,
+            writes: jax.Array | None = None) -> ClientStore:
+    """The store with clients `ids`' rows replaced by `rows`; ids `>= num_clients` (padding),
+    and clients whose `writes` is False (excluded as not finite), write nothing."""
+    keep = ids < num_clients if writes is None else (ids < num_clients) & writes
+    ids = jnp.where(keep, ids, store.num_rows)  # out of range: dropped
     table = jax.tree.map(lambda t, r: t.at[ids].set(r.astype(t.dtype), mode="drop"),
                          store.table, rows)
     return ClientStore(table, store.written.at[ids].set(True, mode="drop"))

@@ -115,7 +115,8 @@ class PassResult(NamedTuple):
         aggregator ran.
       metrics: per-client arrays `[C]`: the update's and the aggregator's metrics.
       states: the clients' new persistent states `[C, ...]` (`()` when stateless); a client
-        whose output the aggregator excluded as not finite keeps its old state.
+        the aggregator excluded as not finite (`metrics["finite"]`) must not be written back,
+        and the store's `scatter` drops it.
     """
 
     reduced: Reduced | None
@@ -169,20 +170,13 @@ def run_clients(
         _, local = lax.while_loop(lambda c: c[0] < num_steps, body, (jnp.int32(0), local))
         result = update.finalize(bcast, local, ctx)
         metrics = dict(result.metrics or {})
-        output, new_state = (), result.state
+        output = ()
         if aggregator is not None:
             output, weight, agg_metrics = aggregator.client(
                 result.output, weight, ctx._replace(key=jax.random.fold_in(client_key, 1)),
                 agg_state)
             metrics.update(agg_metrics)
-            if "finite" in agg_metrics and jax.tree.leaves(new_state):
-                # An excluded client (its output not finite) keeps its old state: a diverged
-                # client must not write NaNs into the store. Done here, per client, it fuses
-                # with finalize instead of a pass over every [C, ...] row after the engine.
-                new_state = jax.tree.map(
-                    lambda n, o: jnp.where(agg_metrics["finite"], n, o.astype(n.dtype)),
-                    new_state, state)
-        return output, weight, new_state, metrics
+        return output, weight, result.state, metrics
 
     def chunk(bcast, rows, xs):
         if xs[0].shape[0] == 1:
@@ -204,9 +198,8 @@ def run_clients(
         ids = x[4]
         states = client_store.gather(store, ids, client_states.initial)
         partial, (metrics, new, *rest) = chunk(bcast, rows, (*x[:6], states))
-        writes = metrics.get("finite", jnp.ones(ids.shape, bool))  # excluded: no write
-        n = client_states.num_clients
-        store = client_store.scatter(store, jnp.where(writes, ids, n), new, n)
+        store = client_store.scatter(store, ids, new, client_states.num_clients,
+                                     metrics.get("finite"))
         return partial, (metrics, (), *rest), store
 
     def local(bcast, rows, *per_client):

@@ -125,12 +125,12 @@ class RoundRunner:
                 rows = () if store is None else client_store.gather(store, ids, initial)
             state, rows, metrics = algorithm.round(state, inputs, rows, engine=engine)
             # A client excluded as not finite writes nothing: its row stays as it was.
-            writes = metrics.clients.get("finite", jnp.ones(ids.shape, bool))
+            writes = metrics.clients.get("finite")
             if isinstance(store, client_store.ClientStore):
-                store = client_store.scatter(store, jnp.where(writes, ids, num_clients), rows,
-                                             num_clients)
+                store = client_store.scatter(store, ids, rows, num_clients, writes)
             elif store is not None:
-                store = client_store.CohortRows(rows, writes)
+                known = jnp.ones(ids.shape, bool) if writes is None else writes
+                store = client_store.CohortRows(rows, known)
             return state, store, metrics
 
         self.fn = jax.jit(round_fn, static_argnames=("engine",),

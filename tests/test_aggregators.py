@@ -159,22 +159,10 @@ def test_median_under_the_engine_is_the_median_of_the_client_updates(chunk, mesh
     """A rows reduction sees every client's update [C, ...], gathered across devices: FedAvg
     with the median in place of the mean moves the server by the coordinate-wise median of
     the clients' updates (from the plain reference's per-client deltas)."""
-    data = population()
-    model = fs.models.logistic_regression(4, 3)
-    params = jax.tree.map(lambda p: p + 0.1, model.init(None))
-    chain = agg.chain(agg.weight_by("uniform"), agg.median())
-    algo = fs.algorithms.fedavg(model, optax.sgd(0.3), batch_size=4, shuffle=False,
-                                aggregator=chain)
-    engine = fs.Engine(chunk, fs.client_mesh() if mesh else None)
-    inputs, cohort, pool = round_inputs(algo, data, np.arange(8), engine=engine)
-    state = replicate(algo.init(params, jax.random.key(0)), engine)
-    new, _, _ = jax.jit(lambda s, i: algo.round(s, i, (), engine=engine))(state, inputs)
-    sgd = optax.sgd(1.0)
-    _, _, ref = reference_round(model, optax.sgd(0.3), sgd, params, sgd.init(params), cohort,
-                                pool, jax.random.fold_in(jax.random.key(0), 0),
-                                cohort.batch_size)
+    params, new, _, ref_deltas = _engine_round(agg.chain(agg.weight_by("uniform"), agg.median()),
+                                               chunk, mesh)
     for k in params:
-        deltas = np.stack([np.asarray(d[k]) for d in ref["delta"][:8]])
+        deltas = np.stack([np.asarray(d[k]) for d in ref_deltas])
         np.testing.assert_allclose(new.params[k], params[k] - np.median(deltas, axis=0),
                                    rtol=1e-5, atol=1e-6)
 
@@ -234,18 +222,28 @@ def test_dp_mean_divides_by_the_expected_weight_and_adds_noise_of_the_stated_sca
         agg.dp_mean(-1.0, 1.0, 10)
 
 
-def _dp_round(chunk, mesh, z):
+def _engine_round(chain, chunk, mesh):
+    """One FedAvg round of 8 clients with `chain` under the engine: (params, new state,
+    metrics, the plain reference's per-client deltas)."""
     data = population()
     model = fs.models.logistic_regression(4, 3)
     params = jax.tree.map(lambda p: p + 0.1, model.init(None))
-    chain = agg.chain(agg.clip(0.4), agg.weight_by("uniform"), agg.dp_mean(z, 0.4, 10.0))
     algo = fs.algorithms.fedavg(model, optax.sgd(0.3), batch_size=4, shuffle=False,
                                 aggregator=chain)
     engine = fs.Engine(chunk, fs.client_mesh() if mesh else None)
     inputs, cohort, pool = round_inputs(algo, data, np.arange(8), engine=engine)
     state = replicate(algo.init(params, jax.random.key(0)), engine)
     new, _, metrics = jax.jit(lambda s, i: algo.round(s, i, (), engine=engine))(state, inputs)
-    return model, params, cohort, pool, new, metrics
+    sgd = optax.sgd(1.0)
+    _, _, ref = reference_round(model, optax.sgd(0.3), sgd, params, sgd.init(params), cohort,
+                                pool, jax.random.fold_in(jax.random.key(0), 0),
+                                cohort.batch_size)
+    return params, new, metrics, ref["delta"][:8]
+
+
+def _dp_round(chunk, mesh, z):
+    return _engine_round(agg.chain(agg.clip(0.4), agg.weight_by("uniform"),
+                                   agg.dp_mean(z, 0.4, 10.0)), chunk, mesh)
 
 
 @pytest.mark.parametrize("chunk, mesh", [(3, False), (1, True)])
@@ -253,12 +251,7 @@ def test_dp_fedavg_under_the_engine_moves_by_the_clipped_sum_over_the_expected_c
                                                                                       mesh):
     """Noise off: the server moves by sum_c clip(delta_c) / W, from the plain reference's
     per-client deltas clipped by hand; noise on: the same noise on 1 and 8 devices."""
-    model, params, cohort, pool, new, metrics = _dp_round(chunk, mesh, 0.0)
-    sgd = optax.sgd(1.0)
-    _, _, ref = reference_round(model, optax.sgd(0.3), sgd, params, sgd.init(params), cohort,
-                                pool, jax.random.fold_in(jax.random.key(0), 0),
-                                cohort.batch_size)
-    deltas = ref["delta"][:8]
+    params, new, metrics, deltas = _dp_round(chunk, mesh, 0.0)
     norms = [np.sqrt(sum(np.sum(np.square(np.asarray(d[k]))) for k in params)) for d in deltas]
     scales = [min(1.0, 0.4 / n) for n in norms]
     assert 0 < sum(s < 1 for s in scales) < 8  # some clients clipped, some not
@@ -268,8 +261,8 @@ def test_dp_fedavg_under_the_engine_moves_by_the_clipped_sum_over_the_expected_c
         total = sum(s * np.asarray(d[k]) for s, d in zip(scales, deltas, strict=True))
         np.testing.assert_allclose(new.params[k], params[k] - total / 10.0, rtol=1e-5,
                                    atol=1e-6)
-    noised = _dp_round(chunk, mesh, 1.0)[4]
+    noised = _dp_round(chunk, mesh, 1.0)[1]
     assert not np.allclose(noised.params["w"], new.params["w"])
-    other = _dp_round(1, not mesh, 1.0)[4]
+    other = _dp_round(1, not mesh, 1.0)[1]
     for k in params:  # the noise comes from the round's key, whatever the layout
         np.testing.assert_allclose(noised.params[k], other.params[k], rtol=1e-5, atol=1e-6)
