@@ -48,6 +48,8 @@ class Aggregator(NamedTuple):
       server: `(value, state, key) -> (value, state, metrics)`; a reduction's takes `Reduced`.
       reduction: None for a stage that transforms, "sum" or "rows" for the reducing stage.
       name: a short name, for error messages.
+      privacy: a DP stage's `(participation, rounds) -> dp_accounting.DpEvent` for the
+        accountant (`fs.privacy.Ledger`); None for a stage that guarantees nothing.
     """
 
     init: Callable[[Any], Any]
@@ -55,6 +57,7 @@ class Aggregator(NamedTuple):
     server: Callable[..., tuple[Any, Any, dict]]
     reduction: Literal["sum", "rows"] | None = None
     name: str = "stage"
+    privacy: Callable[..., Any] | None = None
 
 
 def _identity_client(output, weight, ctx, state):
@@ -66,16 +69,17 @@ def _identity_server(value, state, key):
 
 
 def stage(name: str, *, client=_identity_client, server=_identity_server,
-          init=lambda template: (), reduction=None) -> Aggregator:
+          init=lambda template: (), reduction=None, privacy=None) -> Aggregator:
     """An `Aggregator` stage from its parts (identity where not given)."""
-    return Aggregator(init, client, server, reduction, name)
+    return Aggregator(init, client, server, reduction, name, privacy)
 
 
 def chain(*stages: Aggregator) -> Aggregator:
     """Composes stages into one aggregator; exactly one must be a reduction.
 
     The state is the tuple of the stages' states; metrics of all stages are merged (later
-    names win). `mask_nonfinite()` is put first unless the chain has it.
+    names win); the DP stages' events compose. `mask_nonfinite()` is put first unless the
+    chain has it.
     """
     if not any(s.name == "mask_nonfinite" for s in stages):
         stages = (mask_nonfinite(), *stages)
@@ -112,7 +116,14 @@ def chain(*stages: Aggregator) -> Aggregator:
             metrics.update(m)
         return reduced, tuple(state), metrics
 
-    return Aggregator(init, client, server, stages[r].reduction, "chain")
+    events = [s.privacy for s in stages if s.privacy is not None]
+    privacy = events[0] if len(events) == 1 else None
+    if len(events) > 1:
+        def privacy(participation, rounds):
+            import dp_accounting
+            return dp_accounting.ComposedDpEvent([e(participation, rounds) for e in events])
+
+    return Aggregator(init, client, server, stages[r].reduction, "chain", privacy)
 
 
 def mask_nonfinite() -> Aggregator:
@@ -211,7 +222,12 @@ def dp_mean(noise_multiplier: float, clip_norm: float, expected_weight: float) -
         return value, state, {"weight_sum": reduced.weight,
                               "noise_stddev": jnp.float32(z * c / expected)}
 
-    return stage("dp_mean", client=_accumulate, server=server, reduction="sum")
+    def privacy(participation, rounds):
+        from fedjax_sim.privacy import gaussian_event
+        return gaussian_event(z, participation, rounds)
+
+    return stage("dp_mean", client=_accumulate, server=server, reduction="sum",
+                 privacy=privacy)
 
 
 def median() -> Aggregator:

@@ -9,11 +9,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
 from fedjax_sim.checks import check_integer
+
+
+class Participation(NamedTuple):
+    """How a sampler lets a client take part, as a privacy accountant needs it.
+
+    Attributes:
+      kind: "poisson" (each client independently with probability `size / num_clients`
+        each round), "fixed" (`size` clients uniformly without replacement each round), or
+        "cyclic" (each client at most once every `num_clients // size` rounds).
+      num_clients: the population N.
+      size: the (expected) cohort size.
+    """
+
+    kind: Literal["poisson", "fixed", "cyclic"]
+    num_clients: int
+    size: float
+
+    @property
+    def rate(self) -> float:
+        return self.size / self.num_clients
 
 
 class Sampler(NamedTuple):
@@ -21,11 +41,14 @@ class Sampler(NamedTuple):
     sample: `(seed, round) -> int64[n]` population positions, `n <= max_size`.
     max_size: the most clients a round can hold (the padded cohort the round compiles for).
     name: e.g. "uniform(100)", for records and errors.
+    participation: how clients take part, for the privacy accountant; None where no
+      accountant covers the sampling (with replacement, by size).
     """
 
     sample: Callable[[int, int], np.ndarray]
     max_size: int
     name: str
+    participation: Participation | None = None
 
 
 def uniform(num_clients: int, cohort_size: int) -> Sampler:
@@ -39,7 +62,8 @@ def uniform(num_clients: int, cohort_size: int) -> Sampler:
         return np.random.default_rng([seed, round_num]).choice(num_clients, cohort_size,
                                                                replace=False)
 
-    return Sampler(sample, cohort_size, f"uniform({cohort_size})")
+    return Sampler(sample, cohort_size, f"uniform({cohort_size})",
+                   Participation("fixed", num_clients, cohort_size))
 
 
 def with_replacement(num_clients: int, cohort_size: int) -> Sampler:
@@ -72,7 +96,28 @@ def poisson(num_clients: int, expected_size: float) -> Sampler:
                                f"{round_num}, past the bound {bound} the round compiled for")
         return picked
 
-    return Sampler(sample, bound, f"poisson(q={q:g})")
+    return Sampler(sample, bound, f"poisson(q={q:g})",
+                   Participation("poisson", num_clients, expected_size))
+
+
+def cyclic(num_clients: int, cohort_size: int) -> Sampler:
+    """The population shuffled once (by the seed) and cut into `num_clients // cohort_size`
+    cohorts taken in turn, so each client trains at most once per cycle of that many rounds
+    (DP-FTRL's participation, Kairouz et al. 2021); the `num_clients % cohort_size` clients
+    left over never train."""
+    check_integer("cohort_size", cohort_size, 1)
+    if cohort_size > num_clients:
+        raise ValueError(f"cohort_size {cohort_size} is larger than the population of "
+                         f"{num_clients} clients")
+    cycle = num_clients // cohort_size
+
+    def sample(seed, round_num):
+        order = np.random.default_rng([seed, 4]).permutation(num_clients)
+        i = round_num % cycle
+        return order[i * cohort_size:(i + 1) * cohort_size]
+
+    return Sampler(sample, cohort_size, f"cyclic({cohort_size})",
+                   Participation("cyclic", num_clients, cohort_size))
 
 
 def by_size(num_examples: np.ndarray, cohort_size: int) -> Sampler:

@@ -106,6 +106,8 @@ class FederatedAlgorithm(NamedTuple):
         current server params when it is first sampled), or None for a stateless algorithm.
       id_features: `((feature, number of ids), ...)` the algorithm itself reads from the
         data (agnostic FedAvg's domain id), checked like labels before anything compiles.
+      aggregator: its `fs.aggregators` chain, where it takes one (the simulation reads the
+        chain's privacy from it).
     """
 
     init: Callable[[Any, jax.Array], ServerState]
@@ -114,6 +116,7 @@ class FederatedAlgorithm(NamedTuple):
     passes: tuple[Batching, ...]
     client_state: Callable[[Any], Any] | None = None
     id_features: tuple[tuple[str, int], ...] = ()
+    aggregator: Any = None
 
     @property
     def batching(self) -> Batching:

@@ -122,7 +122,8 @@ def fedopt(
 
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle, straggler_fraction, drop_stragglers),)
-    return FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes)
+    return FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes,
+                              aggregator=aggregator)
 
 
 def fedavg(model: Model, client_optimizer: ClientOptimizer,

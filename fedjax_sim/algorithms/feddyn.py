@@ -67,4 +67,4 @@ def feddyn(model, client_optimizer, alpha: float, server_optimizer=None, *, batc
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle),)
     return base.FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes,
-                                   client_state=base.zeros_like)
+                                   client_state=base.zeros_like, aggregator=aggregator)

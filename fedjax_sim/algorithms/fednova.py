@@ -67,4 +67,5 @@ def fednova(model, client_lr: float, server_optimizer=None, *, momentum: float =
 
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle),)
-    return base.FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes)
+    return base.FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes,
+                                   aggregator=aggregator)

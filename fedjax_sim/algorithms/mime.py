@@ -108,7 +108,8 @@ def _mime(model, optimizer, *, svrg, batch_size, num_epochs, max_steps, drop_rem
     passes = (Batching(None, 1, 1, False, max_examples_per_client, False),
               Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle))
-    return base.FederatedAlgorithm(init=init_state, round=round_fn, model=model, passes=passes)
+    return base.FederatedAlgorithm(init=init_state, round=round_fn, model=model, passes=passes,
+                                   aggregator=aggregator)
 
 
 def mimelite(model, optimizer: optax.GradientTransformation, *, batch_size=10, num_epochs=1,

@@ -73,4 +73,4 @@ def scaffold(model, client_lr: float, server_optimizer=None, *, batch_size=10, n
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle),)
     return base.FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes,
-                                   client_state=base.zeros_like)
+                                   client_state=base.zeros_like, aggregator=aggregator)
