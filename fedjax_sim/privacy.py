@@ -88,8 +88,10 @@ def gaussian_event(noise_multiplier: float, participation: Participation, rounds
     """The dp-accounting event of `rounds` rounds of a Gaussian sum mechanism (sensitivity 1,
     noise `noise_multiplier`) under `participation`: Poisson-sampled or sampled without
     replacement each round, or, cyclic, composed once per round the client can take part in
-    (no amplification)."""
+    (no amplification). Without noise, a non-private event (epsilon inf)."""
     dp = _dp_accounting()
+    if noise_multiplier == 0:
+        return dp.NonPrivateDpEvent()
     gaussian = dp.GaussianDpEvent(noise_multiplier)
     n, size = participation.num_clients, participation.size
     if participation.kind == "poisson":
@@ -128,8 +130,8 @@ class Ledger:
       event: the chain's `privacy`, `(participation, rounds) -> DpEvent`.
       participation: the sampler's.
       delta: default `default_delta(N)`; a delta of 1 / N or more is warned about.
-      accountant: "pld" (tight) or "rdp"; default PLD where it covers the event (Poisson and
-        cyclic), else RDP (a fixed-size cohort, which PLD does not cover).
+      accountant: "rdp" (default: about 0.07 s a query for a Poisson-sampled round) or
+        "pld" (tighter, about 1 s a query; it does not cover a fixed-size cohort).
       target_epsilon: the budget a run stops within (`over`).
     """
 
@@ -150,7 +152,7 @@ class Ledger:
                           f"meets it; take delta < 1 / N, e.g. {default_delta(n):.3g}",
                           stacklevel=3)
         if accountant is None:
-            accountant = "rdp" if participation.kind == "fixed" else "pld"
+            accountant = "rdp"
         elif accountant not in ("pld", "rdp"):
             raise ValueError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
         elif accountant == "pld" and participation.kind == "fixed":

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fedjax_sim import chunk_size as chunk_size_lib
-from fedjax_sim import sampling
+from fedjax_sim import privacy, sampling
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState, tree_norm
 from fedjax_sim.checkpoints import Checkpoints
 from fedjax_sim.checks import (
@@ -80,6 +80,9 @@ class SimulationResult:
         "rounds_s" (the rounds, evaluation apart), "eval_s" (evaluation, its compile
         included) and "total_s".
       store: the client store (None for a stateless algorithm).
+      privacy: for a chain with a DP stage, the guarantee spent: "epsilon" at "delta" by
+        the "accountant", under the neighbouring "relation", after "rounds" rounds, and
+        "target_epsilon"; None otherwise.
     """
 
     params: Any
@@ -89,6 +92,7 @@ class SimulationResult:
     chunk_size_source: str = "given"
     timings: dict = dataclasses.field(default_factory=dict)
     store: Any = None
+    privacy: dict | None = None
 
 
 class Simulation:
@@ -124,6 +128,13 @@ class Simulation:
       progress: show a tqdm progress bar with rounds/s and the latest metrics.
       callbacks: `(simulation, record) -> stop?` after each round; a truthy return ends
         the run after that round (early stopping).
+      delta, target_epsilon, accountant: for an aggregation chain with a DP stage
+        (`fs.aggregators.dp_mean`, ...), a `fs.privacy.Ledger` accounts for every round
+        under the sampler's participation (a sampler no accountant covers is refused):
+        each record has its "epsilon" at `delta` (default 1 / N^1.1 for N clients; one of
+        1 / N or more is warned about), and a run stops before a round that would spend
+        more than `target_epsilon`. `accountant`: "rdp" (default; about 0.07 s a round, on
+        the background thread) or "pld" (tighter, about 1 s a round).
     """
 
     def __init__(self, algorithm: FederatedAlgorithm, train: FederatedData, *,
@@ -135,7 +146,9 @@ class Simulation:
                  client_store: str | os.PathLike | None = None,
                  output_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                  keep_checkpoints: int = 3, resume: bool = False, progress: bool = True,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), delta: float | None = None,
+                 target_epsilon: float | None = None,
+                 accountant: privacy.Accountant | None = None):
         if not isinstance(algorithm, FederatedAlgorithm):
             raise TypeError(f"algorithm must be a FederatedAlgorithm (e.g. fs.algorithms."
                             f"fedavg(model, optax.sgd(0.1))), got {type(algorithm).__name__}")
@@ -189,6 +202,7 @@ class Simulation:
         for feature, num_ids in algorithm.id_features:
             check_labels(train, feature, num_ids, what=feature)
         check_some_client_trains(algorithm.batching, train)
+        self.ledger = _ledger(algorithm, sampler, delta, target_epsilon, accountant)
 
         self.algorithm, self.train, self.sampler, self.seed = algorithm, train, sampler, seed
         self.eval_every, self.output_dir, self.progress = eval_every, output_dir, progress
@@ -280,6 +294,9 @@ class Simulation:
     def step(self, packed=None, *, evaluate: bool | None = None) -> dict:
         """Runs one round (on `packed`, default packed now) and returns its record."""
         r = self.round
+        if self._over_budget(r + 1):
+            raise RuntimeError(f"round {r} would spend epsilon {self.ledger.epsilon(r + 1):.4g}"
+                               f", past the target {self.ledger.target_epsilon:g}")
         packed = self.pack(r) if packed is None else packed
         self.compile(packed)
         t = time.perf_counter()
@@ -288,6 +305,8 @@ class Simulation:
                                self.chunk_size)
         self.timings["rounds_s"] += time.perf_counter() - t
         self.round = r + 1
+        if self.ledger is not None:
+            record["epsilon"] = self.ledger.epsilon(self.round)
         self.monitor.check(record)
         if evaluate is None:
             evaluate = bool(self.eval_every) and self.round % self.eval_every == 0
@@ -314,10 +333,11 @@ class Simulation:
     def run(self, num_rounds: int) -> SimulationResult:
         """Runs `num_rounds` more rounds (evaluating after the last) and returns the result.
 
-        Round r+1 is sampled, read and packed on a background thread while round r runs.
-        SIGTERM or Ctrl-C stops the run after the round in progress, with a checkpoint when
-        there is an `output_dir`, then raises (SystemExit 143, KeyboardInterrupt); a second
-        Ctrl-C interrupts at once.
+        Round r+1 is sampled, read and packed (and its epsilon accounted) on a background
+        thread while round r runs. A run with a target epsilon stops before the round that
+        would pass it. SIGTERM or Ctrl-C stops the run after the round in progress, with a
+        checkpoint when there is an `output_dir`, then raises (SystemExit 143,
+        KeyboardInterrupt); a second Ctrl-C interrupts at once.
         """
         num_rounds = check_integer("rounds", num_rounds, 0)
         end = self.round + num_rounds
@@ -325,16 +345,17 @@ class Simulation:
         restore_signals = self._catch_signals()
         bar = tqdm(total=num_rounds, desc="rounds", unit="round", disable=not self.progress)
         try:
-            upcoming = prefetch.submit(self.pack, self.round) if num_rounds else None
-            while self.round < end:
+            upcoming = prefetch.submit(self._prepare, self.round) if num_rounds else None
+            while self.round < end and not self._over_budget(self.round + 1):
                 packed = upcoming.result()
-                if self.round + 1 < end:
-                    upcoming = prefetch.submit(self.pack, self.round + 1)
-                record = self.step(packed, evaluate=None if self.round + 1 < end else True)
+                last = self.round + 1 == end or self._over_budget(self.round + 2)
+                if not last:
+                    upcoming = prefetch.submit(self._prepare, self.round + 1)
+                record = self.step(packed, evaluate=True if last else None)
                 bar.update(1)
                 bar.set_postfix(_postfix(record), refresh=False)
                 stop = [bool(cb(self, record)) for cb in self.callbacks]
-                if self._stop is not None:
+                if self._stop is not None or last:
                     break
                 if any(stop):
                     if self.evaluator is not None and "eval" not in record:
@@ -355,10 +376,21 @@ class Simulation:
 
     def result(self) -> SimulationResult:
         self.timings["total_s"] = time.perf_counter() - self._start
+        spent = None if self.ledger is None else self.ledger.summary(self.round)
         return SimulationResult(params=_to_host(self.state.params), state=self.state,
                                 history=self.history, chunk_size=self.chunk_size,
                                 chunk_size_source=self.chunk_size_source,
-                                timings=dict(self.timings), store=self.store)
+                                timings=dict(self.timings), store=self.store, privacy=spent)
+
+    def _over_budget(self, rounds: int) -> bool:
+        return self.ledger is not None and self.ledger.over(rounds)
+
+    def _prepare(self, round_num: int):
+        """`pack(round_num)`, with the epsilon after it and after the next accounted beside
+        it (the loop asks for both before it runs the round)."""
+        if self.ledger is not None:
+            self.ledger.epsilon(round_num + 1), self.ledger.epsilon(round_num + 2)
+        return self.pack(round_num)
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> None:
@@ -437,6 +469,23 @@ def simulate(algorithm: FederatedAlgorithm, train: FederatedData, *, rounds: int
     return sim.run(max(rounds - sim.round, 0))
 
 
+def _ledger(algorithm, sampler, delta, target_epsilon, accountant) -> privacy.Ledger | None:
+    """The privacy ledger of a chain with a DP stage (None without one)."""
+    event = getattr(algorithm.aggregator, "privacy", None)
+    if event is None:
+        given = [n for n, v in (("delta", delta), ("target_epsilon", target_epsilon),
+                                ("accountant", accountant)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} given, but the aggregation chain has no DP "
+                             "stage to account for (e.g. fs.aggregators.dp_mean)")
+        return None
+    if len(algorithm.passes) > 1:
+        raise ValueError(f"the privacy accounting covers one aggregation per round; this "
+                         f"algorithm aggregates {len(algorithm.passes)} times a round")
+    return privacy.Ledger(event, sampler.participation, delta=delta, accountant=accountant,
+                          target_epsilon=target_epsilon, sampler_name=sampler.name)
+
+
 def step_efficiency(num_steps: np.ndarray, chunk_size: int) -> float:
     """Useful local steps over executed ones: a vmapped chunk runs to its longest client."""
     steps = np.asarray(num_steps, np.int64).reshape(-1, chunk_size)
@@ -490,6 +539,8 @@ def _line(record: dict) -> dict:
 
 def _postfix(record: dict) -> dict:
     postfix = {"loss": f"{record['train_loss']:.4f}"}
+    if "epsilon" in record:
+        postfix["eps"] = f"{record['epsilon']:.3g}"
     if "eval" in record and "accuracy" in record["eval"]:
         postfix["acc"] = f"{record['eval']['accuracy']['weighted_mean']:.3f}"
     return postfix

@@ -4,9 +4,13 @@ accountants of dp-accounting called directly."""
 import math
 
 import dp_accounting
+import optax
 import pytest
 
-from fedjax_sim import privacy
+import fedjax_sim as fs
+from fedjax_sim import aggregators as agg
+from fedjax_sim import privacy, sampling
+from fedjax_sim.testing import assert_trees_close
 
 
 def _phi(x):
@@ -64,3 +68,97 @@ def test_impossible_settings_are_named(kwargs, message):
     args = dict(noise_multiplier=1.0, sampling_rate=0.1, rounds=10, delta=1e-5) | kwargs
     with pytest.raises(ValueError, match=message):
         privacy.epsilon(**args)
+
+
+def _direct(event, delta, kind="rdp", relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE):
+    acc = (dp_accounting.pld.PLDAccountant(relation) if kind == "pld"
+           else dp_accounting.rdp.RdpAccountant(neighboring_relation=relation))
+    acc.compose(event)
+    return acc.get_epsilon(delta)
+
+
+def test_the_ledger_accounts_for_the_sampler_actually_used():
+    z, n, m, delta = 1.0, 1000, 20, 1e-4
+    g = dp_accounting.GaussianDpEvent(z)
+    stage = agg.dp_mean(z, 1.0, m)
+    poisson = privacy.Ledger(stage.privacy, sampling.poisson(n, m).participation, delta=delta)
+    assert poisson.epsilon(50) == _direct(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(m / n, g), 50),
+        delta)
+    tight = privacy.Ledger(stage.privacy, sampling.poisson(n, m).participation, delta=delta,
+                           accountant="pld")
+    assert tight.epsilon(50) == _direct(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(m / n, g), 50),
+        delta, "pld")
+    assert tight.epsilon(50) < poisson.epsilon(50)
+    fixed = privacy.Ledger(stage.privacy, sampling.uniform(n, m).participation, delta=delta)
+    assert fixed.relation == "replace_one"
+    assert fixed.epsilon(50) == _direct(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.SampledWithoutReplacementDpEvent(n, m, g), 50),
+        delta, relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    cyclic = privacy.Ledger(stage.privacy, sampling.cyclic(n, m).participation, delta=delta)
+    # n / m = 50 rounds a cycle: one participation in 50 rounds, two in 51.
+    assert cyclic.epsilon(50) == _direct(g, delta)
+    assert cyclic.epsilon(51) == _direct(dp_accounting.SelfComposedDpEvent(g, 2), delta)
+    with pytest.raises(ValueError, match="PLD accountant does not cover a fixed-size"):
+        privacy.Ledger(stage.privacy, sampling.uniform(n, m).participation, accountant="pld")
+    with pytest.raises(ValueError, match="no privacy accountant covers with_replacement"):
+        privacy.Ledger(stage.privacy, None, sampler_name="with_replacement(20)")
+
+
+def test_the_default_delta_is_below_one_over_the_population_and_a_larger_one_is_warned():
+    participation = sampling.poisson(1000, 10).participation
+    ledger = privacy.Ledger(agg.dp_mean(1.0, 1.0, 10).privacy, participation)
+    assert ledger.delta == 1000 ** -1.1 < 1 / 1000
+    with pytest.warns(UserWarning, match="not below 1 / N = 0.001"):
+        privacy.Ledger(agg.dp_mean(1.0, 1.0, 10).privacy, participation, delta=1e-3)
+    with pytest.raises(ValueError, match="delta must be < 1"):
+        privacy.Ledger(agg.dp_mean(1.0, 1.0, 10).privacy, participation, delta=1.5)
+    with pytest.raises(ValueError, match="target_epsilon 0.01 cannot be reached: one round"):
+        privacy.Ledger(agg.dp_mean(0.5, 1.0, 10).privacy, participation, target_epsilon=0.01)
+
+
+@pytest.fixture(scope="module")
+def population():
+    return fs.data.synthetic(1.0, 1.0, num_clients=40, max_examples_per_client=40, seed=2)
+
+
+def _dp_fedavg(z, clip, expected):
+    chain = agg.chain(agg.clip(clip), agg.weight_by("uniform"), agg.dp_mean(z, clip, expected))
+    return fs.algorithms.fedavg(fs.models.logistic_regression(60, 10), optax.sgd(0.05),
+                                batch_size=10, aggregator=chain)
+
+
+def test_every_round_records_its_epsilon_and_a_run_stops_within_its_target(population):
+    train, _ = population
+    sampler = fs.sampling.poisson(train.num_clients, 8)
+    ledger = privacy.Ledger(agg.dp_mean(1.0, 1.0, 8).privacy, sampler.participation)
+    target = (ledger.epsilon(3) + ledger.epsilon(4)) / 2  # room for 3 rounds, not 4
+    result = fs.simulate(_dp_fedavg(1.0, 1.0, 8), train, rounds=10, sampler=sampler,
+                         chunk_size=4, progress=False, target_epsilon=target)
+    assert [r["epsilon"] for r in result.history] == [ledger.epsilon(r) for r in (1, 2, 3)]
+    assert result.privacy == {"epsilon": ledger.epsilon(3), "delta": 40 ** -1.1,
+                              "accountant": "rdp", "relation": "add_or_remove_one",
+                              "target_epsilon": target, "rounds": 3}
+
+
+def test_without_noise_or_clipping_dp_fedavg_is_uniformly_weighted_fedavg(population):
+    train, _ = population
+    kwargs = dict(rounds=2, cohort_size=8, chunk_size=4, progress=False, seed=3)
+    dp = fs.simulate(_dp_fedavg(0.0, 1e9, 8), train, **kwargs)
+    plain = fs.simulate(fs.algorithms.fedavg(fs.models.logistic_regression(60, 10),
+                                             optax.sgd(0.05), batch_size=10,
+                                             client_weighting="uniform"), train, **kwargs)
+    assert dp.privacy["epsilon"] == math.inf
+    assert_trees_close(dp.params, plain.params, rtol=1e-5, atol=1e-7)
+
+
+def test_settings_no_accountant_covers_are_refused_before_anything_compiles(population):
+    train, _ = population
+    with pytest.raises(ValueError, match="no privacy accountant covers with_replacement"):
+        fs.Simulation(_dp_fedavg(1.0, 1.0, 8), train, progress=False,
+                      sampler=fs.sampling.with_replacement(train.num_clients, 8))
+    plain = fs.algorithms.fedavg(fs.models.logistic_regression(60, 10), optax.sgd(0.05))
+    with pytest.raises(ValueError, match="target_epsilon given, but the aggregation chain has"):
+        fs.Simulation(plain, train, cohort_size=8, target_epsilon=2.0, progress=False)
