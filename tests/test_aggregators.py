@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy import stats
 
 import fedjax_sim as fs
 from fedjax_sim import aggregators as agg
@@ -212,7 +213,9 @@ def test_dp_mean_divides_by_the_expected_weight_and_adds_noise_of_the_stated_sca
     state = mean.init({"a": jnp.zeros(4000), "b": jnp.zeros(3)})
     value, _, metrics = mean.server(reduced, state, jax.random.key(7))
     noise = np.asarray(value["a"]) * w  # the sum was 0: what is left is the noise
-    assert abs(noise.std() / (z * c) - 1) < 0.05 and abs(noise.mean()) < 0.05
+    assert stats.kstest(noise / (z * c), "norm").pvalue > 0.01  # Gaussian, stddev z c
+    other, _, _ = mean.server(reduced, state, jax.random.key(8))  # another round's key
+    assert abs(np.corrcoef(noise, np.asarray(other["a"]))[0, 1]) < 0.05  # independent
     np.testing.assert_allclose(float(metrics["noise_stddev"]), z * c / w, rtol=1e-6)
     again, _, _ = mean.server(reduced, state, jax.random.key(7))
     np.testing.assert_array_equal(value["a"], again["a"])  # the round's key decides it
@@ -220,6 +223,44 @@ def test_dp_mean_divides_by_the_expected_weight_and_adds_noise_of_the_stated_sca
         agg.chain(agg.weight_by("num_examples"), agg.dp_mean(1.0, 1.0, 10))
     with pytest.raises(ValueError, match="noise_multiplier must be a finite number >= 0"):
         agg.dp_mean(-1.0, 1.0, 10)
+
+
+@pytest.mark.parametrize("quantile", [0.5, 0.9])
+def test_adaptive_clipping_converges_to_the_target_quantile_of_known_norms(quantile):
+    """Norms uniform on [0, 2] (quantile q at 2q), 100 clients a round, the paper's noise on
+    the count: the clip norm settles at the quantile; updates are clipped to it."""
+    n, z = 100, 1.0
+    stage = agg.adaptive_dp_mean(z, n, target_quantile=quantile, initial_clip=0.1)
+    dims = 50
+    ctxs = ClientContext(jnp.arange(n), jax.random.split(jax.random.key(0), n),
+                         jnp.ones(n, jnp.int32), jnp.ones(n, jnp.int32))
+
+    @jax.jit
+    def one_round(clip_norm, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        norms = jax.random.uniform(k1, (n,), maxval=2.0)
+        directions = jax.random.normal(k2, (n, dims))
+        updates = directions / jnp.linalg.norm(directions, axis=1, keepdims=True) * norms[:, None]
+        (out, bits), w, m = jax.vmap(stage.client, (0, 0, 0, None))(updates, jnp.ones(n), ctxs,
+                                                                   clip_norm)
+        reduced = Reduced((jnp.sum(out, 0), jnp.sum(bits)), jnp.sum(w))
+        _, new_clip, metrics = stage.server(reduced, clip_norm, k3)
+        return new_clip, jnp.max(jnp.linalg.norm(out, axis=1)), metrics["noise_stddev"]
+
+    clip_norm, history = stage.init(None), []
+    for r in range(300):
+        used = clip_norm
+        clip_norm, largest, noise = one_round(clip_norm, jax.random.key(r + 1))
+        assert largest <= used * (1 + 1e-6)  # every client's contribution within the clip
+        history.append(float(clip_norm))
+    settled = np.mean(history[-100:])
+    assert abs(settled / (2 * quantile) - 1) < 0.1, settled
+    z_update = (z ** -2 - (2 * n / 20) ** -2) ** -0.5  # the update's share of the budget
+    np.testing.assert_allclose(float(noise), z_update * float(used) / n, rtol=1e-5)
+    with pytest.raises(ValueError, match="count_stddev 0.4 leaves no budget"):
+        agg.adaptive_dp_mean(1.0, 8, count_stddev=0.4)
+    with pytest.raises(ValueError, match="target_quantile is a quantile in"):
+        agg.adaptive_dp_mean(1.0, 8, target_quantile=1.5)
 
 
 def _engine_round(chain, chunk, mesh):

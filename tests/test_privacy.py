@@ -162,3 +162,17 @@ def test_settings_no_accountant_covers_are_refused_before_anything_compiles(popu
     plain = fs.algorithms.fedavg(fs.models.logistic_regression(60, 10), optax.sgd(0.05))
     with pytest.raises(ValueError, match="target_epsilon given, but the aggregation chain has"):
         fs.Simulation(plain, train, cohort_size=8, target_epsilon=2.0, progress=False)
+
+
+def test_adaptive_clipping_runs_in_a_simulation_at_dp_fedavgs_price(population):
+    train, _ = population
+    sampler = fs.sampling.poisson(train.num_clients, 8)
+    chain = agg.chain(agg.weight_by("uniform"), agg.adaptive_dp_mean(1.0, 8, initial_clip=0.01,
+                                                             count_stddev=2.0))
+    algo = fs.algorithms.fedavg(fs.models.logistic_regression(60, 10), optax.sgd(0.05),
+                                batch_size=10, aggregator=chain)
+    result = fs.simulate(algo, train, rounds=3, sampler=sampler, chunk_size=4, progress=False)
+    clips = [r["server"]["clip_norm"] for r in result.history]
+    assert clips[0] == pytest.approx(0.01) and clips[2] > clips[1] > clips[0]  # all clipped
+    ledger = privacy.Ledger(agg.dp_mean(1.0, 1.0, 8).privacy, sampler.participation)
+    assert result.privacy["epsilon"] == ledger.epsilon(3)
