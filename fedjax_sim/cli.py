@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import shutil
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import optax
 
-from fedjax_sim import algorithms, data, models
+from fedjax_sim import aggregators, algorithms, data, models, privacy, sampling
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
 from fedjax_sim.evaluation import format_summary
 from fedjax_sim.health import DivergedError
@@ -72,6 +73,13 @@ def _int_at_least(minimum: int):
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=_positive_int, default=10, help="examples per local step")
     add("--max-examples-per-client", type=_positive_int, default=500,
         help="a larger client trains on its first this-many examples")
-    add("--weighting", choices=["num_examples", "uniform"], default="num_examples",
-        help="how client updates are weighted in the average")
+    add("--weighting", choices=["num_examples", "uniform"], default=None,
+        help="how client updates are weighted in the average (default num_examples; "
+        "uniform under DP)")
     add("--eval-every", type=_non_negative_int, default=20,
         help="evaluate every this many rounds (0: only after the last)")
     add("--chunk-size", type=_positive_int, default=None,
@@ -119,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint every this many rounds (0: at the end and when stopped by "
         "SIGTERM or Ctrl-C)")
     add("--no-progress", action="store_true", help="no progress bar")
+    dp = run.add_argument_group("user-level differential privacy (DP-FedAvg, McMahan et al. "
+                                "2018): clients Poisson-sampled at rate cohort / population")
+    dp.add_argument("--dp-clip", type=_positive_float, default=None,
+                    help="clip each client's update to this L2 norm and add Gaussian noise "
+                    "to the sum; turns DP on")
+    dp.add_argument("--noise-multiplier", type=_non_negative_float, default=None,
+                    help="noise stddev over the clip (unset: calibrated to --target-epsilon)")
+    dp.add_argument("--target-epsilon", type=_positive_float, default=None,
+                    help="the epsilon budget: calibrates the noise for --rounds when "
+                    "--noise-multiplier is unset, and the run stops before passing it")
+    dp.add_argument("--delta", type=_positive_float, default=None,
+                    help="delta of the guarantee (default 1 / N^1.1 for N clients)")
     run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
     return parser
 
@@ -153,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
     train, test = data.synthetic(args.alpha, args.beta, num_clients=args.num_clients,
                                  seed=args.seed)
     model = MODELS[args.model](NUM_FEATURES, NUM_CLASSES)
+    dp = _dp_settings(args, train.num_clients)
     algo = algorithms.fedavg(
         model,
         CLIENT_OPTIMIZERS[args.client_optimizer](args.client_lr),
@@ -160,13 +182,16 @@ def run(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         num_epochs=args.epochs,
         max_examples_per_client=args.max_examples_per_client,
-        client_weighting=args.weighting,
+        client_weighting=args.weighting or ("uniform" if dp else "num_examples"),
+        aggregator=None if dp is None else dp["aggregator"],
     )
     output_dir = (Path(args.output_dir) if args.resume
                   else fresh_output_dir(args.output_dir, args.overwrite))
     print(f"Synthetic({args.alpha:g},{args.beta:g}): train {train}\n  test {test}")
-    result = simulate(algo, train, rounds=args.rounds, cohort_size=args.cohort_size,
-                      seed=args.seed, eval_data=test, eval_every=args.eval_every,
+    sampler = dict(cohort_size=args.cohort_size) if dp is None else dict(
+        sampler=dp["sampler"], delta=args.delta, target_epsilon=args.target_epsilon)
+    result = simulate(algo, train, rounds=args.rounds, **sampler, seed=args.seed,
+                      eval_data=test, eval_every=args.eval_every,
                       chunk_size=args.chunk_size, output_dir=output_dir,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.no_progress)
@@ -180,6 +205,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": t,
         "train_loss": final["train_loss"],
         "eval": final["eval"],
+        "privacy": result.privacy,
     }
     with open(output_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -195,6 +221,11 @@ def run(args: argparse.Namespace) -> dict:
     print(f"\n{args.rounds} rounds in {t['rounds_s']:.1f} s "
           f"({1000 * t['rounds_s'] / args.rounds:.0f} ms a round); before them "
           f"{', '.join(before)}; evaluation {t['eval_s']:.1f} s")
+    if result.privacy is not None:
+        p = result.privacy
+        print(f"user-level DP: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after "
+              f"{p['rounds']} rounds (noise multiplier {dp['noise_multiplier']:.4g}, clip "
+              f"{args.dp_clip:g}, {p['accountant'].upper()} accountant)")
     print(f"per-client test accuracy over {test.num_clients} clients (chance 0.10):")
     print("  " + format_summary(acc))
     print(f"history: {output_dir}/history.jsonl; rerun exactly with --seed {args.seed} "
@@ -202,8 +233,36 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
+    """DP-FedAvg's chain and Poisson sampler from the flags (None when DP is off), the noise
+    calibrated to the target epsilon when not given."""
+    if args.dp_clip is None:
+        given = [f for f, v in (("--noise-multiplier", args.noise_multiplier),
+                                ("--target-epsilon", args.target_epsilon),
+                                ("--delta", args.delta)) if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs --dp-clip (the clip norm of DP-FedAvg)")
+        return None
+    z = args.noise_multiplier
+    if z is None:
+        if args.target_epsilon is None:
+            raise ValueError("--dp-clip needs --noise-multiplier or --target-epsilon")
+        delta = privacy.default_delta(num_clients) if args.delta is None else args.delta
+        z = privacy.noise_multiplier_for(args.target_epsilon, args.cohort_size / num_clients,
+                                         args.rounds, delta, accountant="rdp")
+        print(f"noise multiplier {z:.4g}: epsilon {args.target_epsilon:g} at delta "
+              f"{delta:.3g} after {args.rounds} rounds")
+    chain = aggregators.chain(aggregators.clip(args.dp_clip),
+                              aggregators.weight_by(args.weighting or "uniform"),
+                              aggregators.dp_mean(z, args.dp_clip, args.cohort_size))
+    return {"aggregator": chain, "noise_multiplier": z,
+            "sampler": sampling.poisson(num_clients, args.cohort_size)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # dp-accounting logs each RDP order it drops as inexact; the bound stays valid without it.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     if args.command == "run":
         try:
             run(args)

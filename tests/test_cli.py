@@ -3,6 +3,8 @@
 import json
 import warnings
 
+import pytest
+
 from fedjax_sim import cli
 
 ARGS = ["run", "--rounds", "3", "--num-clients", "40", "--cohort-size", "10", "--eval-every", "2",
@@ -61,3 +63,25 @@ def test_help_gives_every_flag_a_line_and_its_default(capsys):
     run = parser._subparsers._group_actions[0].choices["run"]
     for action in run._actions:
         assert action.help, f"{action.option_strings} has no help line"
+
+
+def test_dp_flags_calibrate_the_noise_to_the_target_epsilon_and_record_it(tmp_path, capsys):
+    code = cli.main(ARGS + ["--chunk-size", "2", "--output-dir", str(tmp_path), "--dp-clip",
+                            "0.5", "--target-epsilon", "20"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "noise multiplier " in out and "user-level DP: epsilon " in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    spent = summary["privacy"]
+    assert spent["rounds"] == 3 and 15 < spent["epsilon"] <= 20 + 1e-9
+    assert spent["delta"] == 40 ** -1.1 and spent["target_epsilon"] == 20
+    eps = [json.loads(line)["epsilon"] for line in
+           (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert eps == sorted(eps) and eps[-1] == spent["epsilon"]
+
+
+def test_dp_flags_without_a_clip_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(ARGS + ["--noise-multiplier", "1.0"])
+    assert e.value.code == 2
+    assert "--noise-multiplier needs --dp-clip" in capsys.readouterr().err
