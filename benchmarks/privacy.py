@@ -1,0 +1,116 @@
+"""Seconds per round of the privacy mechanisms against FedAvg, side by side (issue 17's speed).
+
+W1 (MLP 784-200-10, 64 examples a client, batch 16, one epoch) at 1,000 clients, every client
+in every round (a fixed-size cohort of the whole population), one chunk size K for all. The
+systems, each one `fs.Simulation` through the public API:
+  fedavg         uniform weights, the plain mean
+  dp_fedavg      clip + uniform weights + dp_mean (Gaussian noise on the sum, fixed W)
+  adaptive_dp    adaptive quantile clipping (aggregators.adaptive_dp_mean)
+and whichever of these the library has: secagg (fs.secagg), dp_ftrl_tree and dp_ftrl_blt
+(fs.dp_ftrl). All are compiled first; then a warm-up round of each, then the timed rounds
+interleaved (one round of each system in turn), so load from other processes falls on all
+alike; `s/round` is the median, `ratio` the system's over fedavg's.
+
+  python benchmarks/privacy.py            # ~5 min on a 2-core CPU
+  python benchmarks/privacy.py --quick    # 200 clients, 3 timed rounds
+
+Writes `benchmarks/results/privacy-<machine>.json` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from core import machine_name  # noqa: E402
+from run_fedjax_sim import SimulationRounds, build, build_model, no_caches  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+import fedjax_sim as fs  # noqa: E402
+
+A = fs.aggregators
+CLIP, NOISE = 1.0, 1.0
+
+
+def chains(cohort: int) -> dict:
+    """Each system's aggregation chain (those the library has)."""
+    out = {
+        "fedavg": A.chain(A.weight_by("uniform"), A.mean()),
+        "dp_fedavg": A.chain(A.clip(CLIP), A.weight_by("uniform"),
+                             A.dp_mean(NOISE, CLIP, cohort)),
+        "adaptive_dp": A.chain(A.weight_by("uniform"), A.adaptive_dp_mean(NOISE, cohort)),
+    }
+    if hasattr(fs, "secagg"):
+        out["secagg"] = fs.secagg.benchmark_chain(CLIP, cohort)
+    if hasattr(fs, "dp_ftrl"):
+        for mechanism in ("tree", "blt"):
+            out[f"dp_ftrl_{mechanism}"] = fs.dp_ftrl.benchmark_chain(mechanism, NOISE, CLIP,
+                                                                     cohort)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--chunk-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per system")
+    args = parser.parse_args()
+    no_caches()
+    w = WORKLOADS["W1"]
+    cohort = 200 if args.quick else 1000
+    rounds = args.rounds or (3 if args.quick else 7)
+    _, train = build(w, cohort)
+    systems = {}
+    for name, chain in chains(cohort).items():
+        algo = fs.algorithms.fedavg(build_model(w), optax.sgd(w.client_lr),
+                                    optax.sgd(w.server_lr), batch_size=w.batch_size,
+                                    num_epochs=w.epochs, aggregator=chain)
+        sim = fs.Simulation(algo, train, sampler=fs.sampling.uniform(cohort, cohort),
+                            chunk_size=args.chunk_size, progress=False)
+        t = time.perf_counter()
+        sim.compile()
+        systems[name] = (SimulationRounds(sim), time.perf_counter() - t)
+        print(f"{name}: compiled in {systems[name][1]:.1f} s", flush=True)
+    for run, _ in systems.values():
+        run()  # warm-up
+    times = {name: [] for name in systems}
+    for _ in range(rounds):
+        for name, (run, _) in systems.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["fedavg"])
+    human, slug = machine_name()
+    rows = [{"system": name, "s_per_round": statistics.median(ts),
+             "ratio": statistics.median(ts) / base, "compile_s": systems[name][1],
+             "rounds": ts} for name, ts in times.items()]
+    for run, _ in systems.values():
+        run.close()
+    out = Path(__file__).resolve().parent / "results" / (
+        f"privacy-{slug}{'-quick' if args.quick else ''}")
+    meta = {"machine": human, "date": dt.date.today().isoformat(), "jax": jax.__version__,
+            "workload": f"W1, {cohort} clients, uniform({cohort}), K={args.chunk_size}",
+            "clip": CLIP, "noise_multiplier": NOISE}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# Privacy mechanisms against FedAvg: {meta['workload']}", "",
+             f"{human}, {meta['date']}, jax {jax.__version__}; median of {rounds} interleaved "
+             "rounds.", "", "| system | s/round | ratio to fedavg | compile s |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['system']} | {r['s_per_round']:.3f} | {r['ratio']:.2f} | "
+              f"{r['compile_s']:.1f} |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
