@@ -199,6 +199,21 @@ def test_clip_bounds_each_clients_norm_and_reports_who_was_clipped():
         agg.clip(0.0)
 
 
+def test_every_clipped_contribution_is_within_the_clip():
+    """200 clients with norms from 1e-30 to 1e30 (float32's range), in bfloat16 and float32."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 7)) * 10.0 ** rng.uniform(-30, 30, (200, 1))
+    stage = agg.clip(0.3)
+    ctx = ClientContext(jnp.int32(0), jax.random.key(0), jnp.int32(1), jnp.int32(1))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        out, _, m = jax.vmap(lambda o: stage.client({"a": o, "b": o[:2]}, 1.0, ctx, ()))(
+            jnp.asarray(x, dtype))
+        norms = np.sqrt(np.sum(np.square(np.asarray(out["a"], np.float64)), 1)
+                        + np.sum(np.square(np.asarray(out["b"], np.float64)), 1))
+        assert np.all(norms <= 0.3 * (1 + 1e-2 if dtype == jnp.bfloat16 else 1 + 1e-6))
+        assert 0 < np.sum(m["clipped"]) < 200
+
+
 def test_dp_mean_divides_by_the_expected_weight_and_adds_noise_of_the_stated_scale():
     outputs, valid, n = outputs_and_weights()
     exact, _, _, server = run_chain(agg.chain(agg.weight_by("uniform"),
