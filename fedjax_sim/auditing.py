@@ -7,9 +7,15 @@ direction (uniform on the unit sphere of all the params, scaled to the clip norm
 trained. After the run, each direction's cosine with the server's total movement scores it:
 the inserted canaries' scores against those of `m'` directions never inserted (held out).
 Gaussians fitted to the two score sets give the estimate: the epsilon at `delta` for which the
-two Gaussians are (epsilon, delta)-indistinguishable. An implementation that adds less noise
-than it accounts for, or clips less, shows an estimate above the accountant's bound; a
-non-private run shows a large one (the guarantee it lacks is not vacuous to lack).
+two Gaussians are (epsilon, delta)-indistinguishable. A non-private run shows a large
+estimate, a correct DP run one below the accountant's epsilon (which covers an adversary who
+sees every round, not only the final model); an estimate above the accountant's says the
+implementation leaks more than it accounts for. The estimate is not a bound: with m canaries
+its spread is about 1/sqrt(m) in the fitted means and stds (measured: 200 canaries, DP-FedAvg
+at noise 0.7 on logistic regression, estimates 2.4-3.8 over ten seeds). And the final model
+hides a canary among the real clients' common movement: on that 610-parameter model, noise
+0.1 claimed as 0.7 gave estimates of only 6.5-8.7 against the claimed 6.2 (50 canaries, four
+seeds), so a small model detects a gross under-noising, not a subtle one.
 
 Beside the estimate, jax-privacy's `CanaryScoreAuditor` gives an assumption-free lower bound
 that holds with confidence `1 - significance` (Clopper-Pearson intervals on the best
@@ -44,6 +50,7 @@ References:
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -124,7 +131,9 @@ def direction(seed: int | jax.Array, index: int | jax.Array, template: Any) -> A
 def canary_stage(canaries: Canaries, norm: float) -> Aggregator:
     """A chain stage that makes each canary client send `norm` times its direction, whatever
     it trained; every other client passes unchanged. Put it before `clip` with `norm` the
-    clip norm, so a canary is a client at the sensitivity the accountant assumes.
+    clip norm, so a canary is a client at the sensitivity the accountant assumes. Each
+    client draws a normal vector of the params' size (kept only by the canaries): an audited
+    round does that much more work per client.
 
     Example:
       >>> agg = chain(canary_stage(canaries, 0.5), clip(0.5), weight_by("uniform"),
@@ -139,8 +148,7 @@ def canary_stage(canaries: Canaries, norm: float) -> Aggregator:
     def client(output, weight, ctx, state):
         index = ctx.id - first
         is_canary = (index >= 0) & (index < count)
-        # A real client's index is clamped into range: its draw is discarded below.
-        d = direction(seed, jnp.clip(index, 0, count - 1), output)
+        d = direction(seed, index, output)  # drawn for every client: vmapped, where selects
         output = jax.tree.map(lambda o, u: jnp.where(is_canary, (norm * u).astype(o.dtype), o),
                               output, d)
         return output, weight, {"canary": is_canary}
@@ -207,7 +215,7 @@ def scores(initial_params: Any, final_params: Any, canaries: Canaries,
 _SCORE_BATCH = 64  # directions drawn at once: [64, P] floats, whatever the number of them
 
 
-@jax.jit
+@partial(jax.jit, static_argnums=0)  # a seed past int32 is no traced argument
 def _cosines(seed, moved, indices):
     """<direction(seed, i), moved> for each i (in batches, so memory stays [64, P])."""
     def one(i):
@@ -228,8 +236,11 @@ def empirical_epsilon(initial_params: Any, final_params: Any, canaries: Canaries
     if significance >= 0.5:
         raise ValueError(f"significance must be in (0, 0.5), got {significance!r}")
     inside, outside = scores(initial_params, final_params, canaries, num_held_out)
-    from jax_privacy.auditing import CanaryScoreAuditor  # the privacy extra, as fs.privacy
-
+    try:
+        from jax_privacy.auditing import CanaryScoreAuditor
+    except ImportError as e:
+        raise ImportError("the confident lower bound needs jax-privacy: pip install "
+                          "'fedjax_sim[privacy]' (or pip install jax-privacy)") from e
     bound = CanaryScoreAuditor(inside, outside).epsilon_clopper_pearson(significance, delta)
     mean_out, std_out = outside.mean(), outside.std(ddof=1)
     return Audit(epsilon=epsilon_from_scores(inside, outside, delta),

@@ -103,8 +103,9 @@ def test_held_out_directions_are_uniform_on_the_sphere_and_the_canary_scores_its
     """Cosines of uniform directions with a fixed vector are ~N(0, 1/d) (mean 0, E[cos^2] =
     1/d exactly); a server that moved along minus canary 0's direction scores it 1."""
     template = {"w": jnp.zeros((60, 10)), "b": jnp.zeros(10)}
-    canaries = auditing.Canaries(first=100, count=4, seed=3)
-    push = auditing.direction(3, 0, template)
+    seed = 2**32 - 1  # the largest a run takes
+    canaries = auditing.Canaries(first=100, count=4, seed=seed)
+    push = auditing.direction(seed, 0, template)
     final = jax.tree.map(lambda p, u: p - 2.0 * u, template, push)
     inside, outside = auditing.scores(template, final, canaries, 2000)
     assert inside[0] == pytest.approx(1.0, abs=1e-6)
