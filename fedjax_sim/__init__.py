@@ -11,6 +11,7 @@ Example:
 from fedjax_sim import (
     aggregators,
     algorithms,
+    auditing,
     client_store,
     data,
     health,
@@ -34,6 +35,7 @@ __all__ = [
     "SimulationResult",
     "aggregators",
     "algorithms",
+    "auditing",
     "client_mesh",
     "client_store",
     "data",
