@@ -1,7 +1,8 @@
 """The accuracy-privacy trade-off of user-level DP on a population large enough for it.
 
-Synthetic IID clients (FedProx's generator, 100,000 clients of 20 examples each), logistic
-regression, expected cohort 1,000. For each epsilon in --epsilons (at delta = 1 / N^1.1, "inf"
+Synthetic IID clients (FedProx's generator, 100,000 clients of 20 examples each), an MLP
+60-200-10 (14,000 parameters: DP's noise grows with the square root of the parameter count),
+expected cohort --cohort-size. For each epsilon in --epsilons (at delta = 1 / N^1.1, "inf"
 for no noise) the noise multiplier is calibrated for --rounds rounds by dp-accounting, and
 each mechanism trains with it:
   dp_fedavg   clip + Gaussian noise on the sum, Poisson sampling (McMahan et al. 2018)
@@ -55,7 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-clients", type=int, default=100_000)
     parser.add_argument("--examples-per-client", type=int, default=20)
-    parser.add_argument("--cohort-size", type=int, default=1000)
+    parser.add_argument("--cohort-size", type=int, default=200)
+    parser.add_argument("--model", choices=["mlp", "logistic"], default="mlp")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--server-momentum", type=float, default=0.9,
+                        help="DP-FedAvgM: the server's SGD momentum")
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--epsilons", default="1,2,4,8,inf")
     parser.add_argument("--mechanisms", default=",".join(mechanisms()))
@@ -74,9 +79,13 @@ def main() -> None:
         for text in args.epsilons.split(","):
             epsilon = float(text)
             chain, sampler, z = build(mechanism, epsilon, args, train.num_clients, delta)
-            algo = fs.algorithms.fedavg(fs.models.logistic_regression(60, 10),
-                                        optax.sgd(args.client_lr), optax.sgd(args.server_lr),
-                                        batch_size=10, aggregator=chain)
+            model = (fs.models.mlp(60, 10, hidden=(200,)) if args.model == "mlp"
+                     else fs.models.logistic_regression(60, 10))
+            algo = fs.algorithms.fedavg(model, optax.sgd(args.client_lr),
+                                        optax.sgd(args.server_lr,
+                                                  momentum=args.server_momentum or None),
+                                        batch_size=10, num_epochs=args.epochs,
+                                        aggregator=chain)
             t = time.perf_counter()
             result = fs.simulate(algo, train, rounds=args.rounds, sampler=sampler,
                                  eval_data=test, eval_clients=args.eval_clients,
@@ -89,7 +98,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     out = Path(args.out)
     meta = {"num_clients": train.num_clients, "cohort_size": args.cohort_size,
-            "rounds": args.rounds, "delta": delta, "clip": args.clip}
+            "rounds": args.rounds, "delta": delta, "clip": args.clip, "model": args.model,
+            "epochs": args.epochs, "client_lr": args.client_lr, "server_lr": args.server_lr,
+            "server_momentum": args.server_momentum}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     plot(rows, meta, out.with_suffix(".png"))
 
