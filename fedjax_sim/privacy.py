@@ -240,7 +240,7 @@ def local_epsilon(noise_multiplier: float, participations: int, delta: float, *,
 
     Example:
       >>> round(local_epsilon(2.0, 10, 1e-5), 1)
-      23.7
+      17.9
     """
     z = check_number("noise_multiplier", noise_multiplier, at_least=0)
     participations = check_integer("participations", participations, 0)
