@@ -235,3 +235,15 @@ def test_example_epsilon_per_client():
     # first batch meets all three epochs
     exact = _exact_gaussian_epsilon(2 / 3 * math.sqrt(9), 1e-5)
     assert exact <= full <= exact * 1.01
+
+
+def test_fedprox_with_dp_sgd_adds_the_proximal_gradient_to_the_noised_one(reference):
+    (dp, without), mu = reference, 0.5
+    params, new, cohort, pool = _round(dp, 2, False, batch_size=4, num_epochs=2, mu=mu)
+    sgd = optax.sgd(1.0)
+    expected, _, _ = reference_round(MODEL, optax.sgd(0.3), sgd, params, sgd.init(params),
+                                     cohort, pool, jax.random.fold_in(jax.random.key(0), 0),
+                                     cohort.batch_size, example_dp=dp, mu=mu)
+    for k in params:
+        np.testing.assert_allclose(new.params[k], expected[k], rtol=2e-5, atol=2e-6)
+        assert not np.allclose(expected[k], without[k], atol=1e-4)
