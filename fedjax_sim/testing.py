@@ -40,6 +40,49 @@ def _local_step(model: Model, optimizer: optax.GradientTransformation, mu: float
     return step
 
 
+@functools.lru_cache(maxsize=16)
+def _example_grad(model: Model):
+    """The loss and gradient of one example (a batch of one), jitted once per model."""
+    return jax.jit(lambda p, example, key: jax.value_and_grad(
+        lambda p: model.loss(p, example, key)[0])(p))
+
+
+def _dp_sgd_step(model: Model, optimizer: optax.GradientTransformation, example_dp,
+                 mu: float = 0.0):
+    """One DP-SGD step (Abadi et al. 2016, Algorithm 1), written out: a loop over the real
+    examples, each gradient clipped to C in float64, summed, noised with N(0, (z C)^2) from
+    the step key (example i's model key `split(fold_in(key, 0), B)[i]`, the noise
+    `fold_in(key, 1)` split per leaf), divided by B, plus the proximal gradient mu (w - w_t);
+    then the optimizer's step."""
+    grad = _example_grad(model)
+
+    def step(params, opt_state, batch, mask, key, anchor):
+        mask = np.asarray(mask)
+        size = len(mask)
+        keys = jax.random.split(jax.random.fold_in(key, 0), size)
+        leaves, treedef = jax.tree.flatten(params)
+        total = [np.zeros(x.shape, np.float64) for x in leaves]
+        loss_sum = 0.0
+        for i in np.flatnonzero(mask):
+            loss, g = grad(params, {k: v[i:i + 1] for k, v in batch.items()}, keys[i])
+            g = [np.asarray(x, np.float64) for x in jax.tree.leaves(g)]
+            norm = np.sqrt(sum(np.sum(x ** 2) for x in g))
+            scale = min(1.0, example_dp.clip_norm / norm) if norm > 0 else 1.0
+            total = [t + scale * x for t, x in zip(total, g, strict=True)]
+            loss_sum += float(loss)
+        noise_keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        stddev = example_dp.noise_multiplier * example_dp.clip_norm
+        grads = [jnp.asarray((t + stddev * np.asarray(jax.random.normal(k, x.shape, x.dtype),
+                                                      np.float64)) / size, x.dtype)
+                 for t, k, x in zip(total, noise_keys, leaves, strict=True)]
+        grads = jax.tree.map(lambda g, p, a: g + mu * (p - a),
+                             jax.tree.unflatten(treedef, grads), params, anchor)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss_sum
+
+    return step
+
+
 def _all_finite(tree) -> bool:
     return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
 
@@ -57,6 +100,7 @@ def reference_round(
     round_num: int = 0,
     client_weighting: str = "num_examples",
     mu: float = 0.0,
+    example_dp=None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """One FedOpt round, one client and one step at a time.
 
@@ -73,6 +117,8 @@ def reference_round(
       round_num: the server round, for client optimizers that depend on it.
       client_weighting: "num_examples" or "uniform".
       mu: FedProx's proximal coefficient (0: FedOpt).
+      example_dp: an `fs.algorithms.ExampleDP` for DP-SGD's local steps (per-example loop,
+        `_dp_sgd_step`), or None.
 
     Returns:
       `(new_params, new_server_opt_state, per_client)`. `per_client` holds, in cohort order,
@@ -80,7 +126,8 @@ def reference_round(
       "num_steps", "finite" and "weight" (the weight actually used: 0 when excluded).
     """
     optimizer = resolve_optimizer(client_optimizer, jnp.int32(round_num))
-    step_fn = _local_step(model, optimizer, mu)
+    step_fn = (_local_step(model, optimizer, mu) if example_dp is None
+               else _dp_sgd_step(model, optimizer, example_dp, mu))
     order = np.asarray(cohort.order)
     last = len(order) - 1
     client_keys_root = jax.random.fold_in(key, 0)  # fold_in(key, 1) is the server's

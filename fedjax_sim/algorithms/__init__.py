@@ -1,5 +1,6 @@
 """Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
-FedNova, FedDyn, q-FFL and agnostic FedAvg."""
+FedNova, FedDyn, q-FFL and agnostic FedAvg; `ExampleDP`: DP-SGD in the FedOpt family's
+local steps."""
 
 from fedjax_sim.algorithms.agnostic import agnostic_fedavg
 from fedjax_sim.algorithms.base import (
@@ -9,6 +10,7 @@ from fedjax_sim.algorithms.base import (
     ServerState,
     with_hparams,
 )
+from fedjax_sim.algorithms.dp_sgd import ExampleDP
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
 from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
@@ -25,6 +27,7 @@ from fedjax_sim.algorithms.server_optimizers import (
 )
 
 __all__ = [
+    "ExampleDP",
     "agnostic_fedavg",
     "FederatedAlgorithm",
     "RoundInputs",

@@ -28,6 +28,7 @@ from fedjax_sim.algorithms.base import (
     run_pass,
     server_step,
 )
+from fedjax_sim.algorithms.dp_sgd import ExampleDP
 from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
 from fedjax_sim.checks import check_model, check_optimizer
 from fedjax_sim.data.cohort import Batching
@@ -36,10 +37,11 @@ from fedjax_sim.models.core import Model
 
 
 def optimizer_client_update(model: Model, client_optimizer: ClientOptimizer, *,
-                            mu: float = 0.0) -> ClientUpdate:
-    """Local training with an optax optimizer (`local_training`); the output is
-    `server_params - client_params`."""
-    init, step = local_training(model, client_optimizer, mu=mu)
+                            mu: float = 0.0,
+                            example_dp: ExampleDP | None = None) -> ClientUpdate:
+    """Local training with an optax optimizer (`local_training`, DP-SGD with `example_dp`);
+    the output is `server_params - client_params`."""
+    init, step = local_training(model, client_optimizer, mu=mu, example_dp=example_dp)
 
     def finalize(broadcast, state, ctx):
         return ClientResult(delta(broadcast.params, state.params), metrics=train_metrics(state))
@@ -77,6 +79,7 @@ def fedopt(
     mu: float = 0.0,
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
+    example_dp: ExampleDP | None = None,
 ) -> FederatedAlgorithm:
     """Federated optimization with any client and server optax optimizers.
 
@@ -94,6 +97,9 @@ def fedopt(
         `aggregators.default(client_weighting)`.
       mu: FedProx's proximal coefficient (`fedprox`); 0 is FedAvg.
       straggler_fraction, drop_stragglers: per-client variable local work (see `Batching`).
+      example_dp: example-level DP-SGD in every local step (`ExampleDP(clip_norm,
+        noise_multiplier)`, Abadi et al. 2016), accounted per client by
+        `fs.privacy.example_epsilon`; None trains on plain gradients.
 
     Example:
       >>> import optax, fedjax_sim as fs
@@ -105,7 +111,11 @@ def fedopt(
     check_optimizer(client_optimizer, "client_optimizer", allow_schedule=True)
     check_optimizer(server_optimizer, "server_optimizer")
     aggregator = check_aggregator(aggregator, client_weighting)
-    update = optimizer_client_update(model, client_optimizer, mu=mu)
+    if example_dp is not None and not isinstance(example_dp, ExampleDP):
+        raise TypeError(f"example_dp must be fs.algorithms.ExampleDP(clip_norm, "
+                        f"noise_multiplier) or None, got {type(example_dp).__name__} "
+                        f"{example_dp!r}"[:300])
+    update = optimizer_client_update(model, client_optimizer, mu=mu, example_dp=example_dp)
 
     def init(params, key):
         return init_state(params, key, server_optimizer, aggregator,

@@ -1,6 +1,7 @@
-"""Local training on one client: optax steps on the masked mean batch loss, from the params the
-server broadcast, with the gradient corrections the FL literature adds (FedProx's proximal
-term, SCAFFOLD's and FedDyn's linear terms)."""
+"""Local training on one client: optax steps on the masked mean batch loss (or DP-SGD's noised
+sum of clipped per-example gradients, `dp_sgd`), from the params the server broadcast, with the
+gradient corrections the FL literature adds (FedProx's proximal term, SCAFFOLD's and FedDyn's
+linear terms)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.base import ClientOptimizer, resolve_optimizer
+from fedjax_sim.algorithms.dp_sgd import ExampleDP, private_gradient
 from fedjax_sim.engine import ClientContext
 from fedjax_sim.models.core import Model
 
@@ -45,13 +47,16 @@ class LocalState(NamedTuple):
 
 
 def local_training(model: Model, client_optimizer: ClientOptimizer, *, mu: float = 0.0,
-                   linear: Callable[[Broadcast, ClientContext], Any] | None = None):
+                   linear: Callable[[Broadcast, ClientContext], Any] | None = None,
+                   example_dp: ExampleDP | None = None):
     """`(init, step)` of a `ClientUpdate` that trains with `client_optimizer` on
     grad(mean batch loss) + linear + mu (params - server params).
 
     `linear(broadcast, ctx)` is computed once per client at init (SCAFFOLD: c - c_i); `mu` is
     FedProx's proximal coefficient. With neither, the step is plain local training and the
     program is FedAvg's (no extra work). Padded batch entries are masked before the mean.
+    `example_dp` replaces the gradient of the mean batch loss by DP-SGD's
+    (`dp_sgd.private_gradient`: per-example clipping, noise, the batch size as denominator).
     """
 
     def init(broadcast: Broadcast, ctx: ClientContext) -> LocalState:
@@ -75,7 +80,12 @@ def local_training(model: Model, client_optimizer: ClientOptimizer, *, mu: float
             total = jnp.sum(jnp.where(mask, per_example, 0.0))
             return total / jnp.maximum(jnp.sum(mask), 1), total
 
-        (_, total), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
+        if example_dp is None:
+            (_, total), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
+        else:
+            grads, total = private_gradient(model, state.params, batch, mask,
+                                            jax.random.fold_in(state.key, state.step),
+                                            example_dp)
         if linear is not None:
             grads = jax.tree.map(jnp.add, grads, state.linear)
         if mu:
