@@ -90,9 +90,10 @@ def chain(*stages: Aggregator) -> Aggregator:
                          f"got {len(reducing)} in {names}")
     r = reducing[0]
     names = [s.name for s in stages]
-    if "dp_mean" in names and "weight_by_num_examples" in names:
-        raise ValueError("dp_mean's noise covers clients of weight at most 1: weight them "
-                         "uniformly (weight_by('uniform')), not by example count, whose "
+    private = [s.name for s in stages if s.privacy is not None]
+    if private and "weight_by_num_examples" in names:
+        raise ValueError(f"{private[0]}'s noise covers clients of weight at most 1: weight "
+                         "them uniformly (weight_by('uniform')), not by example count, whose "
                          "weights are unbounded")
     before, after = range(r), range(r + 1, len(stages))
 
