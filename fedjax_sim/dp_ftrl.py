@@ -22,10 +22,12 @@ Three mechanisms (`mechanism(kind, rounds, min_sep)`):
   error (Choquette-Choo et al., "(Amplified) Banded Matrix Factorization: A unified approach
   to private training", NeurIPS 2023), by `jax_privacy.matrix_factorization.toeplitz`.
 - "blt": a buffered linear Toeplitz strategy optimized for `min_sep` participation
-  (McKenna, "Scaling up the Banded Matrix Factorization Mechanism for Large Scale Private
-  Training", 2024; Dvijotham et al., "Efficient and Near-Optimal Noise Generation for
-  Streaming Differential Privacy", FOCS 2024), by `jax_privacy.matrix_factorization.
-  buffered_toeplitz`.
+  (Dvijotham et al., "Efficient and Near-Optimal Noise Generation for Streaming Differential
+  Privacy", FOCS 2024; McMahan, Xu and Zhang, "A Hassle-free Algorithm for Private Learning
+  in Practice: Don't Use Tree Aggregation, Use BLTs", EMNLP 2024, arXiv:2408.08868), by
+  `jax_privacy.matrix_factorization.buffered_toeplitz`; its buffers make the noise O(d *
+  buffers) per round, as banded's O(d * bands) (McKenna, "Scaling up the Banded Matrix
+  Factorization Mechanism for Large Scale Private Training", 2024).
 
 Accounting covers cyclic participation (`fs.sampling.cyclic`: each client once every
 `b = N // cohort_size` rounds, `k = ceil(rounds / b)` times): the sensitivity of `C` under
@@ -259,8 +261,9 @@ def dp_ftrl_mean(noise_multiplier: float, clip_norm: float, expected_weight: flo
 
     Its guarantee needs `clip(clip_norm)` before it, uniform client weights, and a sampler
     with the separation the accounting reads (`fs.sampling.cyclic`); its `privacy` refuses
-    others. Reports "noise_stddev" (round t's per-coordinate stddev of the added noise over
-    W) and "weight_sum".
+    others, and more rounds than the mechanism was built for (the noise stream itself would
+    go on: Toeplitz, or trees restarted). Reports "noise_stddev" (round t's per-coordinate
+    stddev of the added noise over W) and "weight_sum".
 
     Example:
       >>> mech = mechanism("blt", rounds=200, min_sep=10)   # doctest: +SKIP

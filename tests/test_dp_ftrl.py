@@ -116,12 +116,20 @@ def test_without_noise_it_is_dp_fedavgs_mean_round_after_round(mechanisms):
     outputs, valid, n = outputs_and_weights()
     plain = agg.chain(agg.weight_by("uniform"), agg.dp_mean(0.0, 1.0, 10.0))
     expected, _, _, server = run_chain(plain, outputs, valid, n)
-    for mech in mechanisms.values():
-        chain = agg.chain(agg.weight_by("uniform"), dp_ftrl.dp_ftrl_mean(0.0, 1.0, 10.0, mech))
-        value, state, _, metrics = run_chain(chain, outputs, valid, n)
-        assert_trees_equal(value, expected)
-        assert int(state[-1].round) == 1 and float(metrics["noise_stddev"]) == 0.0
-        np.testing.assert_allclose(metrics["weight_sum"], server["weight_sum"])
+    chain = agg.chain(agg.weight_by("uniform"),
+                      dp_ftrl.dp_ftrl_mean(0.0, 1.0, 10.0, mechanisms["blt"]))
+    value, state, _, metrics = run_chain(chain, outputs, valid, n)
+    assert_trees_equal(value, expected)
+    assert int(state[-1].round) == 1 and float(metrics["noise_stddev"]) == 0.0
+    np.testing.assert_allclose(metrics["weight_sum"], server["weight_sum"])
+    sums = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+    for mech in mechanisms.values():  # the sum over W, round after round, buffers and all
+        stage = dp_ftrl.dp_ftrl_mean(0.0, 1.0, 10.0, mech)
+        step, state = jax.jit(stage.server), stage.init({"a": jnp.zeros(7)})
+        for t, total in enumerate(sums):
+            value, state, _ = step(Reduced({"a": jnp.asarray(total)}, jnp.float32(6)), state,
+                                   jax.random.key(t))
+            np.testing.assert_allclose(value["a"], total / 10.0, rtol=1e-6, atol=1e-9)
 
 
 def _cyclic_patterns(c, b):
@@ -193,10 +201,14 @@ def test_tree_accounting_is_dp_accountings_tree_aggregation_event(mechanisms):
 def at_epsilon_2():
     """Noise multipliers of epsilon 2 at delta 1e-5 (PLD) over ROUNDS cyclic rounds: DP-FedAvg's
     (a Gaussian per participation) and one Gaussian's (DP-FTRL's, per unit sensitivity)."""
-    calibrate = lambda event: dp_accounting.calibrate_dp_mechanism(
-        dp_accounting.pld.PLDAccountant, event, 2.0, 1e-5)
-    return {"independent": calibrate(lambda z: fs.privacy.gaussian_event(z, CYCLIC, ROUNDS)),
-            "single": calibrate(dp_accounting.GaussianDpEvent)}
+    single = dp_accounting.calibrate_dp_mechanism(dp_accounting.pld.PLDAccountant,
+                                                  dp_accounting.GaussianDpEvent, 2.0, 1e-5)
+    # k Gaussians of noise z compose to one of z / sqrt(k): DP-FedAvg's over 3 participations.
+    independent = single * np.sqrt(-(-ROUNDS // SEP))
+    acc = dp_accounting.pld.PLDAccountant()
+    acc.compose(fs.privacy.gaussian_event(independent, CYCLIC, ROUNDS))
+    assert acc.get_epsilon(1e-5) == pytest.approx(2.0, rel=1e-3)
+    return {"independent": independent, "single": single}
 
 
 def test_the_calibrated_noise_meets_the_target_epsilon(mechanisms, at_epsilon_2):
@@ -266,17 +278,16 @@ def test_bad_mechanisms_and_unaccountable_participation_are_refused(mechanisms):
 
 
 def test_under_the_engine_round_one_is_dp_fedavgs_round_on_8_devices(mechanisms):
-    """C[0, 0] = 1 for the tree and BLT: their first round is DP-FedAvg's, the clipped sum
+    """C[0, 0] = 1 for the BLT (and the tree): its first round is DP-FedAvg's, the clipped sum
     over the expected weight plus the noise drawn from the same round key, on 8 devices as
     DP-FedAvg's on 1 (`_dp_round` checks DP-FedAvg's against the clipped reference)."""
     noised = _dp_round(3, False, 1.0)[1]
-    for name in ("tree", "blt"):
-        chain = agg.chain(agg.clip(0.4), agg.weight_by("uniform"),
-                          dp_ftrl.dp_ftrl_mean(1.0, 0.4, 10.0, mechanisms[name]))
-        new = _engine_round(chain, 1, True)[1]
-        for k in new.params:
-            np.testing.assert_allclose(new.params[k], noised.params[k], rtol=1e-5, atol=1e-6)
-        assert int(new.agg_state[-1].round) == 1
+    chain = agg.chain(agg.clip(0.4), agg.weight_by("uniform"),
+                      dp_ftrl.dp_ftrl_mean(1.0, 0.4, 10.0, mechanisms["blt"]))
+    new = _engine_round(chain, 1, True)[1]
+    for k in new.params:
+        np.testing.assert_allclose(new.params[k], noised.params[k], rtol=1e-5, atol=1e-6)
+    assert int(new.agg_state[-1].round) == 1
 
 
 def test_a_cyclic_run_carries_the_noise_state_and_resumes_with_the_same_bits(mechanisms,
