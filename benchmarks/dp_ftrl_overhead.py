@@ -2,7 +2,7 @@
 client, batch 16, one epoch), interleaved in one process, fastest and median of the timed
 rounds per configuration.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/dp_ftrl_overhead.py [--clients 1000] [--repeats 7]
+    PYTHONPATH=. .venv/bin/python benchmarks/dp_ftrl_overhead.py [--clients 1000] [--devices 2]
 
 The mechanisms are built for 1,000 rounds of clients 10 rounds apart (the tree 4 levels deep,
 10 bands, the BLT jax-privacy optimizes); their noise is generated on the server once a round.
@@ -32,7 +32,10 @@ def main():
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--chunk-size", type=int, default=4)
+    parser.add_argument("--devices", type=int, default=1, help="CPU devices (a mesh if > 1)")
     args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    mesh = fs.client_mesh() if args.devices > 1 else None
     train, model = population(args.clients), fs.models.mlp(784, 10)
     n = args.clients
     chains = {"fedavg": agg.default("uniform"),
@@ -49,7 +52,7 @@ def main():
         algo = fs.algorithms.fedavg(model, optax.sgd(0.1), optax.sgd(1.0), batch_size=16,
                                     aggregator=chain)
         sim = fs.Simulation(algo, train, cohort_size=n, chunk_size=args.chunk_size,
-                            progress=False)
+                            mesh=mesh, progress=False)
         sim.step()  # compiles
         sims[name] = sim
     times = {name: [] for name in sims}
