@@ -158,7 +158,7 @@ def _finish(name, rounds, min_sep, noising, sensitivity) -> Mechanism:
 def _toeplitz_sensitivity(coefs: Callable[[int], jax.Array]) -> Callable[[int, int], float]:
     """Exact (k, b)-min-sep sensitivity of a non-negative, non-increasing Toeplitz strategy
     (Kalinin and Lampert, "Banded Square Root Matrix Factorization for Differentially Private
-    Model Training", NeurIPS 2024, Theorem 2), by jax-privacy."""
+    Model Training", NeurIPS 2024, arXiv:2405.13763, Theorem 2), by jax-privacy."""
     from jax_privacy.matrix_factorization import toeplitz
 
     def sensitivity(b, r):
