@@ -341,16 +341,18 @@ class Simulation:
         """
         num_rounds = check_integer("rounds", num_rounds, 0)
         end = self.round + num_rounds
+        if self.ledger is not None and num_rounds:
+            self.ledger.epsilon(end)  # a mechanism built for fewer rounds refuses them now
         prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjax_sim-prefetch")
         restore_signals = self._catch_signals()
         bar = tqdm(total=num_rounds, desc="rounds", unit="round", disable=not self.progress)
         try:
-            upcoming = prefetch.submit(self._prepare, self.round) if num_rounds else None
+            upcoming = prefetch.submit(self._prepare, self.round, end) if num_rounds else None
             while self.round < end and not self._over_budget(self.round + 1):
                 packed = upcoming.result()
                 last = self.round + 1 == end or self._over_budget(self.round + 2)
                 if not last:
-                    upcoming = prefetch.submit(self._prepare, self.round + 1)
+                    upcoming = prefetch.submit(self._prepare, self.round + 1, end)
                 record = self.step(packed, evaluate=True if last else None)
                 bar.update(1)
                 bar.set_postfix(_postfix(record), refresh=False)
@@ -385,11 +387,12 @@ class Simulation:
     def _over_budget(self, rounds: int) -> bool:
         return self.ledger is not None and self.ledger.over(rounds)
 
-    def _prepare(self, round_num: int):
-        """`pack(round_num)`, with the epsilon after it and after the next accounted beside
-        it (the loop asks for both before it runs the round)."""
+    def _prepare(self, round_num: int, end: int):
+        """`pack(round_num)`, with the epsilon after it and after the next (up to round `end`)
+        accounted beside it: the loop asks for both before it runs the round."""
         if self.ledger is not None:
-            self.ledger.epsilon(round_num + 1), self.ledger.epsilon(round_num + 2)
+            for rounds in range(round_num + 1, min(round_num + 2, end) + 1):
+                self.ledger.epsilon(rounds)
         return self.pack(round_num)
 
     # -- checkpoints ----------------------------------------------------------------------

@@ -311,3 +311,12 @@ def test_a_cyclic_run_carries_the_noise_state_and_resumes_with_the_same_bits(mec
                if np.issubdtype(np.asarray(x).dtype, np.floating))
     stddev = [r["server"]["noise_stddev"] for r in whole.history]
     np.testing.assert_allclose(stddev, 0.5 * 0.5 * mech.increment_stddev[:6] / 3.0, rtol=1e-5)
+    assert [r["epsilon"] for r in whole.history] == [
+        fs.privacy.Ledger(chain.privacy, kwargs["sampler"].participation).epsilon(r)
+        for r in range(1, 7)]
+    with pytest.raises(ValueError, match="Poisson"):  # refused before anything compiles
+        fs.Simulation(algo, train, sampler=fs.sampling.poisson(12, 3), progress=False)
+    sim = fs.Simulation(algo, train, **kwargs)
+    with pytest.raises(ValueError, match=f"{ROUNDS}"):  # past the rounds it was built for
+        sim.run(ROUNDS + 1)
+    assert sim.round == 0
