@@ -160,7 +160,7 @@ def test_toeplitz_accounting_is_jax_privacys_single_release_gaussian(name, mecha
                                rtol=1e-3)
     chain = agg.chain(agg.clip(1.0), agg.weight_by("uniform"),
                       dp_ftrl.dp_ftrl_mean(z, 1.0, 5.0, mech))
-    ledger = fs.privacy.Ledger(chain.privacy, CYCLIC, delta=delta)
+    ledger = fs.privacy.Ledger(chain.privacy, CYCLIC, delta=delta, accountant="pld")
     assert ledger.epsilon(ROUNDS) == ours.get_epsilon(delta)
     assert ledger.epsilon(ROUNDS // 2) < ledger.epsilon(ROUNDS)
 

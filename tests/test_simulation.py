@@ -108,8 +108,8 @@ def test_a_long_round_is_timed_on_part_of_the_cohort(population, monkeypatch, lo
                           candidates=[1, 2, 8])
     assert k in (1, 2, 8)
     part = [(c, n) for c, n in packed if n < 12]  # compiles pack the whole cohort
-    if long_round:  # a quarter, or one chunk
-        assert {(1, 3), (2, 3), (8, 8)} == set(part)
+    if long_round:  # a quarter, or one chunk (the sweep may stop before K = 8 under load)
+        assert {(1, 3), (2, 3)} <= set(part) <= {(1, 3), (2, 3), (8, 8)}
     else:  # the first timed run finds the round short; all later ones are whole
         assert part == [(1, 3)]
 
