@@ -136,10 +136,13 @@ def plot(rows, meta, path: Path) -> None:
     finite = sorted({r["target_epsilon"] for r in rows if math.isfinite(r["target_epsilon"])})
     ticks = finite + [2 * finite[-1]] if finite else [1.0]
     for mechanism in dict.fromkeys(r["mechanism"] for r in rows):
-        mine = [r for r in rows if r["mechanism"] == mechanism]
-        xs = [r["target_epsilon"] if math.isfinite(r["target_epsilon"]) else ticks[-1]
-              for r in mine]
-        ax.plot(xs, [r["accuracy"] for r in mine], "o-", label=mechanism)
+        mine = sorted((r for r in rows if r["mechanism"] == mechanism
+                       and math.isfinite(r["target_epsilon"])), key=lambda r: r["target_epsilon"])
+        ax.plot([r["target_epsilon"] for r in mine], [r["accuracy"] for r in mine], "o-",
+                label=mechanism)
+    for r in rows:  # one run without noise: every mechanism is then clipped FedAvg
+        if math.isinf(r["target_epsilon"]):
+            ax.plot([ticks[-1]], [r["accuracy"]], "k*", markersize=10, label="no noise")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [f"{t:g}" for t in finite] + ["inf"])
     ax.set_xlabel(f"user-level epsilon (delta = {meta['delta']:.1e})")
