@@ -107,7 +107,7 @@ def main() -> None:
     out = Path(__file__).resolve().parent / "results" / (
         f"privacy-{slug}{'-quick' if args.quick else ''}")
     meta = {"machine": human, "date": dt.date.today().isoformat(), "jax": jax.__version__,
-            "workload": f"W1, {cohort} clients, uniform({cohort}), K={args.chunk_size}",
+            "workload": f"W1, {cohort} clients, all every round, K={args.chunk_size}",
             "clip": CLIP, "noise_multiplier": NOISE}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Privacy mechanisms against FedAvg: {meta['workload']}", "",
