@@ -17,6 +17,7 @@ from fedjax_sim import (
     models,
     privacy,
     sampling,
+    secagg,
 )
 from fedjax_sim.engine import ClientContext, ClientResult, ClientUpdate, Engine, client_mesh
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
@@ -43,5 +44,6 @@ __all__ = [
     "models",
     "privacy",
     "sampling",
+    "secagg",
     "simulate",
 ]

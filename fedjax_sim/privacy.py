@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from fedjax_sim.checks import check_integer, check_number
 from fedjax_sim.sampling import Participation
@@ -82,6 +82,20 @@ def noise_multiplier_for(target_epsilon: float, sampling_rate: float, rounds: in
     dp = _dp_accounting()
     return float(dp.calibrate_dp_mechanism(lambda: _accountant(dp, accountant),
                                            lambda z: _event(dp, z, q, rounds), target, delta))
+
+
+class RdpCurve(NamedTuple):
+    """A mechanism's Renyi-DP curve, `rdp[i]` at order `orders[i]`, for a guarantee that
+    dp-accounting has no event for (the Skellam mechanism's bound, `fs.secagg`): a `privacy`
+    function returns one for all its rounds (composition adds RDP), and the `Ledger` turns
+    it into epsilon by dp-accounting's `compute_epsilon` (RDP accountant only)."""
+
+    orders: tuple[float, ...]
+    rdp: tuple[float, ...]
+
+    def epsilon(self, delta: float) -> float:
+        from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+        return float(compute_epsilon(self.orders, self.rdp, delta)[0])
 
 
 def gaussian_event(noise_multiplier: float, participation: Participation, rounds: int):
@@ -149,6 +163,7 @@ class Ledger:
                           f"of {n}: a mechanism that publishes one client's data outright "
                           f"meets it; take delta < 1 / N, e.g. {default_delta(n):.3g}",
                           stacklevel=3)
+        explicit = accountant
         if accountant is None:
             accountant = "rdp" if participation.kind == "fixed" else "pld"
         elif accountant not in ("pld", "rdp"):
@@ -163,7 +178,12 @@ class Ledger:
         self.accountant, self.target_epsilon = accountant, target_epsilon
         self.relation = relation(participation)
         self._cache: dict[int, float] = {0: 0.0}
-        event(participation, 1)  # a participation the stage cannot account for fails now
+        one = event(participation, 1)  # a participation the stage cannot account for fails now
+        if explicit == "pld" and not _pld_covers(one, self.relation):
+            raise ValueError(f"the PLD accountant does not cover {type(one).__name__}: use "
+                             "accountant='rdp'")
+        if explicit is None and not _pld_covers(one, self.relation):
+            self.accountant = "rdp"
         if target_epsilon is not None and self.epsilon(1) > target_epsilon:
             raise ValueError(f"target_epsilon {target_epsilon:g} cannot be reached: one "
                              f"round already spends epsilon {self.epsilon(1):.4g} at delta "
@@ -173,11 +193,15 @@ class Ledger:
     def epsilon(self, rounds: int) -> float:
         """Epsilon at `delta` after `rounds` rounds (inf for a non-private event)."""
         if rounds not in self._cache:
+            event = self.event(self.participation, rounds)
+            if isinstance(event, RdpCurve):
+                self._cache[rounds] = event.epsilon(self.delta)
+                return self._cache[rounds]
             dp = _dp_accounting()
             relation = (dp.NeighboringRelation.REPLACE_ONE if self.relation == "replace_one"
                         else dp.NeighboringRelation.ADD_OR_REMOVE_ONE)
             acc = _accountant(dp, self.accountant, relation)
-            acc.compose(self.event(self.participation, rounds))
+            acc.compose(event)
             self._cache[rounds] = float(acc.get_epsilon(self.delta))
         return self._cache[rounds]
 
@@ -189,3 +213,14 @@ class Ledger:
         return {"epsilon": self.epsilon(rounds), "delta": self.delta,
                 "accountant": self.accountant, "relation": self.relation,
                 "target_epsilon": self.target_epsilon, "rounds": rounds}
+
+
+def _pld_covers(event, relation_name: str) -> bool:
+    """Whether dp-accounting's PLD accountant composes `event` (not an `RdpCurve`, nor a
+    zCDP event such as the distributed discrete Gaussian's)."""
+    if isinstance(event, RdpCurve):
+        return False
+    dp = _dp_accounting()
+    rel = (dp.NeighboringRelation.REPLACE_ONE if relation_name == "replace_one"
+           else dp.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return dp.pld.PLDAccountant(rel).supports(event)
