@@ -19,6 +19,7 @@ from fedjax_sim import (
     models,
     privacy,
     sampling,
+    secagg,
 )
 from fedjax_sim.engine import ClientContext, ClientResult, ClientUpdate, Engine, client_mesh
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
@@ -47,5 +48,6 @@ __all__ = [
     "models",
     "privacy",
     "sampling",
+    "secagg",
     "simulate",
 ]

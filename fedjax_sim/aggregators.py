@@ -90,11 +90,12 @@ def chain(*stages: Aggregator) -> Aggregator:
                          f"got {len(reducing)} in {names}")
     r = reducing[0]
     names = [s.name for s in stages]
-    dp = [s.name for s in stages if s.privacy is not None]
-    if dp and "weight_by_num_examples" in names:
-        raise ValueError(f"{dp[0]}'s noise covers clients of weight at most 1: weight them "
-                         "uniformly (weight_by('uniform')), not by example count, whose "
-                         "weights are unbounded")
+    uniform_only = [s.name for s in stages if s.privacy is not None or s.name == "secagg"]
+    if uniform_only and "weight_by_num_examples" in names:
+        raise ValueError(f"{uniform_only[0]} counts each client once (its clipping and noise "
+                         "cover clients of weight at most 1): weight them uniformly "
+                         "(weight_by('uniform')), not by example count, whose weights are "
+                         "unbounded")
     before, after = range(r), range(r + 1, len(stages))
 
     def init(template):
@@ -404,13 +405,31 @@ def weighted_sum_rows(w: jax.Array, x: jax.Array) -> jax.Array:
     (the norm's partial sums, the finiteness test, the example count) into the pass over the
     outputs and recomputed it for every entry, and that pass ran 6x slower (W1's 1,000-client
     round 9% slower on 2 CPU devices than before the aggregation chain).
+
+    Integer outputs (secure aggregation's ring elements, `fs.secagg`) are not multiplied:
+    each client counts whole or not at all (`w[k] != 0`), and the sum wraps modulo 2^bits of
+    the dtype, which is the ring arithmetic they need.
     """
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return _select_sum_rows(w, x)
     if x.shape[0] > UNROLLED_SUM_MAX:
         return jnp.tensordot(w.astype(x.dtype), x, axes=1)
     total = w[0] * x[0]
     for k in range(1, x.shape[0]):
         total = total + w[k] * x[k]
     return total
+
+
+def _select_sum_rows(w: jax.Array, x: jax.Array) -> jax.Array:
+    """`sum_k x[k]` over the clients with `w[k] != 0`, in `x`'s integer dtype (wrapping).
+
+    A reduction over the client axis, not `sum_rows`' unrolled slices: for an integer chain
+    (secure aggregation's stochastic rounding into the ring) the unrolled form ran 4x slower
+    per client at K = 4 under the engine on the 2-core CPU (1.2 ms against 0.3 ms for a
+    159,010-entry update), the reduction about as fast as the float mean's pass.
+    """
+    keep = (w != 0).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sum(jnp.where(keep, x, jnp.zeros_like(x)), axis=0, dtype=x.dtype)
 
 
 def default(client_weighting: Literal["num_examples", "uniform"] = "num_examples") -> Aggregator:

@@ -41,6 +41,11 @@ class ClientContext(NamedTuple):
       num_examples: i32[], the distinct examples it trains on this pass.
       num_steps: i32[], the local steps it takes this pass.
       state: its persistent state from the client store; `()` for stateless algorithms.
+      slot: i32[], its rank among the pass's participants (the clients of weight > 0, in
+        cohort order), -1 for the others; like the key, independent of K and devices.
+      participants: i32[], how many clients of the pass have weight > 0.
+      cohort_key: the pass's key, the same for every client: randomness the cohort shares
+        (secure aggregation's pairwise masks and neighbour graph).
     """
 
     id: jax.Array
@@ -48,6 +53,9 @@ class ClientContext(NamedTuple):
     num_examples: jax.Array
     num_steps: jax.Array
     state: Any = ()
+    slot: Any = -1
+    participants: Any = 0
+    cohort_key: Any = None
 
 
 class ClientResult(NamedTuple):
@@ -153,11 +161,12 @@ def run_clients(
     last = cohort.order.shape[0] - 1
     reduction = None if aggregator is None else aggregator.reduction
 
-    def one_client(bcast, rows, start, length, num_steps, weight, cid, num_examples, state):
-        order, pool = rows
+    def one_client(bcast, rows, start, length, num_steps, weight, cid, num_examples, slot,
+                   state):
+        order, pool, participants = rows
         client_key = jax.random.fold_in(key, cid)
         ctx = ClientContext(cid, jax.random.fold_in(client_key, 0), num_examples, num_steps,
-                            state)
+                            state, slot, participants, key)
         local = update.init(bcast, ctx)
 
         def body(carry):
@@ -184,7 +193,7 @@ def run_clients(
             out = one_client(bcast, rows, *jax.tree.map(lambda a: a[0], xs))
             out = jax.tree.map(lambda a: a[None], out)
         else:
-            out = jax.vmap(one_client, in_axes=(None, None) + (0,) * 7)(bcast, rows, *xs)
+            out = jax.vmap(one_client, in_axes=(None, None) + (0,) * 8)(bcast, rows, *xs)
         output, weight, states, metrics = out
         if reduction == "sum":
             wsum = lambda o: weighted_sum_rows(weight, o)
@@ -197,7 +206,7 @@ def run_clients(
         """A chunk that reads its clients' rows from `store` and writes their new ones."""
         ids = x[4]
         states = client_store.gather(store, ids, client_states.initial)
-        partial, (metrics, new, *rest) = chunk(bcast, rows, (*x[:6], states))
+        partial, (metrics, new, *rest) = chunk(bcast, rows, (*x[:7], states))
         store = client_store.scatter(store, ids, new, client_states.num_clients,
                                      metrics.get("finite"))
         return partial, (metrics, (), *rest), store
@@ -230,11 +239,15 @@ def run_clients(
             total = lax.psum(total, CLIENTS)
         return total, per
 
-    # The order and the pool are explicit (replicated) shard_map inputs: gathering from a
-    # closed-over array whose sharding names the Auto mesh fails inside the Manual body.
-    rows = (cohort.order, pool)
+    # The order, the pool and the participant count are explicit (replicated) shard_map
+    # inputs: gathering from a closed-over array whose sharding names the Auto mesh fails
+    # inside the Manual body.
+    participant = cohort.weights > 0
+    slots = jnp.where(participant, jnp.cumsum(participant, dtype=jnp.int32) - 1, -1)
+    rows = (cohort.order, pool, jnp.sum(participant, dtype=jnp.int32))
     per_client = (cohort.start, cohort.length, cohort.num_steps, cohort.weights,
-                  cohort.client_ids, cohort.num_examples, () if in_scan else client_states)
+                  cohort.client_ids, cohort.num_examples, slots,
+                  () if in_scan else client_states)
     if engine.mesh is None:
         total, per = local(broadcast, rows, *per_client)
     else:

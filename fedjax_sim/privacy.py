@@ -27,7 +27,7 @@ import collections
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -93,6 +93,20 @@ def noise_multiplier_for(target_epsilon: float, sampling_rate: float, rounds: in
     dp = _dp_accounting()
     return float(dp.calibrate_dp_mechanism(lambda: _accountant(dp, accountant),
                                            lambda z: _event(dp, z, q, rounds), target, delta))
+
+
+class RdpCurve(NamedTuple):
+    """A mechanism's Renyi-DP curve, `rdp[i]` at order `orders[i]`, for a guarantee that
+    dp-accounting has no event for (the Skellam mechanism's bound, `fs.secagg`): a `privacy`
+    function returns one for all its rounds (composition adds RDP), and the `Ledger` turns
+    it into epsilon by dp-accounting's `compute_epsilon` (RDP accountant only)."""
+
+    orders: tuple[float, ...]
+    rdp: tuple[float, ...]
+
+    def epsilon(self, delta: float) -> float:
+        from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+        return float(compute_epsilon(self.orders, self.rdp, delta)[0])
 
 
 def gaussian_event(noise_multiplier: float, participation: Participation, rounds: int):
@@ -181,7 +195,10 @@ class Ledger:
         self.accountant, self.target_epsilon = accountant, target_epsilon
         self.relation = relation(participation)
         self._cache: dict[int, float] = {0: 0.0}
-        event(participation, 1)  # a participation the stage cannot account for fails now
+        one = event(participation, 1)  # a participation the stage cannot account for fails now
+        if accountant == "pld" and not _pld_covers(one, self.relation):
+            raise ValueError(f"the PLD accountant does not cover {type(one).__name__}: use "
+                             "accountant='rdp'")
         if target_epsilon is not None and self.epsilon(1) > target_epsilon:
             raise ValueError(f"target_epsilon {target_epsilon:g} cannot be reached: one "
                              f"round already spends epsilon {self.epsilon(1):.4g} at delta "
@@ -191,11 +208,15 @@ class Ledger:
     def epsilon(self, rounds: int) -> float:
         """Epsilon at `delta` after `rounds` rounds (inf for a non-private event)."""
         if rounds not in self._cache:
+            event = self.event(self.participation, rounds)
+            if isinstance(event, RdpCurve):
+                self._cache[rounds] = event.epsilon(self.delta)
+                return self._cache[rounds]
             dp = _dp_accounting()
             relation = (dp.NeighboringRelation.REPLACE_ONE if self.relation == "replace_one"
                         else dp.NeighboringRelation.ADD_OR_REMOVE_ONE)
             acc = _accountant(dp, self.accountant, relation)
-            acc.compose(self.event(self.participation, rounds))
+            acc.compose(event)
             self._cache[rounds] = float(acc.get_epsilon(self.delta))
         return self._cache[rounds]
 
@@ -362,3 +383,14 @@ def example_epsilon(noise_multiplier: float, batching, num_examples, participati
                                                                batch_size), delta, accountant))
         out[i] = cache[counts, rounds]
     return out
+
+
+def _pld_covers(event, relation_name: str) -> bool:
+    """Whether dp-accounting's PLD accountant composes `event` (not an `RdpCurve`, nor a
+    zCDP event such as the distributed discrete Gaussian's)."""
+    if isinstance(event, RdpCurve):
+        return False
+    dp = _dp_accounting()
+    rel = (dp.NeighboringRelation.REPLACE_ONE if relation_name == "replace_one"
+           else dp.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return dp.pld.PLDAccountant(rel).supports(event)

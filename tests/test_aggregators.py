@@ -248,7 +248,8 @@ def test_adaptive_clipping_converges_to_the_target_quantile_of_known_norms(quant
     stage = agg.adaptive_dp_mean(z, n, target_quantile=quantile, initial_clip=0.1)
     dims = 50
     ctxs = ClientContext(jnp.arange(n), jax.random.split(jax.random.key(0), n),
-                         jnp.ones(n, jnp.int32), jnp.ones(n, jnp.int32))
+                         jnp.ones(n, jnp.int32), jnp.ones(n, jnp.int32), (), jnp.arange(n),
+                         jnp.full(n, n))
 
     @jax.jit
     def one_round(clip_norm, key):

@@ -273,7 +273,7 @@ def test_bad_mechanisms_and_unaccountable_participation_are_refused(mechanisms):
         stage.privacy(CYCLIC, 0)
     with pytest.raises(ValueError, match="restarts every 8 rounds.*after 4 rounds"):
         mechanisms["tree"].event(1.0, Participation("cyclic", 40, 10), 10)
-    with pytest.raises(ValueError, match="dp_ftrl_mean's noise covers clients of weight"):
+    with pytest.raises(ValueError, match="dp_ftrl_mean counts each client once"):
         agg.chain(agg.weight_by("num_examples"), stage)
 
 
