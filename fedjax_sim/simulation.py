@@ -320,6 +320,7 @@ class Simulation:
         if self._sink_path is not None:
             with open(self._sink_path, "a") as sink:
                 sink.write(json.dumps(_line(record)) + "\n")
+        _check_secure_aggregation(record)
         if self.checkpoints is not None and self.checkpoint_every and \
                 self.round % self.checkpoint_every == 0:
             self.save()
@@ -470,6 +471,22 @@ def simulate(algorithm: FederatedAlgorithm, train: FederatedData, *, rounds: int
     rounds = check_integer("rounds", rounds, 0)
     sim = Simulation(algorithm, train, **kwargs)
     return sim.run(max(rounds - sim.round, 0))
+
+
+def _check_secure_aggregation(record: dict) -> None:
+    """Secure aggregation's failures stop the run loudly (`fs.secagg`): a round whose sum
+    could not be unmasked, and warns of one whose sum may have wrapped around the ring."""
+    server = record["server"]
+    if server.get("secagg_unrecoverable", 0) > 0:
+        raise RuntimeError(
+            f"round {record['round']}: secure aggregation could not unmask the sum: "
+            f"{int(server['secagg_unrecoverable'])} client(s) kept fewer than the threshold of "
+            "surviving neighbours (the round's aggregate was zero); lower the dropout or the "
+            "threshold, or raise the degree")
+    if server.get("secagg_overflow_bound", 0) >= 1:
+        warnings.warn(f"round {record['round']}: the secure sum may have wrapped around its "
+                      f"ring (overflow bound {server['secagg_overflow_bound']:.3g} >= 1); "
+                      "lower the scale or raise the bits", stacklevel=3)
 
 
 def _ledger(algorithm, sampler, delta, target_epsilon, accountant) -> privacy.Ledger | None:

@@ -366,3 +366,15 @@ def test_secagg_fedavg_round_moves_by_the_survivors_clipped_mean():
     for k in params:
         mean = sum(min(1.0, 0.4 / norms[i]) * np.asarray(deltas[i][k]) for i in keep) / len(keep)
         np.testing.assert_allclose(new.params[k], params[k] - mean, atol=1e-6)
+
+
+def test_a_simulation_stops_loudly_on_a_round_it_cannot_unmask():
+    train, _ = fs.data.synthetic(num_clients=20, seed=0)
+    chain = agg.chain(agg.weight_by("uniform"),
+                      sa.secagg(1.0, 8, degree=4, threshold=4, dropout=0.5))
+    algo = fs.algorithms.fedavg(fs.models.logistic_regression(60, 10), optax.sgd(0.1),
+                                batch_size=10, aggregator=chain)
+    sim = fs.Simulation(algo, train, cohort_size=8, chunk_size=4, progress=False)
+    with pytest.raises(RuntimeError, match="round 0: secure aggregation could not unmask"):
+        sim.run(3)
+    assert sim.history[0]["server"]["secagg_unrecoverable"] > 0  # the record is kept
