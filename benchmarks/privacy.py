@@ -6,6 +6,8 @@ public API:
   fedavg         uniform weights, the plain mean
   dp_fedavg      clip + uniform weights + dp_mean (Gaussian noise on the sum, fixed W)
   adaptive_dp    adaptive quantile clipping (aggregators.adaptive_dp_mean)
+  secagg         secure aggregation (fs.secagg: clip, stochastic rounding into Z_2^32, the
+                 modular sum; masks, which cancel exactly, not generated)
   dp_ftrl_*      DP-FTRL's correlated noise (fs.dp_ftrl: tree, banded, BLT; built for 1,000
                  rounds of clients 10 rounds apart), generated on the server once a round.
 All are compiled first; then a warm-up round of each, then the timed rounds interleaved (one
@@ -52,6 +54,7 @@ def chains(cohort: int) -> dict:
                              A.dp_mean(NOISE, CLIP, cohort)),
         "adaptive_dp": A.chain(A.weight_by("uniform"), A.adaptive_dp_mean(NOISE, cohort)),
     }
+    out["secagg"] = A.chain(A.weight_by("uniform"), fs.secagg.secagg(CLIP, cohort))
     for kind in ("tree", "banded", "blt"):  # built for 1,000 rounds, clients 10 apart
         mech = fs.dp_ftrl.mechanism(kind, 1000, SEPARATION)
         out[f"dp_ftrl_{kind}"] = A.chain(A.clip(CLIP), A.weight_by("uniform"),

@@ -483,9 +483,9 @@ def _check_secure_aggregation(record: dict) -> None:
             f"{int(server['secagg_unrecoverable'])} client(s) kept fewer than the threshold of "
             "surviving neighbours (the round's aggregate was zero); lower the dropout or the "
             "threshold, or raise the degree")
-    if server.get("secagg_overflow_bound", 0) >= 1:
+    if server.get("secagg_overflow_bound", 0) > 1:  # the default scale reaches 1 (float32)
         warnings.warn(f"round {record['round']}: the secure sum may have wrapped around its "
-                      f"ring (overflow bound {server['secagg_overflow_bound']:.3g} >= 1); "
+                      f"ring (overflow bound {server['secagg_overflow_bound']:.3g} > 1); "
                       "lower the scale or raise the bits", stacklevel=3)
 
 

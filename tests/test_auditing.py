@@ -164,6 +164,7 @@ def _run(num_canaries, noise, clip, rounds, seed):
     return params, result, canaries, algo, sampler
 
 
+@pytest.mark.slow  # a whole run: CI runs it with the slow tests
 def test_a_non_private_run_shows_a_large_empirical_epsilon(capsys):
     """No noise and a clip far above the updates: the 20 canaries stand out of the final
     model (cosines ~5 held-out stds up), an estimate far past any useful guarantee, and a
@@ -183,6 +184,7 @@ def test_a_non_private_run_shows_a_large_empirical_epsilon(capsys):
     assert "accountant's epsilon inf" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole run: CI runs it with the slow tests
 def test_a_dp_run_stays_below_the_accountants_epsilon(capsys):
     """Noise multiplier 0.7, clip 1, 10% Poisson sampling, 40 rounds, 200 canaries: the
     canaries are seen (mu well above 0) but the estimate stays below the accountant's epsilon

@@ -290,6 +290,7 @@ def test_under_the_engine_round_one_is_dp_fedavgs_round_on_8_devices(mechanisms)
     assert int(new.agg_state[-1].round) == 1
 
 
+@pytest.mark.slow  # a whole run: CI runs it with the slow tests
 def test_a_cyclic_run_carries_the_noise_state_and_resumes_with_the_same_bits(mechanisms,
                                                                             tmp_path):
     train, _ = fs.data.synthetic(num_clients=12, seed=0)

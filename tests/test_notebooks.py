@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+SLOW = {"privacy.ipynb"}  # whole DP runs and an audit: CI runs it with the slow tests
+NOTEBOOKS = [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW else [], id=p.name)
+             for p in sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS)
 def test_notebook_runs(path, capsys):
     cells = json.loads(path.read_text())["cells"]
     namespace: dict = {}
