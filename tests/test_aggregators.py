@@ -279,9 +279,9 @@ def test_adaptive_clipping_converges_to_the_target_quantile_of_known_norms(quant
         agg.adaptive_dp_mean(1.0, 8, target_quantile=1.5)
 
 
-def _engine_round(chain, chunk, mesh):
-    """One FedAvg round of 8 clients with `chain` under the engine: (params, new state,
-    metrics, the plain reference's per-client deltas)."""
+def fedavg_round(chain, chunk, mesh):
+    """One FedAvg round of the 8 clients of `population()` with `chain` under the engine
+    (K = `chunk`, 8 devices if `mesh`): (model, params, new state, metrics, cohort, pool)."""
     data = population()
     model = fs.models.logistic_regression(4, 3)
     params = jax.tree.map(lambda p: p + 0.1, model.init(None))
@@ -291,6 +291,13 @@ def _engine_round(chain, chunk, mesh):
     inputs, cohort, pool = round_inputs(algo, data, np.arange(8), engine=engine)
     state = replicate(algo.init(params, jax.random.key(0)), engine)
     new, _, metrics = jax.jit(lambda s, i: algo.round(s, i, (), engine=engine))(state, inputs)
+    return model, params, new, metrics, cohort, pool
+
+
+def _engine_round(chain, chunk, mesh):
+    """`fedavg_round`'s (params, new state, metrics) and the plain reference's per-client
+    deltas."""
+    model, params, new, metrics, cohort, pool = fedavg_round(chain, chunk, mesh)
     sgd = optax.sgd(1.0)
     _, _, ref = reference_round(model, optax.sgd(0.3), sgd, params, sgd.init(params), cohort,
                                 pool, jax.random.fold_in(jax.random.key(0), 0),

@@ -11,13 +11,14 @@ import numpy as np
 import optax
 import pytest
 from scipy import stats
+from test_aggregators import fedavg_round
+from test_dp_sgd import _exact_gaussian_epsilon
 
-import fedjax_sim as fs
 from fedjax_sim import aggregators as agg
 from fedjax_sim import privacy
 from fedjax_sim.aggregators import Reduced, sum_rows, weighted_sum_rows
-from fedjax_sim.engine import ClientContext, replicate
-from fedjax_sim.testing import reference_round, round_inputs
+from fedjax_sim.engine import ClientContext
+from fedjax_sim.testing import reference_round
 
 
 def _ctx(key, cid=0):
@@ -62,27 +63,6 @@ def test_the_servers_mean_of_noised_updates_is_unbiased(scale):
     assert np.all(np.abs(np.asarray(value["w"]) - clipped) < 4 * z * c / math.sqrt(n))
 
 
-def _population():
-    rng = np.random.default_rng(1)
-    sizes = [5, 9, 4, 12, 7, 6, 10, 3]
-    clients = {f"c{i}": {"x": rng.normal(size=(s, 4)).astype(np.float32),
-                         "y": rng.integers(0, 3, s).astype(np.int32)} for i, s in enumerate(sizes)}
-    return fs.data.from_client_dict(clients)
-
-
-def _engine_round(chain, chunk, mesh):
-    data = _population()
-    model = fs.models.logistic_regression(4, 3)
-    params = jax.tree.map(lambda p: p + 0.1, model.init(None))
-    algo = fs.algorithms.fedavg(model, optax.sgd(0.3), batch_size=4, shuffle=False,
-                                aggregator=chain)
-    engine = fs.Engine(chunk, fs.client_mesh() if mesh else None)
-    inputs, cohort, pool = round_inputs(algo, data, np.arange(8), engine=engine)
-    state = replicate(algo.init(params, jax.random.key(0)), engine)
-    new, _, metrics = jax.jit(lambda s, i: algo.round(s, i, (), engine=engine))(state, inputs)
-    return model, params, new, metrics, cohort, pool
-
-
 @pytest.mark.parametrize("chunk, mesh", [(1, False), (3, False), (1, True)])
 def test_under_the_engine_the_server_averages_each_clients_clipped_update_and_its_own_noise(
         chunk, mesh):
@@ -92,7 +72,7 @@ def test_under_the_engine_the_server_averages_each_clients_clipped_update_and_it
     whatever the layout."""
     z, c = 0.7, 0.4
     chain = agg.chain(agg.local_dp(z, c), agg.weight_by("uniform"), agg.mean())
-    model, params, new, metrics, cohort, pool = _engine_round(chain, chunk, mesh)
+    model, params, new, metrics, cohort, pool = fedavg_round(chain, chunk, mesh)
     round_key = jax.random.fold_in(jax.random.key(0), 0)
     sgd = optax.sgd(1.0)
     _, _, ref = reference_round(model, optax.sgd(0.3), sgd, params, sgd.init(params), cohort,
@@ -121,16 +101,6 @@ def test_under_the_engine_the_server_averages_each_clients_clipped_update_and_it
 
 def _phi(x):
     return 0.5 * math.erfc(-x / math.sqrt(2))
-
-
-def _exact_gaussian_epsilon(mu, delta):
-    """The epsilon of mu-GDP at delta (Dong, Roth and Su 2022, Corollary 2.13), by bisection."""
-    lo, hi = 0.0, 200.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        d = _phi(-mid / mu + mu / 2) - math.exp(mid) * _phi(-mid / mu - mu / 2)
-        lo, hi = (mid, hi) if d > delta else (lo, mid)
-    return hi
 
 
 @pytest.mark.parametrize("z, participations", [(2.0, 10), (5.0, 3)])

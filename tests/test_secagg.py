@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from scipy import special, stats
+from test_aggregators import population
 
 import fedjax_sim as fs
 from fedjax_sim import aggregators as agg
@@ -296,14 +297,6 @@ def test_the_ledger_accounts_skellam_rounds_and_replace_one_costs_more():
     with pytest.raises(ValueError, match="PLD accountant does not cover RdpCurve"):
         fs.privacy.Ledger(stage.privacy, fs.sampling.Participation("poisson", 10_000, 100),
                           accountant="pld")
-
-
-def population():
-    rng = np.random.default_rng(1)
-    sizes = [5, 9, 4, 12, 7, 6, 10, 3]
-    clients = {f"c{i}": {"x": rng.normal(size=(s, 4)).astype(np.float32),
-                         "y": rng.integers(0, 3, s).astype(np.int32)} for i, s in enumerate(sizes)}
-    return fs.data.from_client_dict(clients)
 
 
 def _engine_sums(chunk, mesh):
