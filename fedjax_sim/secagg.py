@@ -87,7 +87,14 @@ MAX_LEVELS = 2.0**22
 # Integer orders: the Skellam bound holds at integer orders (Agarwal et al. 2021, Thm 3.5).
 SKELLAM_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512, 1024)
 _SALT = 0x5EC  # folded into the client's and the cohort's keys: this stage's randomness
-_NORM_MARGIN = 1e-3  # the float32 norm test accepts a rounding only this far inside D2
+# Per client and coordinate: Poisson(v / 2) stays far inside int32 and float32's integers
+# (jax.random.poisson loops forever past int32), and so does the discrete Gaussian's sampler.
+MAX_NOISE_VARIANCE = 2.0**25
+# The float32 norm test accepts a rounding within D2; the accounting charges D2 this much
+# larger, covering float32 summation's error with ample room in practice (typical relative
+# error sqrt(d) 2^-24, 6e-5 at d = 10^6), not in its worst case (d 2^-24).
+NORM_SLACK = 2.0**-12
+MAX_TRIES = 64  # then the rounding is toward zero, whose norm never exceeds the input's
 
 
 def rounded_l2_bound(levels: float, dimension: int, beta: float) -> float:
@@ -149,7 +156,10 @@ def dither(key, shape) -> jax.Array:
 def stochastic_round(leaves, key, scale, bound=None):
     """Each float leaf times `scale`, rounded down or up at random with the probability that
     makes it unbiased (int32; `dither`'s draws). With `bound`, a rounding whose L2 norm
-    exceeds it is drawn again (conditional randomized rounding; Kairouz et al. 2021)."""
+    exceeds it is drawn again (conditional randomized rounding; Kairouz et al. 2021), up to
+    `MAX_TRIES` times, after which it rounds toward zero (never past the input's norm; with
+    `rounded_l2_bound`'s D2 a try fails with probability at most beta, so this is a
+    safeguard, not a path taken)."""
     scaled = [x.astype(jnp.float32) * scale for x in leaves]
 
     def draw(k):
@@ -162,7 +172,7 @@ def stochastic_round(leaves, key, scale, bound=None):
 
     if bound is None:
         return draw(key)
-    limit = (bound * (1 - _NORM_MARGIN)) ** 2
+    limit = jnp.float32(bound) ** 2
     sq = lambda q: sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in q)
     first = draw(jax.random.fold_in(key, 0))
 
@@ -170,7 +180,11 @@ def stochastic_round(leaves, key, scale, bound=None):
         t, _ = carry
         return t + 1, draw(jax.random.fold_in(key, t))
 
-    return jax.lax.while_loop(lambda c: sq(c[1]) > limit, body, (jnp.int32(1), first))[1]
+    _, q = jax.lax.while_loop(lambda c: (sq(c[1]) > limit) & (c[0] < MAX_TRIES), body,
+                                  (jnp.int32(1), first))
+    over = sq(q) > limit
+    return [jnp.where(over, jnp.trunc(y).astype(jnp.int32), v) for y, v in zip(scaled, q,
+                                                                               strict=True)]
 
 
 def skellam_noise(key, shape, variance: float) -> jax.Array:
@@ -277,38 +291,8 @@ def secagg(clip_norm: float, max_clients: int, *, bits: int = 32, scale: float |
         raise ValueError(f"dropout is a probability in [0, 1), got {dropout!r}")
     if noise not in (None, "skellam", "discrete_gaussian"):
         raise ValueError(f"noise must be None, 'skellam' or 'discrete_gaussian', got {noise!r}")
-    half_ring = 2 ** (bits - 1)
-    if scale is None:
-        room = half_ring // 2 if noise else half_ring
-        per_client = (room - 1) // max_clients - 1  # n (C s + 1) <= room - 1
-        if per_client < 1:
-            raise ValueError(f"a ring of {bits} bits is too small for {max_clients} clients: "
-                             "their sum overflows even at one level per clip norm; raise bits")
-        scale = min(per_client, MAX_LEVELS) / clip_norm
-    scale = check_number("scale", scale, above=0)
-    levels = clip_norm * scale
-    if levels > MAX_LEVELS:
-        raise ValueError(f"scale {scale:g} gives {levels:g} levels per clip norm, past the "
-                         f"{MAX_LEVELS:g} whose fractions float32 holds")
-    if max_clients * math.ceil(levels) >= half_ring:
-        raise ValueError(f"a ring of {bits} bits is too small for {max_clients} clients at "
-                         f"scale {scale:g}: {max_clients} clipped updates of up to "
-                         f"{math.ceil(levels)} levels sum past 2^{bits - 1}, where the sum "
-                         "wraps; lower the scale or raise bits")
-    if degree is None:
-        degree = 2 * math.ceil(math.log2(max(max_clients, 2)))
-    degree = min(check_integer("degree", degree, 1), max(max_clients - 1, 1))
-    half = -(-degree // 2)
-    if threshold is None:
-        threshold = degree // 2 + 1
-    threshold = check_integer("threshold", threshold, 1)
-    if threshold > max_clients - 1 or threshold > degree:
-        raise ValueError(f"the SecAgg threshold {threshold} is larger than the cohort allows: "
-                         f"a client of {max_clients} has at most {min(degree, max_clients - 1)} "
-                         "neighbours to hold its shares, so no dropout could be recovered")
     if expected_weight is not None:
         expected_weight = check_number("expected_weight", expected_weight, above=0)
-    l2 = l1 = local_var = None
     if noise is not None:
         z = check_number("noise_multiplier", noise_multiplier, above=0)
         if expected_weight is None:
@@ -323,9 +307,48 @@ def secagg(clip_norm: float, max_clients: int, *, bits: int = 32, scale: float |
         beta = check_number("beta", beta, above=0)
         if beta >= 1:
             raise ValueError(f"beta is a probability in (0, 1), got {beta!r}")
-        l2 = rounded_l2_bound(levels, dimension, beta)
+    half_ring = 2 ** (bits - 1)
+    if scale is None:
+        room = half_ring // 2 if noise else half_ring
+        per_client = (room - 1) // max_clients - 1  # n (C s + 1) <= room - 1
+        if per_client < 1:
+            raise ValueError(f"a ring of {bits} bits is too small for {max_clients} clients: "
+                             "their sum overflows even at one level per clip norm; raise bits")
+        most = float(min(per_client, MAX_LEVELS))
+        if noise is not None:
+            most = min(most, _levels_for_noise(z, min_clients, dimension, beta))
+        scale = most / clip_norm
+    scale = check_number("scale", scale, above=0)
+    levels = clip_norm * scale
+    if levels > MAX_LEVELS:
+        raise ValueError(f"scale {scale:g} gives {levels:g} levels per clip norm, past the "
+                         f"{MAX_LEVELS:g} whose fractions float32 holds")
+    if max_clients * math.ceil(levels) >= half_ring:
+        raise ValueError(f"a ring of {bits} bits is too small for {max_clients} clients at "
+                         f"scale {scale:g}: {max_clients} clipped updates of up to "
+                         f"{math.ceil(levels)} levels sum past 2^{bits - 1}, where the sum "
+                         "wraps; lower the scale or raise bits")
+    accept = l2 = l1 = local_var = None
+    if noise is not None:
+        accept = rounded_l2_bound(levels, dimension, beta)
+        l2 = accept * (1 + NORM_SLACK)
         l1 = rounded_l1_bound(l2, dimension)
         local_var = (z * l2) ** 2 / min_clients
+        if local_var > MAX_NOISE_VARIANCE:
+            raise ValueError(f"each client's {noise} noise would have variance {local_var:.3g}, "
+                             f"past the {MAX_NOISE_VARIANCE:g} its int32 and float32 sampling "
+                             "holds exactly: lower the scale (or leave it to the default)")
+    if degree is None:
+        degree = 2 * math.ceil(math.log2(max(max_clients, 2)))
+    degree = min(check_integer("degree", degree, 1), max(max_clients - 1, 1))
+    half = -(-degree // 2)
+    if threshold is None:
+        threshold = degree // 2 + 1
+    threshold = check_integer("threshold", threshold, 1)
+    if threshold > max_clients - 1 or threshold > degree:
+        raise ValueError(f"the SecAgg threshold {threshold} is larger than the cohort allows: "
+                         f"a client of {max_clients} has at most {min(degree, max_clients - 1)} "
+                         "neighbours to hold its shares, so no dropout could be recovered")
     ring_mask = jnp.uint32(2**bits - 1)
 
     def init(template):
@@ -354,7 +377,7 @@ def secagg(clip_norm: float, max_clients: int, *, bits: int = 32, scale: float |
         factor = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
         own = jax.random.fold_in(ctx.key, _SALT)
         q = stochastic_round([x * factor for x in leaves], jax.random.fold_in(own, 0), scale,
-                             l2)
+                             accept)
         if noise is not None:
             draw = (skellam_noise if noise == "skellam" else
                     lambda k, s, v: discrete_gaussian_noise(k, s, math.sqrt(v)))
@@ -431,6 +454,20 @@ def secagg(clip_norm: float, max_clients: int, *, bits: int = 32, scale: float |
 
     return stage("secagg", init=init, client=client, server=server, reduction="sum",
                  privacy=privacy)
+
+
+def _levels_for_noise(z, min_clients, dimension, beta) -> float:
+    """The most levels per clip norm whose clients' noise stays within MAX_NOISE_VARIANCE."""
+    target = math.sqrt(MAX_NOISE_VARIANCE * min_clients) / z / (1 + NORM_SLACK)  # largest D2
+    if rounded_l2_bound(1.0, dimension, beta) > target:
+        raise ValueError(f"noise_multiplier {z:g} over {min_clients} clients of dimension "
+                         f"{dimension} needs per-client noise past {MAX_NOISE_VARIANCE:g} "
+                         "even at one level per clip norm")
+    lo, hi = 1.0, target
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rounded_l2_bound(mid, dimension, beta) <= target else (lo, mid)
+    return math.floor(lo)
 
 
 def _rdp_curve(times, l2, l1, variance):

@@ -76,7 +76,7 @@ def data(c=10, d=37, seed=0):
     return x.astype(np.float32), weights
 
 
-@pytest.mark.parametrize("bits, dropout", [(32, 0.0), (32, 0.3), (12, 0.3)])
+@pytest.mark.parametrize("bits, dropout", [(32, 0.0), (12, 0.3)])
 def test_unmasked_sum_is_the_plain_quantized_sum_bit_for_bit(bits, dropout):
     x, w = data()
     clip = 4.0  # above every norm: the clip factor is exactly 1, as in plain_quantized
@@ -123,7 +123,7 @@ def test_the_graph_is_the_harary_graph_over_the_participants():
 
 def test_a_missing_survivor_threshold_fails_the_round_loudly():
     x, w = data()
-    stage = sa.secagg(0.5, 10, degree=4, threshold=4, dropout=0.4, masks=True)
+    stage = sa.secagg(0.5, 10, degree=4, threshold=4, dropout=0.4)
     value, server, _, metrics, _ = run(stage, x, w)
     # A client's seeds are rebuilt iff >= threshold of its neighbours survived.
     part = w > 0
@@ -192,6 +192,8 @@ def test_overflow_is_reported():
     (dict(clip_norm=1.0, max_clients=5, noise="skellam", noise_multiplier=1.0,
           expected_weight=5.0), "dimension"),
     (dict(clip_norm=0.0, max_clients=5), "clip_norm must be a finite number > 0"),
+    (dict(clip_norm=1.0, max_clients=10, scale=2e5, noise="skellam", noise_multiplier=1.0,
+          expected_weight=10.0, dimension=100), "noise would have variance"),
 ])
 def test_bad_configurations_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -251,7 +253,7 @@ def test_the_skellam_bound_holds_and_approaches_the_gaussian():
     part = fs.sampling.Participation("poisson", 1000, 100)
     fine = sa.secagg(1.0, 100, bits=32, noise="skellam", noise_multiplier=z,
                      expected_weight=100.0, dimension=1000)
-    assert want < fine.privacy(part, rounds).epsilon(delta) < want * 1.001  # ~2e7 levels
+    assert want < fine.privacy(part, rounds).epsilon(delta) < want * 1.001  # ~5e4 levels
     # A handful of levels: a small Skellam variance, whose corrections cost.
     coarse = sa.secagg(1.0, 2, bits=6, noise="skellam", noise_multiplier=z,
                        expected_weight=2.0, dimension=1)
@@ -301,7 +303,7 @@ def test_the_ledger_accounts_skellam_rounds_and_replace_one_costs_more():
 
 def _engine_sums(chunk, mesh):
     """The reduced sums of a pass whose clients send fixed outputs (from their ids), through
-    the engine's scan, vmap and psum with SecAgg (masks, dropouts)."""
+    the engine's scan, vmap and psum with SecAgg (masks, dropouts, Skellam noise)."""
     data = population()
     model = fs.models.logistic_regression(4, 3)
     algo = fs.algorithms.fedavg(model, optax.sgd(0.3), batch_size=4, shuffle=False)
@@ -313,7 +315,9 @@ def _engine_sums(chunk, mesh):
             output=0.1 * jax.random.normal(jax.random.fold_in(jax.random.key(7), ctx.id),
                                            (37,))))
     chain = agg.chain(agg.weight_by("uniform"),
-                      sa.secagg(0.5, 8, degree=4, threshold=1, dropout=0.3, masks=True))
+                      sa.secagg(0.5, 8, bits=24, degree=4, threshold=1, dropout=0.3,
+                                masks=True, noise="skellam", noise_multiplier=0.5,
+                                expected_weight=8.0, dimension=37))
     run = jax.jit(lambda c, p, k: fs.engine.run_clients(
         update, c, p, (), k, engine=engine, aggregator=chain,
         agg_state=chain.init(jnp.zeros(37))))
@@ -322,8 +326,8 @@ def _engine_sums(chunk, mesh):
 
 
 def test_the_engines_integer_sums_are_the_same_on_every_layout():
-    (base, dropped), *others = [_engine_sums(k, m) for k, m in [(3, False), (8, False),
-                                                                  (1, True)]]
+    # K > 1 on one device, K = 1 on 8 devices
+    (base, dropped), *others = [_engine_sums(k, m) for k, m in [(3, False), (1, True)]]
     assert 0 < dropped[:8].sum() < 8 and not dropped[8:].any()  # padding is no participant
     for reduced, d in others:
         np.testing.assert_array_equal(d[:8], dropped[:8])
