@@ -475,7 +475,8 @@ def simulate(algorithm: FederatedAlgorithm, train: FederatedData, *, rounds: int
 
 def _check_secure_aggregation(record: dict) -> None:
     """Secure aggregation's failures stop the run loudly (`fs.secagg`): a round whose sum
-    could not be unmasked, and warns of one whose sum may have wrapped around the ring."""
+    could not be unmasked or whose distributed noise came from too few clients; and warns of
+    one whose sum may have wrapped around the ring."""
     server = record["server"]
     if server.get("secagg_unrecoverable", 0) > 0:
         raise RuntimeError(
@@ -483,6 +484,11 @@ def _check_secure_aggregation(record: dict) -> None:
             f"{int(server['secagg_unrecoverable'])} client(s) kept fewer than the threshold of "
             "surviving neighbours (the round's aggregate was zero); lower the dropout or the "
             "threshold, or raise the degree")
+    if server.get("dp_noise_shortfall", 0) > 0:
+        raise RuntimeError(
+            f"round {record['round']}: distributed DP's noise was calibrated for more "
+            f"clients than survived ({int(server['dp_noise_shortfall'])} short): the round "
+            "is not covered by the guarantee; lower min_clients or the dropout")
     if server.get("secagg_overflow_bound", 0) > 1:  # the default scale reaches 1 (float32)
         warnings.warn(f"round {record['round']}: the secure sum may have wrapped around its "
                       f"ring (overflow bound {server['secagg_overflow_bound']:.3g} > 1); "
