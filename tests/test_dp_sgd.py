@@ -123,7 +123,8 @@ def reference():
     return dp, new
 
 
-@pytest.mark.parametrize("chunk, mesh", [(1, False), (3, False), (1, True)])
+@pytest.mark.parametrize("chunk, mesh", [pytest.param(1, False, marks=pytest.mark.slow),
+                                         (3, False), (1, True)])
 def test_the_engine_matches_the_per_example_reference(reference, chunk, mesh):
     """Clipped and noised, two epochs of batches of 4 (partial batches among them), K = 1,
     K = 3 and 8 devices: the same params as the reference's loop over examples, the noise

@@ -63,7 +63,8 @@ def test_the_servers_mean_of_noised_updates_is_unbiased(scale):
     assert np.all(np.abs(np.asarray(value["w"]) - clipped) < 4 * z * c / math.sqrt(n))
 
 
-@pytest.mark.parametrize("chunk, mesh", [(1, False), (3, False), (1, True)])
+@pytest.mark.parametrize("chunk, mesh", [pytest.param(1, False, marks=pytest.mark.slow),
+                                         (3, False), (1, True)])
 def test_under_the_engine_the_server_averages_each_clients_clipped_update_and_its_own_noise(
         chunk, mesh):
     """K = 1, K = 3 and 8 devices: the server moves by the mean of clip(delta_c) + noise_c,

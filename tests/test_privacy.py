@@ -167,6 +167,7 @@ def test_settings_no_accountant_covers_are_refused_before_anything_compiles(popu
         fs.Simulation(plain, train, cohort_size=8, target_epsilon=2.0, progress=False)
 
 
+@pytest.mark.slow  # a whole run: CI runs it with the slow tests
 def test_adaptive_clipping_runs_in_a_simulation_at_dp_fedavgs_price(population):
     train, _ = population
     sampler = fs.sampling.poisson(train.num_clients, 8)

@@ -325,6 +325,7 @@ def _engine_sums(chunk, mesh):
     return result.reduced, np.asarray(result.metrics["secagg_dropped"])
 
 
+@pytest.mark.slow  # three layouts compiled: CI runs it with the slow tests
 def test_the_engines_integer_sums_are_the_same_on_every_layout():
     # K > 1 on one device, K = 1 on 8 devices
     (base, dropped), *others = [_engine_sums(k, m) for k, m in [(3, False), (1, True)]]
