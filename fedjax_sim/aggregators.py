@@ -188,8 +188,7 @@ def clip(max_norm: float) -> Aggregator:
     max_norm = check_number("max_norm", max_norm, above=0)
 
     def client(output, weight, ctx, state):
-        norm = jnp.sqrt(_sum_of_squares(output))
-        scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
+        scale, norm = clip_scale(output, max_norm)
         output = jax.tree.map(lambda o: (o * scale).astype(o.dtype), output)
         return output, weight, {"clipped": norm > max_norm}
 
@@ -216,11 +215,8 @@ def dp_mean(noise_multiplier: float, clip_norm: float, expected_weight: float) -
     expected = check_number("expected_weight", expected_weight, above=0)
 
     def server(reduced, state, key):
-        leaves, treedef = jax.tree.flatten(reduced.output)
-        keys = jax.random.split(key, len(leaves))
-        noised = [s + z * c * jax.random.normal(k, s.shape, s.dtype)
-                  for s, k in zip(leaves, keys, strict=True)]
-        value = jax.tree.map(lambda s: s / expected, jax.tree.unflatten(treedef, noised))
+        value = jax.tree.map(lambda s, n: (s + n) / expected, reduced.output,
+                             gaussian_noise(key, reduced.output, z * c))
         return value, state, {"weight_sum": reduced.weight,
                               "noise_stddev": jnp.float32(z * c / expected)}
 
@@ -273,19 +269,15 @@ def adaptive_dp_mean(noise_multiplier: float, expected_weight: float, *,
     z_update = 0.0 if z == 0 else (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
 
     def client(output, weight, ctx, clip_norm):
-        norm = jnp.sqrt(_sum_of_squares(output))
-        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
+        scale, norm = clip_scale(output, clip_norm)
         clipped = jax.tree.map(lambda o: (o * scale).astype(_accumulator(o.dtype)), output)
         return (clipped, (norm <= clip_norm).astype(jnp.float32)), weight, {
             "clipped": norm > clip_norm}
 
     def server(reduced, clip_norm, key):
         (total, count), key_count = reduced.output, jax.random.fold_in(key, 1)
-        leaves, treedef = jax.tree.flatten(total)
-        keys = jax.random.split(key, len(leaves))
-        noised = [s + z_update * clip_norm * jax.random.normal(k, s.shape, s.dtype)
-                  for s, k in zip(leaves, keys, strict=True)]
-        value = jax.tree.map(lambda s: s / expected, jax.tree.unflatten(treedef, noised))
+        value = jax.tree.map(lambda s, n: (s + n) / expected, total,
+                             gaussian_noise(key, total, z_update * clip_norm))
         unclipped = (count + sigma_b * jax.random.normal(key_count)) / expected
         new_clip = clip_norm * jnp.exp(-eta * (unclipped - gamma))
         return value, new_clip, {"weight_sum": reduced.weight, "clip_norm": clip_norm,
@@ -333,11 +325,9 @@ def local_dp(noise_multiplier: float, clip_norm: float) -> Aggregator:
 
     def client(output, weight, ctx, state):
         output, weight, metrics = clipping.client(output, weight, ctx, state)
-        leaves, treedef = jax.tree.flatten(output)
-        keys = jax.random.split(jax.random.fold_in(ctx.key, _LOCAL_DP_SALT), len(leaves))
-        noised = [o.astype(_accumulator(o.dtype)) + z * c * jax.random.normal(
-            k, o.shape, _accumulator(o.dtype)) for o, k in zip(leaves, keys, strict=True)]
-        return jax.tree.unflatten(treedef, noised), weight, metrics
+        output = jax.tree.map(lambda o: o.astype(_accumulator(o.dtype)), output)
+        noise = gaussian_noise(jax.random.fold_in(ctx.key, _LOCAL_DP_SALT), output, z * c)
+        return jax.tree.map(jnp.add, output, noise), weight, metrics
 
     return stage("local_dp", client=client)
 
@@ -367,6 +357,22 @@ def _accumulate(output, weight, ctx, state):
     """A streamed sum's client part: the output in its accumulator dtype (the reduction
     weights it, `weighted_sum_rows`)."""
     return jax.tree.map(lambda o: o.astype(_accumulator(o.dtype)), output), weight, {}
+
+
+def clip_scale(tree, max_norm) -> tuple[jax.Array, jax.Array]:
+    """(scale, norm): the factor `min(1, max_norm / ||tree||)` that clips `tree` (all leaves
+    together) to L2 norm `max_norm`, and that norm."""
+    norm = jnp.sqrt(_sum_of_squares(tree))
+    return jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)), norm
+
+
+def gaussian_noise(key: jax.Array, tree, stddev) -> Any:
+    """N(0, stddev^2) noise shaped like `tree`, one key of `split(key, leaves)` per leaf in
+    `jax.tree.flatten` order, each leaf in its own dtype: every DP mechanism's draw."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [stddev * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys, strict=True)])
 
 
 def _sum_of_squares(tree) -> jax.Array:

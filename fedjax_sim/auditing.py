@@ -60,6 +60,7 @@ import numpy as np
 from fedjax_sim.aggregators import Aggregator, stage
 from fedjax_sim.checks import check_data, check_integer, check_number
 from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.privacy import Ledger, check_delta, default_delta
 
 CANARY_PREFIX = "canary:"
 
@@ -231,7 +232,7 @@ def empirical_epsilon(initial_params: Any, final_params: Any, canaries: Canaries
     """The empirical epsilon at `delta` of a run with `canaries`, from its initial and final
     params alone (the final-model threat model): Andrew et al.'s estimate from the canaries'
     scores against `num_held_out` held-out directions, and a confident lower bound."""
-    delta = _check_delta(delta)
+    delta = check_delta(delta)
     significance = check_number("significance", significance, above=0)
     if significance >= 0.5:
         raise ValueError(f"significance must be in (0, 0.5), got {significance!r}")
@@ -253,7 +254,7 @@ def epsilon_from_scores(in_scores, out_scores, delta: float) -> float:
     """Andrew et al.'s estimate: Gaussians N(mean, std^2) fitted to the inserted canaries'
     and the held-out directions' scores, and the epsilon at `delta` between them
     (`epsilon_of_gaussians`)."""
-    delta = _check_delta(delta)
+    delta = check_delta(delta)
     fitted = []
     for name, s in (("in_scores", in_scores), ("out_scores", out_scores)):
         s = np.asarray(s, np.float64)
@@ -275,7 +276,7 @@ def epsilon_of_gaussians(mean_p: float, std_p: float, mean_q: float, std_q: floa
     most two intervals; equal stds give the Gaussian mechanism of sensitivity over noise
     |mean_p - mean_q| / std (no library covers unequal ones). inf if no finite epsilon does.
     """
-    delta = _check_delta(delta)
+    delta = check_delta(delta)
     for name, s in (("std_p", std_p), ("std_q", std_q)):
         check_number(name, s, above=0)
     check_number("mean_p", mean_p)
@@ -343,13 +344,6 @@ def _log_mass(mean: float, std: float, intervals: list[tuple[float, float]]) -> 
     return float(np.logaddexp.reduce(logs)) if logs else -math.inf
 
 
-def _check_delta(delta) -> float:
-    delta = check_number("delta", delta, above=0)
-    if delta >= 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    return delta
-
-
 def report(initial_params: Any, result, canaries: Canaries, algorithm, sampler, *,
            delta: float | None = None, num_held_out: int = 1000, significance: float = 0.05,
            verbose: bool = True) -> dict:
@@ -367,8 +361,6 @@ def report(initial_params: Any, result, canaries: Canaries, algorithm, sampler, 
       {"empirical_epsilon", "epsilon_lower_bound", "accountant_epsilon", "delta", "rounds",
        "audit"} (`audit` the full `Audit`).
     """
-    from fedjax_sim.privacy import Ledger, default_delta
-
     rounds = int(np.asarray(result.state.round))
     event = algorithm.aggregator.privacy
     if event is None:

@@ -52,8 +52,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.aggregators import Aggregator, _accumulate, _accumulator, stage
+from fedjax_sim.aggregators import (
+    Aggregator,
+    _accumulate,
+    _accumulator,
+    gaussian_noise,
+    stage,
+)
 from fedjax_sim.checks import check_integer, check_number
+from fedjax_sim.privacy import check_delta
 from fedjax_sim.sampling import Participation
 
 Kind = Literal["tree", "banded", "blt"]
@@ -283,10 +290,7 @@ def dp_ftrl_mean(noise_multiplier: float, clip_norm: float, expected_weight: flo
         return FtrlState(jnp.int32(0), mech.noising.init_multiply(zeros))
 
     def server(reduced, state, key):
-        leaves, treedef = jax.tree.flatten(reduced.output)
-        keys = jax.random.split(key, len(leaves))
-        draws = jax.tree.unflatten(treedef, [z * c * jax.random.normal(k, s.shape, s.dtype)
-                                             for s, k in zip(leaves, keys, strict=True)])
+        draws = gaussian_noise(key, reduced.output, z * c)
         noise, generator = mech.noising.multiply_next(draws, state.noise)
         value = jax.tree.map(lambda s, n: (s + n) / expected, reduced.output, noise)
         t = jnp.minimum(state.round, mech.rounds - 1)
@@ -307,7 +311,7 @@ def noise_multiplier_for(mech: Mechanism, target_epsilon: float,
     import dp_accounting
 
     target = check_number("target_epsilon", target_epsilon, above=0)
-    delta = check_number("delta", delta, above=0)
+    delta = check_delta(delta)
     mech.event(1.0, participation, rounds)  # refuses what it cannot account for, now
     return float(dp_accounting.calibrate_dp_mechanism(
         dp_accounting.pld.PLDAccountant, lambda z: mech.event(z, participation, rounds),

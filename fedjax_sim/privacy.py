@@ -47,22 +47,38 @@ def _dp_accounting():
     return dp_accounting
 
 
+def check_delta(delta) -> float:
+    """`delta` as a float in (0, 1), else a ValueError naming it."""
+    delta = check_number("delta", delta, above=0)
+    if delta >= 1:
+        raise ValueError(f"delta must be < 1 (typically below 1 / population), got {delta!r}")
+    return delta
+
+
+def _check_accountant(accountant) -> None:
+    if accountant not in ("pld", "rdp"):
+        raise ValueError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
+
+
 def _check(sampling_rate, rounds, delta, accountant) -> tuple[float, int, float]:
     q = check_number("sampling_rate", sampling_rate, above=0)
     if q > 1:
         raise ValueError(f"sampling_rate is a probability in (0, 1], got {sampling_rate!r}")
-    delta = check_number("delta", delta, above=0)
-    if delta >= 1:
-        raise ValueError(f"delta must be < 1 (typically below 1 / population), got {delta!r}")
-    if accountant not in ("pld", "rdp"):
-        raise ValueError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
+    delta = check_delta(delta)
+    _check_accountant(accountant)
     return q, check_integer("rounds", rounds, 1), delta
 
 
 def _event(dp, noise_multiplier: float, q: float, rounds: int):
+    """`rounds` Poisson-sampled Gaussian rounds (no sampling at q >= 1)."""
     gaussian = dp.GaussianDpEvent(noise_multiplier)
-    one = gaussian if q == 1 else dp.PoissonSampledDpEvent(q, gaussian)
+    one = gaussian if q >= 1 else dp.PoissonSampledDpEvent(q, gaussian)
     return dp.SelfComposedDpEvent(one, rounds)
+
+
+def _relation(dp, name: str):
+    return (dp.NeighboringRelation.REPLACE_ONE if name == "replace_one"
+            else dp.NeighboringRelation.ADD_OR_REMOVE_ONE)
 
 
 def _accountant(dp, kind: Accountant, relation=None):
@@ -78,10 +94,7 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
     q, rounds, delta = _check(sampling_rate, rounds, delta, accountant)
     if z == 0:
         return float("inf")
-    dp = _dp_accounting()
-    acc = _accountant(dp, accountant)
-    acc.compose(_event(dp, z, q, rounds))
-    return float(acc.get_epsilon(delta))
+    return _epsilon_of(_event(_dp_accounting(), z, q, rounds), delta, accountant)
 
 
 def noise_multiplier_for(target_epsilon: float, sampling_rate: float, rounds: int,
@@ -119,12 +132,9 @@ def gaussian_event(noise_multiplier: float, participation: Participation, rounds
     dp = _dp_accounting()
     if noise_multiplier == 0:
         return dp.NonPrivateDpEvent()
-    gaussian = dp.GaussianDpEvent(noise_multiplier)
     n, size = participation.num_clients, participation.size
     if participation.kind == "poisson":
-        one = gaussian if participation.rate >= 1 else dp.PoissonSampledDpEvent(
-            participation.rate, gaussian)
-        return dp.SelfComposedDpEvent(one, rounds)
+        return _event(dp, noise_multiplier, participation.rate, rounds)
     if participation.kind == "fixed":
         # Replace-one: a client swapped for another moves the sum by up to 2 clip norms, and
         # the RDP accountant (the one that covers this sampling) takes the multiplier over
@@ -133,7 +143,8 @@ def gaussian_event(noise_multiplier: float, participation: Participation, rounds
         one = half if size >= n else dp.SampledWithoutReplacementDpEvent(n, int(size), half)
         return dp.SelfComposedDpEvent(one, rounds)
     if participation.kind == "cyclic":
-        return dp.SelfComposedDpEvent(gaussian, participations(participation, rounds))
+        return dp.SelfComposedDpEvent(dp.GaussianDpEvent(noise_multiplier),
+                                      participations(participation, rounds))
     raise ValueError(f"no accountant for participation {participation.kind!r}")
 
 
@@ -175,7 +186,7 @@ class Ledger:
         n = participation.num_clients
         if delta is None:
             delta = default_delta(n)
-        delta = _check(1.0, 1, delta, "rdp")[2]
+        delta = check_delta(delta)
         if delta >= 1 / n:
             warnings.warn(f"delta {delta:g} is not below 1 / N = {1 / n:g} for a population "
                           f"of {n}: a mechanism that publishes one client's data outright "
@@ -213,9 +224,7 @@ class Ledger:
                 self._cache[rounds] = event.epsilon(self.delta)
                 return self._cache[rounds]
             dp = _dp_accounting()
-            relation = (dp.NeighboringRelation.REPLACE_ONE if self.relation == "replace_one"
-                        else dp.NeighboringRelation.ADD_OR_REMOVE_ONE)
-            acc = _accountant(dp, self.accountant, relation)
+            acc = _accountant(dp, self.accountant, _relation(dp, self.relation))
             acc.compose(event)
             self._cache[rounds] = float(acc.get_epsilon(self.delta))
         return self._cache[rounds]
@@ -272,7 +281,8 @@ def local_epsilon(noise_multiplier: float, participations: int, delta: float, *,
     """
     z = check_number("noise_multiplier", noise_multiplier, at_least=0)
     participations = check_integer("participations", participations, 0)
-    delta = _check(1.0, 1, delta, accountant)[2]
+    delta = check_delta(delta)
+    _check_accountant(accountant)
     if participations == 0:
         return 0.0
     if z == 0:
@@ -369,7 +379,8 @@ def example_epsilon(noise_multiplier: float, batching, num_examples, participati
       float64 array of the broadcast shape (inf without noise, 0 for a client with no step).
     """
     z = check_number("noise_multiplier", noise_multiplier, at_least=0)
-    delta = _check(1.0, 1, delta, accountant)[2]
+    delta = check_delta(delta)
+    _check_accountant(accountant)
     n, p = np.broadcast_arrays(np.asarray(num_examples), np.asarray(participations))
     out = np.empty(n.shape, np.float64)
     cache: dict[tuple, float] = {}
@@ -391,6 +402,4 @@ def _pld_covers(event, relation_name: str) -> bool:
     if isinstance(event, RdpCurve):
         return False
     dp = _dp_accounting()
-    rel = (dp.NeighboringRelation.REPLACE_ONE if relation_name == "replace_one"
-           else dp.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    return dp.pld.PLDAccountant(rel).supports(event)
+    return dp.pld.PLDAccountant(_relation(dp, relation_name)).supports(event)

@@ -31,6 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim.aggregators import gaussian_noise
 from fedjax_sim.checks import check_number
 from fedjax_sim.models.core import Model
 
@@ -92,9 +93,7 @@ def private_gradient(model: Model, params, batch: dict, mask: jax.Array, key: ja
     size = mask.shape[0]
     losses, grads = example_grads(model, params, batch, jax.random.fold_in(key, 0))
     clipped = clip_examples(grads, mask, dp.clip_norm)
-    leaves, treedef = jax.tree.flatten(jax.tree.map(lambda g: jnp.sum(g, axis=0), clipped))
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    stddev = dp.noise_multiplier * dp.clip_norm
-    noised = [(s + stddev * jax.random.normal(k, s.shape, s.dtype)) / size
-              for s, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(treedef, noised), jnp.sum(jnp.where(mask, losses, 0.0))
+    total = jax.tree.map(lambda g: jnp.sum(g, axis=0), clipped)
+    noise = gaussian_noise(jax.random.fold_in(key, 1), total, dp.noise_multiplier * dp.clip_norm)
+    return (jax.tree.map(lambda s, n: (s + n) / size, total, noise),
+            jnp.sum(jnp.where(mask, losses, 0.0)))
