@@ -15,15 +15,18 @@ $(BIN)/fedjax-sim: pyproject.toml
 run: $(BIN)/fedjax-sim
 	$(BIN)/fedjax-sim run
 
+# Tests run in worker processes, one per core (at most 4: each holds its own compiled programs).
+XDIST := -n auto --maxprocesses 4
+
 test: $(BIN)/fedjax-sim
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q $(XDIST) -m "not slow"
 
 # Slow tests (real subprocesses killed mid-run, the benchmark suite end to end): CI runs them.
 test-slow: $(BIN)/fedjax-sim
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q $(XDIST) -m slow
 
 test-all: $(BIN)/fedjax-sim
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(XDIST)
 
 lint: $(BIN)/fedjax-sim
 	$(BIN)/ruff check .
