@@ -167,8 +167,8 @@ def plot(rows, meta, path: Path) -> None:
     ax.set_xticks(ticks, [f"{t:g}" for t in finite] + ["inf"])
     ax.set_xlabel(f"user-level epsilon (delta = {meta['delta']:.1e})")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{meta.get('data', 'synthetic')}: {meta['num_clients']:,} clients, cohort {meta['cohort_size']}, "
-                 f"{meta['rounds']} rounds", fontsize=9)
+    ax.set_title(f"{meta.get('data', 'synthetic')}: {meta['num_clients']:,} clients, "
+                 f"cohort {meta['cohort_size']}, {meta['rounds']} rounds", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

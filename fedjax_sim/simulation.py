@@ -489,7 +489,9 @@ def _check_secure_aggregation(record: dict) -> None:
             f"round {record['round']}: distributed DP's noise was calibrated for more "
             f"clients than survived ({int(server['dp_noise_shortfall'])} short): the round "
             "is not covered by the guarantee; lower min_clients or the dropout")
-    if server.get("secagg_overflow_bound", 0) > 1:  # the default scale reaches 1 (float32)
+    # The default scale keeps the bound just under 1; its float32 sum over the cohort can read
+    # up to 2^-12 above (cohorts up to 4,096), which is not an overflow.
+    if server.get("secagg_overflow_bound", 0) > 1 + 2.0 ** -12:
         warnings.warn(f"round {record['round']}: the secure sum may have wrapped around its "
                       f"ring (overflow bound {server['secagg_overflow_bound']:.3g} > 1); "
                       "lower the scale or raise the bits", stacklevel=3)

@@ -2,6 +2,7 @@
 graph's definition and the mechanisms' exact Renyi divergences."""
 
 import math
+import warnings
 
 import dp_accounting
 import jax
@@ -376,3 +377,15 @@ def test_a_simulation_stops_loudly_on_a_round_it_cannot_unmask():
     with pytest.raises(RuntimeError, match="round 0: secure aggregation could not unmask"):
         sim.run(3)
     assert sim.history[0]["server"]["secagg_unrecoverable"] > 0  # the record is kept
+
+
+def test_the_loop_warns_of_an_overflow_bound_past_1_but_not_of_float32s_rounding_at_1():
+    # The default scale puts the bound just under 1: its float32 sum over a large cohort can
+    # read a few 2^-24 above (W1's 1,000 clients: 1.00006), which is not an overflow.
+    from fedjax_sim.simulation import _check_secure_aggregation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_secure_aggregation({"round": 0, "server": {"secagg_overflow_bound": 1.0001}})
+    with pytest.warns(UserWarning, match=r"overflow bound 1.01 > 1"):
+        _check_secure_aggregation({"round": 0, "server": {"secagg_overflow_bound": 1.01}})
