@@ -14,7 +14,7 @@ All are compiled first; then a warm-up round of each, then the timed rounds inte
 round of each system in turn), so load from other processes falls on all alike; `s/round` is
 the median, `ratio` the system's over fedavg's.
 
-  python benchmarks/privacy.py            # ~5 min on a 2-core CPU
+  python benchmarks/privacy.py            # ~3 min on a 2-core CPU
   python benchmarks/privacy.py --quick    # 200 clients, 3 timed rounds
 
 Writes `benchmarks/results/privacy-<machine>.json` and `.md`.
@@ -79,7 +79,7 @@ def main() -> None:
     no_caches()
     w = WORKLOADS["W1"]
     cohort = 200 if args.quick else 1000
-    rounds = args.rounds or (3 if args.quick else 7)
+    rounds = args.rounds or (3 if args.quick else 21)
     _, train = build(w, cohort)
     systems = {}
     for name, chain in chains(cohort).items():

@@ -63,14 +63,15 @@ def no_caches() -> None:
 
 class SimulationRounds:
     """Rounds of a `fs.Simulation` as `Simulation.run` runs them: round r+1 is sampled, read
-    and packed (`sim.pack`) on a background thread while `sim.step` runs round r. A call runs
-    one round and returns once it is done (`step` fetches the round's record to the host; the
-    state is waited for too). The first round's inputs are packed before the first call."""
+    and packed (`sim.pack`, and accounted) on a background thread while `sim.step` runs
+    round r. A call runs one round and returns once it is done (`step` fetches the round's
+    record to the host; the state is waited for too). The first round's inputs are packed
+    before the first call."""
 
     def __init__(self, sim: fs.Simulation):
         self.sim = sim
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-prefetch")
-        self.upcoming = self.prefetch.submit(sim.pack, sim.round)
+        self.upcoming = self.prefetch.submit(self._prepare, sim.round)
         self.upcoming.result()
         self.record: dict | None = None
         self.padded_cohort: int | None = None
@@ -78,10 +79,17 @@ class SimulationRounds:
     def __call__(self) -> dict:
         packed = self.upcoming.result()
         self.padded_cohort = int(packed.cohort.client_ids.shape[0])
-        self.upcoming = self.prefetch.submit(self.sim.pack, self.sim.round + 1)
+        self.upcoming = self.prefetch.submit(self._prepare, self.sim.round + 1)
         self.record = self.sim.step(packed)
         jax.block_until_ready(self.sim.state)
         return self.record
+
+    def _prepare(self, round_num: int):
+        """The round's inputs and, with a DP chain, its epsilon (off the critical path, as
+        `Simulation.run` accounts it)."""
+        if self.sim.ledger is not None:
+            self.sim.ledger.epsilon(round_num + 1)
+        return self.sim.pack(round_num)
 
     def close(self) -> None:
         self.prefetch.shutdown(wait=True, cancel_futures=True)

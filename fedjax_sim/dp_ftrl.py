@@ -31,9 +31,11 @@ Three mechanisms (`mechanism(kind, rounds, min_sep)`):
 
 Accounting covers cyclic participation (`fs.sampling.cyclic`: each client once every
 `b = N // cohort_size` rounds, `k = ceil(rounds / b)` times): the sensitivity of `C` under
-(k, b)-min-separation comes from jax-privacy (`toeplitz.minsep_sensitivity_squared`, exact
-for the non-negative, non-increasing Toeplitz strategies; for the tree, each participation
-in its own tree: `k` times a tree's largest column norm squared), and the run is the one
+(k, b)-min-separation is jax-privacy's (`toeplitz.minsep_sensitivity_squared`, exact for the
+non-negative, non-increasing Toeplitz strategies; for the tree, each participation in its
+own tree: `k` times a tree's largest column norm squared, `single_participation_sensitivity`),
+tabulated for every round count at once (jax-privacy's functions compile anew for each
+matrix size; the tests check every entry against them), and the run is the one
 Gaussian event `GaussianDpEvent(noise_multiplier / sensitivity)` (jax-privacy's
 `SingleReleaseTrainingAccountant`). Poisson and fixed-size sampling are refused: no
 separation bound holds, and jax-privacy's amplification for matrix mechanisms
@@ -158,18 +160,28 @@ def mechanism(kind: Kind, rounds: int, min_sep: int, *, bands: int | None = None
 
 def _finish(name, rounds, min_sep, noising, sensitivity) -> Mechanism:
     stddev = np.sqrt(np.asarray(noising.row_norms_squared(rounds), np.float64))
-    # A Ledger asks round after round, and a calibration many times over.
-    return Mechanism(name, rounds, min_sep, noising, stddev, functools.lru_cache(sensitivity))
+    return Mechanism(name, rounds, min_sep, noising, stddev, sensitivity)
 
 
-def _toeplitz_sensitivity(coefs: Callable[[int], jax.Array]) -> Callable[[int, int], float]:
+def _toeplitz_sensitivity(coefs: jax.Array) -> Callable[[int, int], float]:
     """Exact (k, b)-min-sep sensitivity of a non-negative, non-increasing Toeplitz strategy
     (Kalinin and Lampert, "Banded Square Root Matrix Factorization for Differentially Private
-    Model Training", NeurIPS 2024, arXiv:2405.13763, Theorem 2), by jax-privacy."""
-    from jax_privacy.matrix_factorization import toeplitz
+    Model Training", NeurIPS 2024, arXiv:2405.13763, Theorem 2): the worst client takes part
+    at rounds 0, b, 2b, ..., so `||C u||^2` over the first r rounds is the sum over t < r of
+    `(sum_{j <= t, j = t mod b} c_j)^2`, a prefix of one vector. A Ledger asks after every
+    round, and jax-privacy's `toeplitz.minsep_sensitivity_squared` compiles anew for each
+    matrix size (0.2-0.5 s a round), so the prefixes are tabulated once per b, and each
+    prefix is checked against that function by the tests."""
+    coefs = np.asarray(coefs, np.float64)
+
+    @functools.lru_cache
+    def table(b):
+        padded = np.pad(coefs, (0, -len(coefs) % b))
+        column = np.cumsum(padded.reshape(-1, b), axis=0).ravel()[:len(coefs)]
+        return np.cumsum(column ** 2)
 
     def sensitivity(b, r):
-        return float(np.sqrt(toeplitz.minsep_sensitivity_squared(coefs(r), min_sep=b, n=r)))
+        return float(np.sqrt(table(b)[r - 1]))
 
     return sensitivity
 
@@ -190,7 +202,7 @@ def _banded(rounds: int, min_sep: int, bands: int, strategy) -> Mechanism:
     # Not column-normalized for `rounds`: the banded Toeplitz C stays exact for any r.
     noising = toeplitz.inverse_as_streaming_matrix(coef)
     return _finish("banded", rounds, min_sep, noising,
-                   _toeplitz_sensitivity(lambda r: toeplitz.pad_coefs_to_n(coef, r)))
+                   _toeplitz_sensitivity(toeplitz.pad_coefs_to_n(coef, rounds)))
 
 
 def _blt(rounds: int, min_sep: int, strategy) -> Mechanism:
@@ -207,14 +219,13 @@ def _blt(rounds: int, min_sep: int, strategy) -> Mechanism:
                                     np.asarray(strategy.output_scale, np.float32),
                                     dtype=jnp.float32)
     return _finish("blt", rounds, min_sep, blt.inverse_as_streaming_matrix(),
-                   _toeplitz_sensitivity(blt.toeplitz_coefs))
+                   _toeplitz_sensitivity(blt.toeplitz_coefs(rounds)))
 
 
 def _tree(rounds: int, period: int) -> Mechanism:
     """Tree aggregation restarted every `period` rounds (Kairouz et al. 2021, Section 3 and
     Appendix D): position t (1-based) in a tree uses the node of level `ctz(t)` ending at t;
     the prefix sum at t is the sum of the nodes of t's set bits."""
-    from jax_privacy.matrix_factorization import sensitivity as mf_sensitivity
     from jax_privacy.matrix_factorization import streaming_matrix
 
     depth = period.bit_length()  # levels of a tree of `period` leaves
@@ -238,6 +249,13 @@ def _tree(rounds: int, period: int) -> Mechanism:
     noising = streaming_matrix.StreamingMatrix.from_array_implementation(init, next_noise)
     one_tree = np.linalg.inv(np.asarray(noising.materialize(min(period, rounds)), np.float64))
 
+    # One participation's sensitivity in a tree of each width: the largest column norm of
+    # its leading block (jax-privacy's single_participation_sensitivity, which compiles
+    # anew for each width; the tests compare the two), tabulated for the Ledger's rounds.
+    column_norms = np.sqrt(np.cumsum(one_tree ** 2, axis=0))
+    one_participation = [float(column_norms[w - 1, :w].max())
+                         for w in range(1, len(one_tree) + 1)]
+
     def sensitivity(b, r):
         if b < period:
             raise ValueError(f"the tree restarts every {period} rounds and needs each client "
@@ -245,10 +263,7 @@ def _tree(rounds: int, period: int) -> Mechanism:
                              f"{b} rounds: build the tree with min_sep <= {b}")
         # Each participation falls in its own tree, where it moves at most a tree's
         # largest column norm of nodes (the first leaf's: floor(log2 width) + 1 of them).
-        width = min(period, r)
-        tree = jnp.asarray(one_tree[:width, :width])
-        return math.sqrt(math.ceil(r / b)) * float(
-            mf_sensitivity.single_participation_sensitivity(tree))
+        return math.sqrt(math.ceil(r / b)) * one_participation[min(period, r) - 1]
 
     return _finish("tree", rounds, period, noising, sensitivity)
 

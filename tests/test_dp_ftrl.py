@@ -165,6 +165,32 @@ def test_toeplitz_accounting_is_jax_privacys_single_release_gaussian(name, mecha
     assert ledger.epsilon(ROUNDS // 2) < ledger.epsilon(ROUNDS)
 
 
+@pytest.mark.parametrize("name", ["banded", "blt"])
+def test_every_rounds_toeplitz_sensitivity_is_jax_privacys(name, mechanisms, blt_strategy):
+    """The tabulated prefix sensitivities equal jax-privacy's minsep_sensitivity_squared
+    called on the first r rounds' coefficients, for every r and several separations."""
+    from jax_privacy.matrix_factorization import toeplitz
+
+    mech = mechanisms[name]
+    coefs = (toeplitz.pad_coefs_to_n(jnp.asarray(BANDED), ROUNDS) if name == "banded"
+             else jnp.asarray(blt_strategy.toeplitz_coefs(ROUNDS), jnp.float32))
+    for b in (1, 3, SEP, SEP + 5):
+        for r in range(1, ROUNDS + 1):
+            theirs = float(toeplitz.minsep_sensitivity_squared(coefs[:r], min_sep=b, n=r))
+            assert mech.sensitivity(b, r) ** 2 == pytest.approx(theirs, rel=1e-5), (b, r)
+
+
+def test_every_rounds_tree_sensitivity_is_jax_privacys_single_participation_bound(mechanisms):
+    """sqrt(k) times one tree's sensitivity, by jax-privacy for each width a run reaches."""
+    tree = mechanisms["tree"]
+    for r in range(1, ROUNDS + 1):
+        width = min(SEP, r)
+        one = jp_sensitivity.single_participation_sensitivity(
+            jnp.asarray(tree_strategy(width, SEP)))
+        k = -(-r // SEP)
+        assert tree.sensitivity(SEP, r) == pytest.approx(np.sqrt(k) * float(one), rel=1e-6)
+
+
 def test_banded_accounting_is_jax_privacys_amplified_banded_mf_without_sampling(mechanisms):
     """Bands <= separation: jax-privacy's cyclic-Poisson analysis of banded MF (Choquette-Choo
     et al. 2023) with every client of a group sampled (q = 1) gives the same epsilon."""
