@@ -9,14 +9,17 @@ evaluation "client update" accumulates masked metric sums over the client's batc
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
+from fedjax_sim import client_store
+from fedjax_sim.algorithms.base import RoundInputs
 from fedjax_sim.checks import (
     check_data,
     check_eval_clients,
@@ -24,11 +27,20 @@ from fedjax_sim.checks import (
     check_integer,
     check_model,
     check_not_empty,
+    check_optimizer,
     check_params,
 )
-from fedjax_sim.data.cohort import Batching
+from fedjax_sim.data.cohort import Batching, CohortShape, pack_cohort, resident_order
 from fedjax_sim.data.federated import FederatedData, check_labels
-from fedjax_sim.engine import ClientResult, ClientUpdate, Engine, replicate, run_clients
+from fedjax_sim.engine import (
+    ClientResult,
+    ClientUpdate,
+    Engine,
+    place_cohort,
+    place_rows,
+    replicate,
+    run_clients,
+)
 from fedjax_sim.models.core import Model
 from fedjax_sim.rounds import Packer
 
@@ -84,13 +96,16 @@ def format_summary(summary: dict[str, float]) -> str:
     return "  ".join(f"{k} {summary[k]:.3f}" for k in SUMMARY_KEYS if k in summary)
 
 
-def metric_update(model: Model, metric_names: Sequence[str]) -> ClientUpdate:
+def metric_update(model: Model, metric_names: Sequence[str], *,
+                  own: Callable[[Any, Any], Any] | None = None) -> ClientUpdate:
     """A client update that sums the model's per-example metrics (numerators and denominators)
-    over the client's examples."""
+    over the client's examples, at the broadcast params or at the client's own model
+    `own(params, ctx.state)`."""
 
     def init(params, ctx):
         zero = jnp.zeros((), jnp.result_type(float))
-        return params, {name: (zero, zero) for name in metric_names}
+        mine = params if own is None else own(params, ctx.state)
+        return mine, {name: (zero, zero) for name in metric_names}
 
     def step(state, batch, mask):
         params, sums = state
@@ -108,11 +123,67 @@ def metric_update(model: Model, metric_names: Sequence[str]) -> ClientUpdate:
     return ClientUpdate(init, step, finalize)
 
 
+class FineTune(NamedTuple):
+    """Personalization by fine-tuning: before it is evaluated on its test split, each
+    evaluation client takes `steps` local steps of `optimizer` on its own training split
+    (batches of `batch_size`, epochs back to back, reshuffled each epoch), from the global
+    params or from the algorithm's personal model. `steps=0` is the global evaluation."""
+
+    optimizer: optax.GradientTransformation
+    steps: int
+    batch_size: int = 10
+
+
+def check_fine_tune(value: Any) -> FineTune:
+    if not isinstance(value, FineTune):
+        raise TypeError(f"fine_tune must be fs.evaluation.FineTune(optimizer, steps), got "
+                        f"{type(value).__name__} {value!r}"[:300])
+    if isinstance(value.steps, bool) or not isinstance(value.steps, int) or value.steps < 0:
+        raise ValueError(f"fine_tune.steps (local steps before evaluation) must be an integer "
+                         f">= 0, got {value.steps!r}")
+    check_integer("fine_tune.batch_size", value.batch_size, 1)
+    check_optimizer(value.optimizer, "fine_tune.optimizer")
+    return value
+
+
+def tuning_update(model: Model, fine_tune: FineTune,
+                  personal: Callable[[Any, Any], Any] | None) -> ClientUpdate:
+    """Fine-tuning as a client update whose new state is the client's tuned params."""
+    from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
+
+    init_local, step = local_training(model, fine_tune.optimizer)
+
+    def init(params, ctx):
+        start = params if personal is None else personal(params, ctx.state)
+        return init_local(Broadcast(start, jnp.int32(0)), ctx)
+
+    def finalize(params, local, ctx):
+        return ClientResult(state=local.params, metrics=train_metrics(local))
+
+    return ClientUpdate(init, step, finalize)
+
+
 @functools.partial(jax.jit, static_argnames=("update", "engine"))
-def _run(update, params, inputs, *, engine):
+def _run(update, params, inputs, client_states=(), *, engine):
     # Forward only, no aggregation: the per-client sums are the result.
     return run_clients(update, inputs.cohort, inputs.pool, params, jax.random.key(0),
-                       engine=engine).metrics
+                       engine=engine, client_states=client_states).metrics
+
+
+@functools.partial(jax.jit, static_argnames=("update", "engine"))
+def _tune(update, params, inputs, client_states, key, *, engine):
+    return run_clients(update, inputs.cohort, inputs.pool, params, key, engine=engine,
+                       client_states=client_states).states
+
+
+@jax.jit
+def _gather(store, ids, initial):
+    return client_store.gather(store, ids, initial)
+
+
+@jax.jit
+def _fill(rows, initial):
+    return client_store.fill(rows, initial)
 
 
 def metric_names(model: Model, data: FederatedData, params: Any) -> list[str]:
@@ -138,11 +209,21 @@ class Evaluator:
     """Evaluates a model on (a sample of) the clients of `data`, reusing one compiled program.
 
     The data is placed on the device once. Use `evaluate` for a one-off call.
+
+    Personalized evaluation: with `personal` (an algorithm's `(params, client_state) ->
+    params`, e.g. Ditto's personal model) each client is evaluated with its own model, its
+    state read from the client store given at the call (the row of the client of the same id
+    in `train`, the training population); with `fine_tune` each client first takes that many
+    local steps on its own training split in `train`, from the global params or its personal
+    model. Both run as engine passes over all evaluation clients at once.
     """
 
     def __init__(self, model: Model, data: FederatedData, *, batch_size: int = 64,
                  num_clients: int | None = None, chunk_size: int | None = None,
-                 engine: Engine | None = None, seed: int = 0, name: str = "data"):
+                 engine: Engine | None = None, seed: int = 0, name: str = "data",
+                 train: FederatedData | None = None, fine_tune: FineTune | None = None,
+                 personal: Callable[[Any, Any], Any] | None = None,
+                 client_state: Callable[[Any], Any] | None = None):
         model = check_model(model)
         data = check_not_empty(check_data(name, data), name)
         check_features(data, name)
@@ -152,7 +233,14 @@ class Evaluator:
              else check_eval_clients(num_clients, data, "num_clients"))
         batch_size = check_integer("batch_size", batch_size, 1)
         seed = check_integer("seed", seed, 0)
-        self.model, self.data = model, data
+        fine_tune = None if fine_tune is None else check_fine_tune(fine_tune)
+        if fine_tune is not None and fine_tune.steps == 0:
+            fine_tune = None  # no step: the evaluation of the start params
+        if personal is not None and client_state is None:
+            raise ValueError("a personal model needs the algorithm's client_state (the state "
+                             "of a client never sampled)")
+        self.model, self.data, self.seed = model, data, seed
+        self.fine_tune, self.personal, self.client_state = fine_tune, personal, client_state
         self.indices = (np.arange(n) if n == data.num_clients else
                         np.sort(np.random.default_rng(seed).choice(data.num_clients, n,
                                                                    replace=False)))
@@ -168,21 +256,82 @@ class Evaluator:
         self._by_position = np.argsort(ids, kind="stable")
         self.positions = ids[self._by_position]
         self.num_examples = np.asarray(cohorts[-1].num_examples)[:n][self._by_position]
+        if fine_tune is not None or personal is not None:
+            self._own_clients(train, data.client_ids[ids], len(cohorts[-1].client_ids))
         self._names: list[str] | None = None
-        self._update: ClientUpdate | None = None
+        self._updates: dict[str, ClientUpdate] = {}
+
+    def _own_clients(self, train: FederatedData | None, ids: np.ndarray, size: int) -> None:
+        """The evaluation clients' positions in the training population, in cohort order (for
+        their store rows), and their training splits packed for fine-tuning."""
+        if train is None:
+            raise ValueError("fine-tuning and personal models need train=, the training "
+                             "population holding each evaluation client's training split")
+        train = check_not_empty(check_data("train", train), "train")
+        check_features(train, "train")
+        if self.model.label is not None:
+            check_labels(train, *self.model.label)
+        known = set(train.client_ids.tolist())
+        missing = [c for c in ids.tolist() if c not in known]
+        if missing:
+            raise ValueError(f"{len(missing)} evaluation client(s) have no training split in "
+                             f"train (e.g. {missing[:3]}): fine-tuning and personal models "
+                             "need each client's own training data and state")
+        order = train.index_of(ids)
+        padding = train.num_clients + np.arange(size - len(order))
+        self._train_ids = place_rows(np.concatenate([order, padding]).astype(np.int32),
+                                     self.engine)
+        if self.fine_tune is None:
+            return
+        ft = self.fine_tune
+        # k B epochs hold k batches even for a client of one example; max_steps stops at k.
+        batching = Batching(batch_size=ft.batch_size, num_epochs=ft.steps * ft.batch_size,
+                            max_steps=ft.steps)
+        shape = CohortShape.for_population(train, batching, len(order),
+                                           self.engine.cohort_multiple)
+        cohort, rows = pack_cohort(train, order, batching, shape, seed=self.seed, round_num=0,
+                                   sort=False)
+        self._tune_inputs = RoundInputs(
+            (place_cohort(resident_order(cohort, rows), self.engine),),
+            replicate(train.features, self.engine), train.num_clients)
 
     def check(self, params: Any) -> None:
         """Checks `params` and the model's metrics on this data (once: this also builds the
-        program's client update, and a new one would compile a new program)."""
-        if self._update is None:
+        programs' client updates, and new ones would compile new programs)."""
+        if self._names is None:
             check_params(self.model, params)
             self._names = metric_names(self.model, self.data, params)
-            self._update = metric_update(self.model, tuple(self._names))
+            names = tuple(self._names)
+            self._updates["global"] = metric_update(self.model, names)
+            if self.fine_tune is not None:
+                self._updates["tune"] = tuning_update(self.model, self.fine_tune,
+                                                      self.personal)
+                self._updates["own"] = metric_update(self.model, names, own=_own_params)
+            elif self.personal is not None:
+                self._updates["own"] = metric_update(self.model, names, own=self.personal)
 
-    def __call__(self, params: Any) -> Evaluation:
+    @property
+    def personalized(self) -> bool:
+        """Whether each client is evaluated with its own model (personal or fine-tuned)."""
+        return self.fine_tune is not None or self.personal is not None
+
+    def __call__(self, params: Any, store: Any = None, *,
+                 personalized: bool | None = None) -> Evaluation:
+        """Per-client metrics of the global `params`, or (by default when the evaluator was
+        built for it) of each client's own model: `store` is the client store (a
+        `client_store.ClientStore` or `HostStore`) when the algorithm has personal state."""
         self.check(params)
-        sums = _run(self._update, replicate(params, self.engine), self.inputs,
-                    engine=self.engine)
+        own = self.personalized if personalized is None else personalized
+        replicated = replicate(params, self.engine)
+        states = ()
+        if own and self.personal is not None:
+            states = self._store_rows(params, store)
+        if own and self.fine_tune is not None:
+            key = jax.random.fold_in(jax.random.key(self.seed), 0)  # as a round's clients
+            states = _tune(self._updates["tune"], replicated, self._tune_inputs, states, key,
+                           engine=self.engine)
+        update = self._updates["own" if own else "global"]
+        sums = _run(update, replicated, self.inputs, states, engine=self.engine)
         if not all(x.is_fully_addressable for x in jax.tree.leaves(sums)):
             # Multi-process: the per-client sums are split over every process's devices.
             sums = multihost_utils.process_allgather(sums, tiled=True)
@@ -201,6 +350,26 @@ class Evaluator:
                           else dict.fromkeys(SUMMARY_KEYS, float("nan")))
         return Evaluation(clients, summary)
 
+    def _store_rows(self, params: Any, store: Any) -> Any:
+        """The evaluation clients' client-store rows in cohort order (a never-sampled client's
+        initial state)."""
+        if store is None:
+            raise ValueError("this evaluator evaluates each client's personal model: pass "
+                             "the client store (Simulation.store)")
+        initial = self.client_state(params)
+        if isinstance(store, client_store.HostStore):
+            ids = np.asarray(jax.device_get(self._train_ids))
+            rows = store.rows(ids)
+            placed = client_store.CohortRows(place_rows(rows.rows, self.engine),
+                                             place_rows(rows.known, self.engine))
+            return _fill(placed, initial)
+        return _gather(store, self._train_ids, initial)
+
+
+def _own_params(params, state):
+    """The client's own params: its state (the fine-tuned params)."""
+    return state
+
 
 def default_eval_chunk(num_clients: int, engine: Engine) -> int:
     """Evaluation is forward-only: vmap wide on accelerators, narrower on the CPU."""
@@ -210,14 +379,19 @@ def default_eval_chunk(num_clients: int, engine: Engine) -> int:
 
 
 def evaluate(model: Model, params: Any, data: FederatedData, *, batch_size: int = 64,
-             num_clients: int | None = None, seed: int = 0) -> Evaluation:
-    """Per-client metrics of `params` on the clients of `data` and their distribution.
+             num_clients: int | None = None, seed: int = 0, train: FederatedData | None = None,
+             fine_tune: FineTune | None = None) -> Evaluation:
+    """Per-client metrics of `params` on the clients of `data` and their distribution; with
+    `fine_tune` (and `train`), of each client's model fine-tuned on its training split.
 
     Example:
       >>> ev = evaluate(model, params, test)                 # doctest: +SKIP
       >>> ev.summary["accuracy"]["p10"], ev.clients["accuracy"][:5]   # doctest: +SKIP
+      >>> tuned = evaluate(model, params, test, train=train,
+      ...                  fine_tune=FineTune(optax.sgd(0.05), steps=10))  # doctest: +SKIP
     """
-    return Evaluator(model, data, batch_size=batch_size, num_clients=num_clients, seed=seed)(params)
+    return Evaluator(model, data, batch_size=batch_size, num_clients=num_clients, seed=seed,
+                     train=train, fine_tune=fine_tune)(params)
 
 
 def evaluate_pooled(model: Model, params: Any, data: FederatedData, *,

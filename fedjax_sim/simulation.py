@@ -48,7 +48,7 @@ from fedjax_sim.client_store import HostStore
 from fedjax_sim.data.federated import FederatedData, check_labels
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.engine import Engine, replicate
-from fedjax_sim.evaluation import Evaluator
+from fedjax_sim.evaluation import Evaluator, FineTune
 from fedjax_sim.health import Monitor
 from fedjax_sim.rounds import RoundRunner, new_store, resident_limit, resident_pool
 
@@ -107,6 +107,11 @@ class Simulation:
       params: initial params; default `algorithm.model.init(key(seed))`.
       eval_data: population to evaluate every `eval_every` rounds and after a run's last.
       eval_clients: evaluate this many clients of `eval_data` (a fixed seeded sample).
+      fine_tune: `fs.evaluation.FineTune(optimizer, steps)`: each evaluation also fine-tunes
+        every evaluated client on its own split of `train` (from the global params, or the
+        algorithm's personal model) and evaluates that; records then hold "eval_personal"
+        (and its per-client values) beside "eval", as they do for an algorithm with a
+        personal model.
       chunk_size: the vectorization width K. None: the K an earlier run chose for the same
         round program on the same devices (`chunk_size` module), else the fastest of a few
         timed on the first cohort (then kept for the next run). The K used is in the result
@@ -141,7 +146,8 @@ class Simulation:
                  cohort_size: int | None = None, sampler: sampling.Sampler | None = None,
                  seed: int = 0, params: Any = None, eval_data: FederatedData | None = None,
                  eval_every: int = 0, eval_clients: int | None = None,
-                 eval_batch_size: int = 64, chunk_size: int | None = None,
+                 eval_batch_size: int = 64, fine_tune: FineTune | None = None,
+                 chunk_size: int | None = None,
                  mesh: jax.sharding.Mesh | None = None, resident: bool | None = None,
                  client_store: str | os.PathLike | None = None,
                  output_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
@@ -229,10 +235,15 @@ class Simulation:
         self.mesh = mesh
         self.evaluator = None
         if eval_data is not None:  # checked against the params now, not after the training
+            own = fine_tune is not None or algorithm.personal is not None
             self.evaluator = Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
                                        num_clients=eval_clients, engine=one, seed=seed,
-                                       name="eval_data")
+                                       name="eval_data", train=train if own else None,
+                                       fine_tune=fine_tune, personal=algorithm.personal,
+                                       client_state=algorithm.client_state)
             self.evaluator.check(params)
+        elif fine_tune is not None:
+            raise ValueError("fine_tune needs eval_data (the clients' test splits)")
 
         first = sampler.sample(seed, 0)
         self.fingerprint = None
@@ -312,10 +323,8 @@ class Simulation:
             evaluate = bool(self.eval_every) and self.round % self.eval_every == 0
         if evaluate and self.evaluator is not None:
             t = time.perf_counter()
-            ev = self.evaluator(self.state.params)
+            record.update(self._evaluate())
             self.timings["eval_s"] += time.perf_counter() - t
-            record["eval"] = ev.summary
-            record["eval_clients"] = {k: v.tolist() for k, v in ev.clients.items()}
         self.history.append(record)
         if self._sink_path is not None:
             with open(self._sink_path, "a") as sink:
@@ -362,7 +371,7 @@ class Simulation:
                     break
                 if any(stop):
                     if self.evaluator is not None and "eval" not in record:
-                        record["eval"] = self.evaluator(self.state.params).summary
+                        record.update(self._evaluate())
                     break
             if self.checkpoints is not None and self._saved != self.round:
                 self.save()
@@ -384,6 +393,18 @@ class Simulation:
                                 history=self.history, chunk_size=self.chunk_size,
                                 chunk_size_source=self.chunk_size_source,
                                 timings=dict(self.timings), store=self.store, privacy=spent)
+
+    def _evaluate(self) -> dict:
+        """The record's evaluation: the global model per client and, where clients have their
+        own models (personal or fine-tuned), theirs."""
+        ev = self.evaluator(self.state.params, personalized=False)
+        out = {"eval": ev.summary,
+               "eval_clients": {k: v.tolist() for k, v in ev.clients.items()}}
+        if self.evaluator.personalized:
+            own = self.evaluator(self.state.params, self.store)
+            out["eval_personal"] = own.summary
+            out["eval_personal_clients"] = {k: v.tolist() for k, v in own.clients.items()}
+        return out
 
     def _over_budget(self, rounds: int) -> bool:
         return self.ledger is not None and self.ledger.over(rounds)
@@ -562,7 +583,8 @@ def _round_record(r: int, metrics, data: FederatedData, wall_time: float,
 
 def _line(record: dict) -> dict:
     """A record as history.jsonl keeps it (per-client lists apart)."""
-    return {k: v for k, v in record.items() if k not in ("clients", "eval_clients")}
+    return {k: v for k, v in record.items()
+            if k not in ("clients", "eval_clients", "eval_personal_clients")}
 
 
 def _postfix(record: dict) -> dict:
@@ -571,4 +593,6 @@ def _postfix(record: dict) -> dict:
         postfix["eps"] = f"{record['epsilon']:.3g}"
     if "eval" in record and "accuracy" in record["eval"]:
         postfix["acc"] = f"{record['eval']['accuracy']['weighted_mean']:.3f}"
+    if "eval_personal" in record and "accuracy" in record["eval_personal"]:
+        postfix["own"] = f"{record['eval_personal']['accuracy']['weighted_mean']:.3f}"
     return postfix

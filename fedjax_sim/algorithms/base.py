@@ -108,6 +108,10 @@ class FederatedAlgorithm(NamedTuple):
         data (agnostic FedAvg's domain id), checked like labels before anything compiles.
       aggregator: its `fs.aggregators` chain, where it takes one (the simulation reads the
         chain's privacy from it).
+      personal: `(server params, client state) -> params` of the client's own model, for a
+        personalization algorithm (Ditto's personal model, FedRep's body with its head);
+        evaluation then reports each client's own model beside the global one. None: the
+        server's params are every client's model.
     """
 
     init: Callable[[Any, jax.Array], ServerState]
@@ -117,6 +121,7 @@ class FederatedAlgorithm(NamedTuple):
     client_state: Callable[[Any], Any] | None = None
     id_features: tuple[tuple[str, int], ...] = ()
     aggregator: Any = None
+    personal: Callable[[Any, Any], Any] | None = None
 
     @property
     def batching(self) -> Batching:
