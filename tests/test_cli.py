@@ -8,11 +8,12 @@ import pytest
 from fedjax_sim import cli
 
 ARGS = ["run", "--rounds", "3", "--num-clients", "40", "--cohort-size", "10", "--eval-every", "2",
-        "--no-progress"]
+        "--no-progress", "--fine-tune-steps", "0"]
 
 
 def test_run_writes_history_and_summary(tmp_path, capsys):
-    code = cli.main(ARGS + ["--chunk-size", "2", "--output-dir", str(tmp_path)])
+    code = cli.main(ARGS + ["--chunk-size", "2", "--output-dir", str(tmp_path),
+                            "--fine-tune-steps", "5"])
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["chunk_size"] == 2 and summary["seed"] == 0
@@ -24,6 +25,11 @@ def test_run_writes_history_and_summary(tmp_path, capsys):
     assert all(json.loads(line)["chunk_size"] == 2 for line in lines)
     out = capsys.readouterr().out
     assert "per-client test accuracy over 40 clients" in out and "p90" in out
+    # The global model's distribution beside the fine-tuned one, and which clients it helps.
+    tuned = summary["eval_fine_tuned"]["accuracy"]
+    assert tuned["p50"] > acc["p50"]  # Synthetic(1,1)'s clients each need their own model
+    assert "global model:" in out and "fine-tuned, 5 steps:" in out
+    assert "fine-tuning helps" in out
     # The rounds' time is apart from the compile (and search) before them.
     assert "3 rounds in " in out and "before them chunk size 2 (given), compile " in out
     assert "rerun exactly with --seed 0 --chunk-size 2" in out

@@ -39,7 +39,9 @@ def tuned_reference(model, params, train, test, tune, evaluator):
                                 train.features, jax.random.key(evaluator.seed),
                                 tune.batch_size)
     ids = train.client_ids[np.asarray(cohort.client_ids)[:test.num_clients]]
-    tuned = {cid: jax.tree.map(jnp.subtract, params, d) for cid, d in zip(ids, per["delta"])}
+    deltas = per["delta"][:test.num_clients]
+    tuned = {cid: jax.tree.map(jnp.subtract, params, d)
+             for cid, d in zip(ids, deltas, strict=True)}
     out = {}
     for i, cid in enumerate(test.client_ids):
         one = fs.data.from_client_dict({cid: test.client(i)})
