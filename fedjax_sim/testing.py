@@ -377,3 +377,37 @@ def reference_feddyn_round(model: Model, client_lr: float, alpha: float, params,
     h = jax.tree.map(lambda h, m, x: h - alpha * len(ws) / num_clients * (m - x), h, mean_w,
                      params)
     return jax.tree.map(lambda m, h: m - h / alpha, mean_w, h), h, new_g
+
+
+def reference_ditto_round(model: Model, client_optimizer, personal_optimizer, lam: float,
+                          server_optimizer, params, opt_state, personal: dict, cohort: Cohort,
+                          pool: dict[str, np.ndarray], key: jax.Array, batch_size: int,
+                          num_clients: int):
+    """One Ditto round (Li et al. 2021, Algorithm 1), one client and one step at a time: the
+    global model by FedAvg (`reference_round`), and on the same batches each sampled client's
+    personal model `v <- v - eta (grad F(v) + lam (v - w))`, v from `personal` (client id ->
+    params; the server params for a client seen first). Returns (params, opt_state,
+    personal)."""
+    new_params, opt_state, _ = reference_round(model, client_optimizer, server_optimizer,
+                                               params, opt_state, cohort, pool, key,
+                                               batch_size)
+    step_fn = _local_step(model, personal_optimizer, lam)
+    order = np.asarray(cohort.order)
+    last = len(order) - 1
+    personal = dict(personal)
+    for c in range(len(cohort.client_ids)):
+        cid = int(cohort.client_ids[c])
+        if cid >= num_clients or float(cohort.weights[c]) == 0:
+            continue
+        start, length = int(cohort.start[c]), int(cohort.length[c])
+        train_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 0), cid), 0)
+        v = personal.get(cid, params)
+        v_state = personal_optimizer.init(v)
+        for s in range(int(cohort.num_steps[c])):
+            offset = s * batch_size + np.arange(batch_size)
+            batch = {k: jnp.asarray(x[order[np.minimum(start + offset, last)]])
+                     for k, x in pool.items()}
+            v, v_state, _ = step_fn(v, v_state, batch, jnp.asarray(offset < length),
+                                    jax.random.fold_in(train_key, s), params)
+        personal[cid] = v
+    return new_params, opt_state, personal

@@ -1,6 +1,6 @@
 """Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
-FedNova, FedDyn, q-FFL and agnostic FedAvg; `ExampleDP`: DP-SGD in the FedOpt family's
-local steps."""
+FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto; `ExampleDP`: DP-SGD in
+the FedOpt family's local steps."""
 
 from fedjax_sim.algorithms.agnostic import agnostic_fedavg
 from fedjax_sim.algorithms.base import (
@@ -10,6 +10,7 @@ from fedjax_sim.algorithms.base import (
     ServerState,
     with_hparams,
 )
+from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.dp_sgd import ExampleDP
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
 from fedjax_sim.algorithms.feddyn import feddyn
@@ -33,6 +34,7 @@ __all__ = [
     "RoundInputs",
     "RoundMetrics",
     "ServerState",
+    "ditto",
     "fedadagrad",
     "fedadam",
     "fedavg",

@@ -1,0 +1,107 @@
+"""Ditto: the vectorized round against the plain reference (global model and personal
+models), the store's untouched rows, lambda's limits, and personalized evaluation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_scaffold import population
+
+import fedjax_sim as fs
+from fedjax_sim import client_store
+from fedjax_sim.engine import Engine, client_mesh, replicate
+from fedjax_sim.rounds import RoundRunner, new_store
+from fedjax_sim.testing import assert_trees_close, reference_ditto_round
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.mark.parametrize("chunk, devices", [(1, 1), (3, 1), (1, 8)])
+def test_ditto_matches_the_reference_round_after_round(chunk, devices):
+    data = population()  # ragged: 1 to 17 examples
+    model = fs.models.logistic_regression(5, 3)
+    client, personal_opt, lam = optax.sgd(0.1), optax.sgd(0.2, momentum=0.5), 0.3
+    server = optax.sgd(0.8)
+    algo = fs.algorithms.ditto(model, client, server, lam=lam, personal_optimizer=personal_opt,
+                               batch_size=4, num_epochs=2)
+    engine = Engine(chunk, client_mesh() if devices == 8 else None)
+    params = jax.tree.map(lambda p: p + 0.05, model.init(None))
+    key = jax.random.key(3)
+    state = replicate(algo.init(params, key), engine)
+    store = new_store(algo, data, params, engine)
+    runner = RoundRunner(algo, data, 5, engine, seed=0, pool=replicate(data.features, engine))
+    ref = (params, server.init(params), {})
+    rng = np.random.default_rng(1)
+    for r in range(3):
+        indices = rng.choice(data.num_clients, 5, replace=False)
+        cohorts, rows = runner.packer.pack(indices, seed=0, round_num=r)
+        state, store, metrics = runner(state, store, runner.packer.place(cohorts, rows))
+        host = fs.testing.round_inputs(algo, data, indices, engine=Engine(), seed=0,
+                                       round_num=r)
+        ref = reference_ditto_round(model, client, personal_opt, lam, server, ref[0], ref[1],
+                                    ref[2], host[1], host[2], jax.random.fold_in(key, r),
+                                    host[1].batch_size, data.num_clients)
+        assert_trees_close(state.params, ref[0], RTOL, ATOL, what=f"round {r} params")
+    # Each sampled client holds its personal model; the others were never written.
+    sentinel = jax.tree.map(lambda p: jnp.full_like(p, 99.0), params)
+    rows = client_store.gather(store, jnp.arange(data.num_clients), sentinel)
+    for cid in range(data.num_clients):
+        mine = jax.tree.map(lambda t, cid=cid: t[cid], rows)
+        if cid in ref[2]:
+            assert_trees_close(mine, ref[2][cid], RTOL, ATOL, what=f"v_{cid}")
+        else:
+            assert all(np.all(np.asarray(x) == 99.0) for x in jax.tree.leaves(mine))
+
+
+def test_a_huge_lambda_keeps_the_personal_model_at_the_global_one_and_zero_is_local_training():
+    data = population()
+    model = fs.models.logistic_regression(5, 3)
+    params = jax.tree.map(lambda p: p + 0.05, model.init(None))
+
+    def personal_after_one_round(lam, lr):
+        algo = fs.algorithms.ditto(model, optax.sgd(0.1), lam=lam,
+                                   personal_optimizer=optax.sgd(lr), batch_size=4)
+        result = fs.simulate(algo, data, rounds=1, cohort_size=data.num_clients, params=params,
+                             chunk_size=2, progress=False)
+        return client_store.gather(result.store, jnp.arange(data.num_clients), params)
+
+    # lr lam = 1: each step lands on w - lr grad F(v): within lr |grad| of the global model.
+    pulled = personal_after_one_round(1e4, 1e-4)
+    for v, w in zip(jax.tree.leaves(pulled), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(v, np.broadcast_to(w, v.shape), atol=1e-3)
+    # lam = 0: the personal model is the client's own local SGD, i.e. FedAvg's client model.
+    free = personal_after_one_round(0.0, 0.1)
+    fedavg = fs.algorithms.fedavg(model, optax.sgd(0.1), batch_size=4)
+    inputs, cohort, pool = fs.testing.round_inputs(fedavg, data, np.arange(data.num_clients),
+                                                   engine=Engine(), seed=0)
+    _, _, per = fs.testing.reference_round(model, optax.sgd(0.1), optax.sgd(1.0), params,
+                                           optax.sgd(1.0).init(params), cohort, pool,
+                                           jax.random.fold_in(jax.random.key(0), 0), 4)
+    for c, cid in enumerate(np.asarray(cohort.client_ids)[:data.num_clients]):
+        local = jax.tree.map(jnp.subtract, params, per["delta"][c])
+        assert_trees_close(jax.tree.map(lambda t, cid=cid: t[cid], free), local, RTOL, ATOL,
+                           what=f"client {cid}")
+
+
+def test_personalized_evaluation_reports_each_clients_personal_model():
+    train, test = fs.data.synthetic(1.0, 1.0, num_clients=10, seed=0)
+    model = fs.models.logistic_regression(60, 10)
+    algo = fs.algorithms.ditto(model, optax.sgd(0.05), lam=0.1, batch_size=10)
+    result = fs.simulate(algo, train, rounds=3, cohort_size=5, eval_data=test, chunk_size=2,
+                         progress=False)
+    last = result.history[-1]
+    rows = client_store.gather(result.store, jnp.arange(train.num_clients), result.params)
+    for i, cid in enumerate(last["eval_personal_clients"]["client_id"]):
+        j = int(train.index_of([cid])[0])
+        v = jax.tree.map(lambda t, j=j: t[j], rows)
+        one = fs.data.from_client_dict({cid: test.client(int(test.index_of([cid])[0]))})
+        expected = fs.evaluate(model, v, one).clients["accuracy"][0]
+        assert last["eval_personal_clients"]["accuracy"][i] == pytest.approx(expected)
+    assert last["eval_personal"]["accuracy"]["p50"] > last["eval"]["accuracy"]["p50"]
+
+
+def test_a_negative_lambda_is_refused():
+    model = fs.models.logistic_regression(5, 3)
+    with pytest.raises(ValueError, match="lam"):
+        fs.algorithms.ditto(model, optax.sgd(0.1), lam=-0.1)
