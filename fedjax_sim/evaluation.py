@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from fedjax_sim import client_store
 from fedjax_sim.algorithms.base import RoundInputs
 from fedjax_sim.checks import (
+    check_bool,
     check_data,
     check_eval_clients,
     check_features,
@@ -54,10 +55,12 @@ class Evaluation(NamedTuple):
     Attributes:
       clients: per-client arrays, in population order: "client_id" (str), "num_examples",
         and every model metric.
-      summary: {metric: {"weighted_mean", "mean", "p10", "p50", "p90", "worst10"}}, where
-        weighted_mean weighs clients by example count (the pooled mean), mean weighs clients
-        equally, and worst10 is the mean over the worst decile of clients (lowest accuracy,
-        highest loss).
+      summary: {metric: {"weighted_mean", "mean", "mean_ci95", "std", "p10", "p50", "p90",
+        "worst10"}}, where weighted_mean weighs clients by example count (the pooled mean),
+        mean weighs clients equally, mean_ci95 is the half-width of a 95% confidence
+        interval for the population's client mean from this sample of its clients (0 when
+        every client was evaluated), std the spread between clients, and worst10 the mean
+        over the worst decile of clients (lowest accuracy, highest loss).
     """
 
     clients: dict[str, np.ndarray]
@@ -68,18 +71,67 @@ def lower_is_better(metric: str) -> bool:
     return metric.endswith("loss")
 
 
-def summarize(values: np.ndarray, weights: np.ndarray, lower_better: bool) -> dict[str, float]:
-    """The distribution of one per-client metric over clients."""
+def summarize(values: np.ndarray, weights: np.ndarray, lower_better: bool,
+              population: int | None = None) -> dict[str, float]:
+    """The distribution of one per-client metric over clients; with `population` (the
+    number of clients the evaluated ones were sampled from), the confidence interval of its
+    client mean."""
     values = np.asarray(values, np.float64)
     weights = np.asarray(weights, np.float64)
+    n = len(values)
     out = {
         "weighted_mean": float(np.sum(values * weights) / np.sum(weights)),
         "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if n > 1 else 0.0,
     }
+    if population is not None:
+        out["mean_ci95"] = mean_ci95(values, population)
     for q in QUANTILES:
         out[f"p{q}"] = float(np.percentile(values, q))
     ranked = np.sort(values)[::-1] if lower_better else np.sort(values)
     out["worst10"] = float(np.mean(ranked[: max(1, len(values) // 10)]))
+    return out
+
+
+def mean_ci95(values: np.ndarray, population: int) -> float:
+    """Half-width of the 95% confidence interval for the mean over `population` clients from
+    a uniform sample without replacement of `values`: Student's t times the standard error,
+    with the finite-population correction (0 for the whole population)."""
+    from scipy import stats
+
+    n = len(values)
+    if n >= population:
+        return 0.0
+    if n < 2:
+        return float("inf")
+    correction = np.sqrt((population - n) / (population - 1))
+    return float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / np.sqrt(n) * correction)
+
+
+def fairness(values: np.ndarray, num_examples: np.ndarray, *,
+             baseline: np.ndarray | None = None, bins: int = 4) -> dict[str, Any]:
+    """Fairness figures of one per-client metric (higher is better, e.g. accuracy): the
+    spread between clients (std, p90 - p10), the mean by client size (`bins` quantile bins
+    of the example count, smallest first), and with `baseline` (the same clients' values
+    under another model, e.g. the global one) the share of clients it helps and hurts."""
+    values = np.asarray(values, np.float64)
+    sizes = np.asarray(num_examples)
+    edges = np.unique(np.quantile(sizes, np.linspace(0, 1, bins + 1)))
+    which = np.clip(np.searchsorted(edges, sizes, side="right") - 1, 0, len(edges) - 2)
+    out: dict[str, Any] = {
+        "std": float(np.std(values)),
+        "p90_minus_p10": float(np.percentile(values, 90) - np.percentile(values, 10)),
+        "by_size": [{"min_examples": int(sizes[which == b].min()),
+                     "max_examples": int(sizes[which == b].max()),
+                     "clients": int(np.sum(which == b)),
+                     "mean": float(values[which == b].mean())}
+                    for b in range(len(edges) - 1) if np.any(which == b)],
+    }
+    if baseline is not None:
+        gain = values - np.asarray(baseline, np.float64)
+        out["helped"] = float(np.mean(gain > 0))
+        out["hurt"] = float(np.mean(gain < 0))
+        out["mean_gain"] = float(gain.mean())
     return out
 
 
@@ -93,7 +145,10 @@ def as_ratio(value) -> tuple[jax.Array, jax.Array]:
 
 def format_summary(summary: dict[str, float]) -> str:
     """One line for a metric's distribution over clients, e.g. for a progress log."""
-    return "  ".join(f"{k} {summary[k]:.3f}" for k in SUMMARY_KEYS if k in summary)
+    parts = [f"{k} {summary[k]:.3f}" for k in SUMMARY_KEYS if k in summary]
+    if summary.get("mean_ci95", 0) > 0:  # a sample of the clients: the mean's uncertainty
+        parts[1] += f"±{summary['mean_ci95']:.3f}"
+    return "  ".join(parts)
 
 
 def metric_update(model: Model, metric_names: Sequence[str], *,
@@ -210,6 +265,10 @@ class Evaluator:
 
     The data is placed on the device once. Use `evaluate` for a one-off call.
 
+    `num_clients` evaluates a seeded sample of the clients, the same at every call or, with
+    `rolling`, a fresh one for each round (each summary's "mean_ci95" then bounds the
+    population's client mean).
+
     Personalized evaluation: with `personal` (an algorithm's `(params, client_state) ->
     params`, e.g. Ditto's personal model) each client is evaluated with its own model, its
     state read from the client store given at the call (the row of the client of the same id
@@ -223,7 +282,7 @@ class Evaluator:
                  engine: Engine | None = None, seed: int = 0, name: str = "data",
                  train: FederatedData | None = None, fine_tune: FineTune | None = None,
                  personal: Callable[[Any, Any], Any] | None = None,
-                 client_state: Callable[[Any], Any] | None = None):
+                 client_state: Callable[[Any], Any] | None = None, rolling: bool = False):
         model = check_model(model)
         data = check_not_empty(check_data(name, data), name)
         check_features(data, name)
@@ -239,31 +298,31 @@ class Evaluator:
         if personal is not None and client_state is None:
             raise ValueError("a personal model needs the algorithm's client_state (the state "
                              "of a client never sampled)")
-        self.model, self.data, self.seed = model, data, seed
+        self.model, self.data, self.seed, self.num_clients = model, data, seed, n
+        self.rolling = check_bool("rolling", rolling)
         self.fine_tune, self.personal, self.client_state = fine_tune, personal, client_state
-        self.indices = (np.arange(n) if n == data.num_clients else
-                        np.sort(np.random.default_rng(seed).choice(data.num_clients, n,
-                                                                   replace=False)))
         engine = engine or Engine()
         k = chunk_size or default_eval_chunk(n, engine)
         self.engine = Engine(chunk_size=k, mesh=engine.mesh)
-        packer = Packer(data, [Batching(batch_size=batch_size, shuffle=False)], n, self.engine,
-                        pool=replicate(data.features, self.engine))
-        cohorts, rows = packer.pack(self.indices, seed=0, round_num=0)
-        self.inputs = packer.place(cohorts, rows)
-        # Clients come back sorted by size: remember the order to report them by population index.
-        ids = np.asarray(cohorts[-1].client_ids)[:n]
-        self._by_position = np.argsort(ids, kind="stable")
-        self.positions = ids[self._by_position]
-        self.num_examples = np.asarray(cohorts[-1].num_examples)[:n][self._by_position]
+        self._packer = Packer(data, [Batching(batch_size=batch_size, shuffle=False)], n,
+                              self.engine, pool=replicate(data.features, self.engine))
+        self.train = None
         if fine_tune is not None or personal is not None:
-            self._own_clients(train, data.client_ids[ids], len(cohorts[-1].client_ids))
+            self._check_train(train, n)
         self._names: list[str] | None = None
         self._updates: dict[str, ClientUpdate] = {}
+        self._pack(self.sample(0), 0)
 
-    def _own_clients(self, train: FederatedData | None, ids: np.ndarray, size: int) -> None:
-        """The evaluation clients' positions in the training population, in cohort order (for
-        their store rows), and their training splits packed for fine-tuning."""
+    def sample(self, round_num: int) -> np.ndarray:
+        """The evaluated clients' positions: all, a fixed seeded sample, or (`rolling`) a
+        fresh one for each round, from (seed, round)."""
+        n, total = self.num_clients, self.data.num_clients
+        if n == total:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, round_num] if self.rolling else self.seed)
+        return np.sort(rng.choice(total, n, replace=False))
+
+    def _check_train(self, train: FederatedData | None, n: int) -> None:
         if train is None:
             raise ValueError("fine-tuning and personal models need train=, the training "
                              "population holding each evaluation client's training split")
@@ -271,29 +330,54 @@ class Evaluator:
         check_features(train, "train")
         if self.model.label is not None:
             check_labels(train, *self.model.label)
-        known = set(train.client_ids.tolist())
-        missing = [c for c in ids.tolist() if c not in known]
+        self.train, self._train_index = train, {c: i for i, c in
+                                                enumerate(train.client_ids.tolist())}
+        if self.fine_tune is not None:
+            ft = self.fine_tune
+            # k B epochs hold k batches even for a client of one example; max_steps stops
+            # at k.
+            self._tune_batching = Batching(batch_size=ft.batch_size,
+                                           num_epochs=ft.steps * ft.batch_size,
+                                           max_steps=ft.steps)
+            self._tune_shape = CohortShape.for_population(train, self._tune_batching, n,
+                                                          self.engine.cohort_multiple)
+            self._train_pool = replicate(train.features, self.engine)
+
+    def _pack(self, indices: np.ndarray, round_num: int) -> None:
+        """Packs the evaluated clients (and their training splits for fine-tuning)."""
+        n = len(indices)
+        cohorts, rows = self._packer.pack(indices, seed=0, round_num=0)
+        self.inputs = self._packer.place(cohorts, rows)
+        self.indices, self._packed_round = indices, round_num
+        # Clients come back sorted by size: remember the order to report them by population
+        # index.
+        ids = np.asarray(cohorts[-1].client_ids)[:n]
+        self._by_position = np.argsort(ids, kind="stable")
+        self.positions = ids[self._by_position]
+        self.num_examples = np.asarray(cohorts[-1].num_examples)[:n][self._by_position]
+        if self.train is not None:
+            self._own_clients(self.data.client_ids[ids], len(cohorts[-1].client_ids),
+                              round_num)
+
+    def _own_clients(self, ids: np.ndarray, size: int, round_num: int) -> None:
+        """The evaluation clients' positions in the training population, in cohort order (for
+        their store rows), and their training splits packed for fine-tuning."""
+        missing = [c for c in ids.tolist() if c not in self._train_index]
         if missing:
             raise ValueError(f"{len(missing)} evaluation client(s) have no training split in "
                              f"train (e.g. {missing[:3]}): fine-tuning and personal models "
                              "need each client's own training data and state")
-        order = train.index_of(ids)
-        padding = train.num_clients + np.arange(size - len(order))
+        order = np.array([self._train_index[c] for c in ids.tolist()], np.int64)
+        padding = self.train.num_clients + np.arange(size - len(order))
         self._train_ids = place_rows(np.concatenate([order, padding]).astype(np.int32),
                                      self.engine)
         if self.fine_tune is None:
             return
-        ft = self.fine_tune
-        # k B epochs hold k batches even for a client of one example; max_steps stops at k.
-        batching = Batching(batch_size=ft.batch_size, num_epochs=ft.steps * ft.batch_size,
-                            max_steps=ft.steps)
-        shape = CohortShape.for_population(train, batching, len(order),
-                                           self.engine.cohort_multiple)
-        cohort, rows = pack_cohort(train, order, batching, shape, seed=self.seed, round_num=0,
-                                   sort=False)
+        cohort, rows = pack_cohort(self.train, order, self._tune_batching, self._tune_shape,
+                                   seed=self.seed, round_num=round_num, sort=False)
         self._tune_inputs = RoundInputs(
-            (place_cohort(resident_order(cohort, rows), self.engine),),
-            replicate(train.features, self.engine), train.num_clients)
+            (place_cohort(resident_order(cohort, rows), self.engine),), self._train_pool,
+            self.train.num_clients)
 
     def check(self, params: Any) -> None:
         """Checks `params` and the model's metrics on this data (once: this also builds the
@@ -315,12 +399,15 @@ class Evaluator:
         """Whether each client is evaluated with its own model (personal or fine-tuned)."""
         return self.fine_tune is not None or self.personal is not None
 
-    def __call__(self, params: Any, store: Any = None, *,
-                 personalized: bool | None = None) -> Evaluation:
+    def __call__(self, params: Any, store: Any = None, *, personalized: bool | None = None,
+                 round_num: int = 0) -> Evaluation:
         """Per-client metrics of the global `params`, or (by default when the evaluator was
         built for it) of each client's own model: `store` is the client store (a
-        `client_store.ClientStore` or `HostStore`) when the algorithm has personal state."""
+        `client_store.ClientStore` or `HostStore`) when the algorithm has personal state.
+        A rolling evaluator evaluates `round_num`'s sample (the same program, repacked)."""
         self.check(params)
+        if self.rolling and round_num != self._packed_round:
+            self._pack(self.sample(round_num), round_num)
         own = self.personalized if personalized is None else personalized
         replicated = replicate(params, self.engine)
         states = ()
@@ -346,8 +433,10 @@ class Evaluator:
             # Weighted by the metric's own denominator (examples, or e.g. valid tokens): the
             # weighted mean is then the pooled value.
             has = den > 0
-            summary[k] = (summarize(clients[k][has], den[has], lower_is_better(k)) if has.any()
-                          else dict.fromkeys(SUMMARY_KEYS, float("nan")))
+            summary[k] = (summarize(clients[k][has], den[has], lower_is_better(k),
+                                    self.data.num_clients) if has.any()
+                          else dict.fromkeys(SUMMARY_KEYS + ("std", "mean_ci95"),
+                                             float("nan")))
         return Evaluation(clients, summary)
 
     def _store_rows(self, params: Any, store: Any) -> Any:

@@ -48,7 +48,7 @@ from fedjax_sim.client_store import HostStore
 from fedjax_sim.data.federated import FederatedData, check_labels
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.engine import Engine, replicate
-from fedjax_sim.evaluation import Evaluator, FineTune
+from fedjax_sim.evaluation import Evaluator, FineTune, fairness
 from fedjax_sim.health import Monitor
 from fedjax_sim.rounds import RoundRunner, new_store, resident_limit, resident_pool
 
@@ -106,7 +106,11 @@ class Simulation:
       seed: the one seed every random choice derives from.
       params: initial params; default `algorithm.model.init(key(seed))`.
       eval_data: population to evaluate every `eval_every` rounds and after a run's last.
-      eval_clients: evaluate this many clients of `eval_data` (a fixed seeded sample).
+      eval_clients: evaluate this many clients of `eval_data`: a fixed seeded sample, or with
+        `eval_rolling` a fresh one at each evaluation (seeded by the round); each summary's
+        "mean_ci95" bounds the population's client mean. Records hold each evaluated
+        client's metrics ("eval_clients") and fairness figures ("eval_fairness": spread,
+        accuracy by client size; for personal models, the share of clients they help).
       fine_tune: `fs.evaluation.FineTune(optimizer, steps)`: each evaluation also fine-tunes
         every evaluated client on its own split of `train` (from the global params, or the
         algorithm's personal model) and evaluates that; records then hold "eval_personal"
@@ -146,7 +150,8 @@ class Simulation:
                  cohort_size: int | None = None, sampler: sampling.Sampler | None = None,
                  seed: int = 0, params: Any = None, eval_data: FederatedData | None = None,
                  eval_every: int = 0, eval_clients: int | None = None,
-                 eval_batch_size: int = 64, fine_tune: FineTune | None = None,
+                 eval_batch_size: int = 64, eval_rolling: bool = False,
+                 fine_tune: FineTune | None = None,
                  chunk_size: int | None = None,
                  mesh: jax.sharding.Mesh | None = None, resident: bool | None = None,
                  client_store: str | os.PathLike | None = None,
@@ -240,7 +245,8 @@ class Simulation:
                                        num_clients=eval_clients, engine=one, seed=seed,
                                        name="eval_data", train=train if own else None,
                                        fine_tune=fine_tune, personal=algorithm.personal,
-                                       client_state=algorithm.client_state)
+                                       client_state=algorithm.client_state,
+                                       rolling=eval_rolling)
             self.evaluator.check(params)
         elif fine_tune is not None:
             raise ValueError("fine_tune needs eval_data (the clients' test splits)")
@@ -397,13 +403,20 @@ class Simulation:
     def _evaluate(self) -> dict:
         """The record's evaluation: the global model per client and, where clients have their
         own models (personal or fine-tuned), theirs."""
-        ev = self.evaluator(self.state.params, personalized=False)
+        ev = self.evaluator(self.state.params, personalized=False, round_num=self.round)
         out = {"eval": ev.summary,
                "eval_clients": {k: v.tolist() for k, v in ev.clients.items()}}
+        own = None
         if self.evaluator.personalized:
-            own = self.evaluator(self.state.params, self.store)
+            own = self.evaluator(self.state.params, self.store, round_num=self.round)
             out["eval_personal"] = own.summary
             out["eval_personal_clients"] = {k: v.tolist() for k, v in own.clients.items()}
+        if "accuracy" in ev.clients:
+            out["eval_fairness"] = fairness(ev.clients["accuracy"], ev.clients["num_examples"])
+            if own is not None:
+                out["eval_personal_fairness"] = fairness(
+                    own.clients["accuracy"], own.clients["num_examples"],
+                    baseline=ev.clients["accuracy"])
         return out
 
     def _over_budget(self, rounds: int) -> bool:

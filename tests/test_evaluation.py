@@ -90,8 +90,8 @@ def check_against_reference(ev, ref, data, indices=None):
         want = np.array([ref[c][k] for c in ids])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=k)
         counts = data.num_examples[indices].astype(np.float64)
-        assert ev.summary[k] == pytest.approx(summarize(want, counts, lower_is_better(k)),
-                                              rel=1e-5, abs=1e-6)
+        assert ev.summary[k] == pytest.approx(
+            summarize(want, counts, lower_is_better(k), data.num_clients), rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, len(RAGGED)])
@@ -100,7 +100,9 @@ def test_evaluator_matches_per_client_loop(setup, chunk_size):
     ref = reference(model, params, data)
     ev = Evaluator(model, data, batch_size=4, chunk_size=chunk_size)(params)
     assert set(ev.summary) == {"loss", "accuracy"}
-    assert set(ev.summary["loss"]) == {"weighted_mean", "mean", "p10", "p50", "p90", "worst10"}
+    assert set(ev.summary["loss"]) == {"weighted_mean", "mean", "mean_ci95", "std", "p10",
+                                       "p50", "p90", "worst10"}
+    assert ev.summary["loss"]["mean_ci95"] == 0.0  # every client: the population's mean
     check_against_reference(ev, ref, data)
     acc = ev.clients["accuracy"]
     # Accuracy is a fraction of each client's examples.
@@ -198,3 +200,52 @@ def test_format_summary_lists_the_distribution_in_a_fixed_order():
     line = format_summary({"p90": 0.9, "weighted_mean": 0.5, "mean": 0.25, "p10": 0.1,
                            "p50": 0.5, "worst10": 0.0})
     assert line == "weighted_mean 0.500  mean 0.250  p10 0.100  p50 0.500  p90 0.900  worst10 0.000"
+
+
+def test_the_confidence_interval_covers_the_population_mean_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    population = rng.beta(2, 5, 2000)  # a skewed per-client accuracy
+    covered = []
+    for _ in range(400):
+        sample = population[rng.choice(len(population), 150, replace=False)]
+        half = fs.evaluation.mean_ci95(sample, len(population))
+        covered.append(abs(sample.mean() - population.mean()) <= half)
+    assert 0.92 <= np.mean(covered) <= 0.98
+    # The finite-population correction: the whole population has no uncertainty, and a
+    # sample of nearly all of it little.
+    assert fs.evaluation.mean_ci95(population, len(population)) == 0.0
+    assert fs.evaluation.mean_ci95(population[:1990], 2000) < 0.1 * fs.evaluation.mean_ci95(
+        population[:1990], 10**9)
+
+
+def test_a_rolling_sample_evaluates_other_clients_each_round_with_one_program(setup):
+    model, params, data = setup
+    ev = Evaluator(model, data, num_clients=3, rolling=True, seed=1)
+    ev(params, round_num=0)
+    compiled = _run_cache_size()
+    firsts = {tuple(ev(params, round_num=r).clients["client_id"]) for r in range(6)}
+    assert len(firsts) > 1  # other clients
+    assert _run_cache_size() == compiled  # any 3 clients fit the one program
+    again = ev(params, round_num=2).clients["client_id"]
+    assert tuple(again) == tuple(data.client_ids[ev.sample(2)])  # seeded by (seed, round)
+    assert ev(params, round_num=4).summary["accuracy"]["mean_ci95"] > 0
+    fixed = Evaluator(model, data, num_clients=3, seed=1)
+    assert len({tuple(fixed(params, round_num=r).clients["client_id"]) for r in range(3)}) == 1
+
+
+def _run_cache_size():
+    from fedjax_sim import evaluation
+    return evaluation._run._cache_size()
+
+
+def test_fairness_figures_on_a_case_by_hand():
+    acc = np.array([0.2, 0.4, 0.6, 0.8, 1.0, 0.0])
+    sizes = np.array([1, 2, 3, 4, 5, 6])
+    out = fs.evaluation.fairness(acc, sizes, baseline=np.array([0.2, 0.5, 0.1, 0.8, 0.9, 0.1]),
+                                 bins=2)
+    assert out["std"] == pytest.approx(np.std(acc))
+    assert out["p90_minus_p10"] == pytest.approx(np.percentile(acc, 90) - np.percentile(acc, 10))
+    assert [b["clients"] for b in out["by_size"]] == [3, 3]
+    assert out["by_size"][0]["mean"] == pytest.approx(0.4)  # sizes 1-3
+    assert out["by_size"][1]["max_examples"] == 6
+    assert out["helped"] == pytest.approx(2 / 6) and out["hurt"] == pytest.approx(2 / 6)

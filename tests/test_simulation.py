@@ -256,13 +256,15 @@ def _strip(history):
     return [{k: v for k, v in r.items() if k != "wall_time"} for r in history]
 
 
-@pytest.mark.parametrize("name", ["fedavg", "scaffold"])
+@pytest.mark.parametrize("name", ["fedavg", "scaffold", "ditto"])
 def test_a_resumed_run_gives_the_same_bits_as_one_never_stopped(name, tmp_path):
     data = _scaffold_population()
     model = fs.models.logistic_regression(5, 3)
-    algo = (fs.algorithms.scaffold(model, 0.1, batch_size=4) if name == "scaffold" else
-            fs.algorithms.fedavg(model, optax.sgd(0.1), fs.algorithms.fedadam(0.05),
-                                 batch_size=4))
+    algo = {"scaffold": lambda: fs.algorithms.scaffold(model, 0.1, batch_size=4),
+            "ditto": lambda: fs.algorithms.ditto(model, optax.sgd(0.1), lam=0.5, batch_size=4),
+            "fedavg": lambda: fs.algorithms.fedavg(model, optax.sgd(0.1),
+                                                   fs.algorithms.fedadam(0.05),
+                                                   batch_size=4)}[name]()
     kwargs = dict(cohort_size=3, seed=4, chunk_size=2, eval_data=data, eval_every=2,
                   progress=False)
     whole = fs.simulate(algo, data, rounds=6, **kwargs)
