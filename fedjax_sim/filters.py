@@ -79,9 +79,10 @@ def _top_level(entries) -> list[str]:
     return sorted({parts[0] if parts else "<root>" for parts, _, _ in entries})
 
 
-def _from_filters(filters, entries) -> list[bool]:
+def _from_filters(parts, entries) -> list[bool]:
+    """The union of the filters in `parts`, one bool per leaf."""
     columns = []
-    for f in filters:
+    for f in parts:
         column = _selects(f, entries)
         if isinstance(f, str) and not any(column):  # most likely a misspelt layer name
             raise ValueError(f"the filter {f!r} matches no parameter path; the top-level paths "
