@@ -21,9 +21,11 @@ from fedjax_sim.models.core import Model
 
 
 @functools.lru_cache(maxsize=64)
-def _local_step(model: Model, optimizer: optax.GradientTransformation, mu: float = 0.0):
-    """One jitted local step (with FedProx's proximal gradient mu (w - w_t)); cached so
-    repeated reference rounds do not recompile it."""
+def _local_step(model: Model, optimizer: optax.GradientTransformation, mu: float = 0.0,
+                trained: tuple[bool, ...] | None = None):
+    """One jitted local step (with FedProx's proximal gradient mu (w - w_t)); `trained` (one
+    bool per leaf) zeroes the frozen leaves' gradient. Cached so repeated reference rounds do
+    not recompile it."""
 
     @jax.jit
     def step(params, opt_state, batch, mask, key, anchor):
@@ -34,6 +36,10 @@ def _local_step(model: Model, optimizer: optax.GradientTransformation, mu: float
 
         (_, total), grads = jax.value_and_grad(batch_loss, has_aux=True)(params)
         grads = jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, anchor)
+        if trained is not None:
+            leaves, treedef = jax.tree.flatten(grads)
+            grads = jax.tree.unflatten(treedef, [g if t else jnp.zeros_like(g)
+                                                 for g, t in zip(leaves, trained, strict=True)])
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, total
 
@@ -101,6 +107,7 @@ def reference_round(
     client_weighting: str = "num_examples",
     mu: float = 0.0,
     example_dp=None,
+    trainable: Any = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """One FedOpt round, one client and one step at a time.
 
@@ -119,6 +126,9 @@ def reference_round(
       mu: FedProx's proximal coefficient (0: FedOpt).
       example_dp: an `fs.algorithms.ExampleDP` for DP-SGD's local steps (per-example loop,
         `_dp_sgd_step`), or None.
+      trainable: a mask (`fs.filters.mask`) of the leaves trained; the others' gradient is
+        zeroed, which keeps them in place for client optimizers that do not move a leaf on a
+        zero gradient (SGD, Adam; not a weight decay). None trains every leaf.
 
     Returns:
       `(new_params, new_server_opt_state, per_client)`. `per_client` holds, in cohort order,
@@ -126,7 +136,11 @@ def reference_round(
       "num_steps", "finite" and "weight" (the weight actually used: 0 when excluded).
     """
     optimizer = resolve_optimizer(client_optimizer, jnp.int32(round_num))
-    step_fn = (_local_step(model, optimizer, mu) if example_dp is None
+    if trainable is not None and example_dp is not None:
+        raise ValueError("the reference trains part of the model with plain steps only, "
+                         "not with example_dp")
+    trained = None if trainable is None else tuple(bool(t) for t in jax.tree.leaves(trainable))
+    step_fn = (_local_step(model, optimizer, mu, trained) if example_dp is None
                else _dp_sgd_step(model, optimizer, example_dp, mu))
     order = np.asarray(cohort.order)
     last = len(order) - 1

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim import filters
 from fedjax_sim.data.cohort import Batching, Cohort
 from fedjax_sim.engine import PassResult, run_clients
 from fedjax_sim.models.core import Model
@@ -112,6 +113,9 @@ class FederatedAlgorithm(NamedTuple):
         personalization algorithm (Ditto's personal model, FedRep's body with its head);
         evaluation then reports each client's own model beside the global one. None: the
         server's params are every client's model.
+      trained: for a partial model (`fedopt(trainable=...)`), the size of what each client
+        trains and uploads (`filters.Trained`: parameters and bytes); None when every leaf
+        trains.
     """
 
     init: Callable[[Any, jax.Array], ServerState]
@@ -122,6 +126,7 @@ class FederatedAlgorithm(NamedTuple):
     id_features: tuple[tuple[str, int], ...] = ()
     aggregator: Any = None
     personal: Callable[[Any, Any], Any] | None = None
+    trained: Any = None
 
     @property
     def batching(self) -> Batching:
@@ -190,14 +195,17 @@ def round_key(state: ServerState) -> jax.Array:
 
 def init_state(params, key, server_optimizer, aggregator, extra=(),
                client_optimizer: ClientOptimizer | None = None,
-               hparams: dict | None = None) -> ServerState:
-    """The initial state; `hparams` are the algorithm's own traced scalars ("mu")."""
+               hparams: dict | None = None, trainable=None) -> ServerState:
+    """The initial state; `hparams` are the algorithm's own traced scalars ("mu"). With a
+    `trainable` mask the aggregator's state is built for the trainable leaves, which are
+    all the clients send."""
     params = jax.tree.map(jnp.asarray, params)
     traced = {k: jnp.asarray(v, jnp.result_type(float)) for k, v in (hparams or {}).items()}
     injected = {} if client_optimizer is None else client_hparams(client_optimizer, params)
     if injected:
         traced["client"] = injected
-    return ServerState(params, server_optimizer.init(params), aggregator.init(params),
+    sent = params if trainable is None else filters.partition(params, trainable)[0]
+    return ServerState(params, server_optimizer.init(params), aggregator.init(sent),
                        jnp.int32(0), key, extra, traced)
 
 

@@ -4,6 +4,7 @@ Clients train with any optax optimizer from the server's params and send the pse
 `server_params - client_params`; the aggregator averages them (weighted by example count or
 uniformly); the server treats the average as a gradient for any optax optimizer. Server SGD at
 learning rate 1 is plain FedAvg (the new params are the weighted mean of the client params).
+With a filter (`trainable`), clients train and send only the leaves it selects.
 
 References:
   McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from fedjax_sim import aggregators as aggregators_lib
+from fedjax_sim import filters
 from fedjax_sim.algorithms.base import (
     ClientOptimizer,
     FederatedAlgorithm,
@@ -29,7 +33,12 @@ from fedjax_sim.algorithms.base import (
     server_step,
 )
 from fedjax_sim.algorithms.dp_sgd import ExampleDP
-from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
+from fedjax_sim.algorithms.local import (
+    Broadcast,
+    local_training,
+    split_trainable,
+    train_metrics,
+)
 from fedjax_sim.checks import check_model, check_optimizer
 from fedjax_sim.data.cohort import Batching
 from fedjax_sim.engine import ClientResult, ClientUpdate, Engine
@@ -37,14 +46,17 @@ from fedjax_sim.models.core import Model
 
 
 def optimizer_client_update(model: Model, client_optimizer: ClientOptimizer, *,
-                            mu: float = 0.0,
-                            example_dp: ExampleDP | None = None) -> ClientUpdate:
-    """Local training with an optax optimizer (`local_training`, DP-SGD with `example_dp`);
-    the output is `server_params - client_params`."""
-    init, step = local_training(model, client_optimizer, mu=mu, example_dp=example_dp)
+                            mu: float = 0.0, example_dp: ExampleDP | None = None,
+                            trainable: filters.Filter | None = None) -> ClientUpdate:
+    """Local training with an optax optimizer (`local_training`, DP-SGD with `example_dp`,
+    the leaves `trainable` selects); the output is `server_params - client_params` of the
+    trained leaves (None in the frozen ones' places)."""
+    init, step = local_training(model, client_optimizer, mu=mu, example_dp=example_dp,
+                                trainable=trainable)
 
     def finalize(broadcast, state, ctx):
-        return ClientResult(delta(broadcast.params, state.params), metrics=train_metrics(state))
+        sent = split_trainable(broadcast.params, trainable)[0]
+        return ClientResult(delta(sent, state.params), metrics=train_metrics(state))
 
     return ClientUpdate(init=init, step=step, finalize=finalize)
 
@@ -80,6 +92,7 @@ def fedopt(
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
     example_dp: ExampleDP | None = None,
+    trainable: filters.Filter | None = None,
 ) -> FederatedAlgorithm:
     """Federated optimization with any client and server optax optimizers.
 
@@ -100,6 +113,14 @@ def fedopt(
       example_dp: example-level DP-SGD in every local step (`ExampleDP(clip_norm,
         noise_multiplier)`, Abadi et al. 2016), accounted per client by
         `fs.privacy.example_epsilon`; None trains on plain gradients.
+      trainable: an `fs.filters` filter of the leaves clients train and send (None: all).
+        The client's delta, and so the aggregator chain, its reduction (a DP clip's norm, a
+        SecAgg dimension) and the upload, cover those leaves only; the server fills zeros for
+        the frozen ones before its optax step and zeroes their updates after it, so they stay
+        at their initial values bitwise even under a server weight decay. The mask is
+        resolved here, on the model's param shapes (a filter that selects nothing fails
+        before anything compiles); `algorithm.trained` is the upload's size
+        (`filters.Trained`: parameters and bytes per client).
 
     Example:
       >>> import optax, fedjax_sim as fs
@@ -115,16 +136,29 @@ def fedopt(
         raise TypeError(f"example_dp must be fs.algorithms.ExampleDP(clip_norm, "
                         f"noise_multiplier) or None, got {type(example_dp).__name__} "
                         f"{example_dp!r}"[:300])
-    update = optimizer_client_update(model, client_optimizer, mu=mu, example_dp=example_dp)
+    trained = None
+    if trainable is not None:
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+        trainable = filters.mask(trainable, shapes)
+        trained = filters.trained_fraction(shapes, trainable)
+        server_optimizer = filters.frozen_updates_zeroed(server_optimizer, trainable)
+    update = optimizer_client_update(model, client_optimizer, mu=mu, example_dp=example_dp,
+                                     trainable=trainable)
 
     def init(params, key):
+        if trainable is not None:
+            filters.mask(trainable, params)  # the params must have the model's structure
         return init_state(params, key, server_optimizer, aggregator,
-                          client_optimizer=client_optimizer, hparams={"mu": mu} if mu else None)
+                          client_optimizer=client_optimizer, hparams={"mu": mu} if mu else None,
+                          trainable=trainable)
 
     def round_fn(state, inputs, client_states, *, engine: Engine):
         result, mean_delta, agg_state, agg_metrics = run_pass(
             update, aggregator, state, inputs, Broadcast.of(state),
             engine=engine)
+        if trainable is not None:  # a zero pseudo-gradient for the frozen leaves
+            frozen = filters.partition(state.params, trainable)[1]
+            mean_delta = filters.combine(mean_delta, jax.tree.map(jnp.zeros_like, frozen))
         ok = included(inputs.cohort, result)
         state, updates = server_step(state, mean_delta, server_optimizer, ok.any())
         return (state._replace(agg_state=agg_state), client_states,
@@ -133,7 +167,7 @@ def fedopt(
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle, straggler_fraction, drop_stragglers),)
     return FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes,
-                              aggregator=aggregator)
+                              aggregator=aggregator, trained=trained)
 
 
 def fedavg(model: Model, client_optimizer: ClientOptimizer,
