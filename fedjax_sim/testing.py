@@ -425,3 +425,66 @@ def reference_ditto_round(model: Model, client_optimizer, personal_optimizer, la
                                     jax.random.fold_in(train_key, s), params)
         personal[cid] = v
     return new_params, opt_state, personal
+
+
+def reference_body_head_round(model: Model, optimizer, server_optimizer, params, opt_state,
+                              heads: dict, cohort: Cohort, pool: dict[str, np.ndarray],
+                              key: jax.Array, batch_size: int, num_clients: int, is_head,
+                              head_steps: int | None = None):
+    """One FedPer round (`head_steps` None: every step trains the whole model) or FedRep round
+    (the first `head_steps` steps train the head alone, the rest the body alone, each part
+    with its own optimizer state over its own leaves), one client and step at a time. Each
+    client starts from the server's body and its head from `heads` (client id -> head
+    leaves; the server's head for a client seen first); the server averages the body
+    updates, example-weighted. Returns (params, opt_state, heads)."""
+    from fedjax_sim import filters
+
+    is_body = jax.tree.map(lambda m: not m, is_head)
+    grad_fn = jax.jit(jax.grad(lambda p, b, m, k: jnp.sum(jnp.where(m, model.loss(p, b, k), 0.0))
+                               / jnp.maximum(jnp.sum(m), 1)))  # the masked mean batch loss
+    order = np.asarray(cohort.order)
+    last = len(order) - 1
+    heads, total, weights = dict(heads), None, 0.0
+    server_body, server_head = filters.partition(params, is_body)
+    for c in range(len(cohort.client_ids)):
+        cid = int(cohort.client_ids[c])
+        if cid >= num_clients or float(cohort.weights[c]) == 0:
+            continue
+        head = heads.get(cid, filters.partition(params, is_head)[0])
+        body = server_body
+        start, length = int(cohort.start[c]), int(cohort.length[c])
+        train_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 0), cid), 0)
+        whole_state = optimizer.init(filters.combine(body, head))
+        head_state, body_state = optimizer.init(head), optimizer.init(body)
+        for s in range(int(cohort.num_steps[c])):
+            offset = s * batch_size + np.arange(batch_size)
+            batch = {k: jnp.asarray(x[order[np.minimum(start + offset, last)]])
+                     for k, x in pool.items()}
+            current = filters.combine(body, head)
+            g = grad_fn(current, batch, jnp.asarray(offset < length),
+                        jax.random.fold_in(train_key, s))
+            if head_steps is None:
+                updates, whole_state = optimizer.update(g, whole_state, current)
+                new = optax.apply_updates(current, updates)
+                body = filters.partition(new, is_body)[0]
+                head = filters.partition(new, is_head)[0]
+            elif s < head_steps:
+                g_head = filters.partition(g, is_head)[0]
+                updates, head_state = optimizer.update(g_head, head_state, head)
+                head = optax.apply_updates(head, updates)
+            else:
+                g_body = filters.partition(g, is_body)[0]
+                updates, body_state = optimizer.update(g_body, body_state, body)
+                body = optax.apply_updates(body, updates)
+        heads[cid] = head
+        w = float(cohort.num_examples[c])
+        part = jax.tree.map(lambda s, b, w=w: w * (s - b), server_body, body)
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+        weights += w
+    if not weights:
+        return params, opt_state, heads
+    mean = filters.combine(jax.tree.map(lambda a: a / weights, total),
+                           jax.tree.map(jnp.zeros_like, server_head))
+    updates, opt_state = server_optimizer.update(mean, opt_state, params)
+    updates = jax.tree.map(lambda m, u: u if m else jnp.zeros_like(u), is_body, updates)
+    return optax.apply_updates(params, updates), opt_state, heads

@@ -1,6 +1,6 @@
 """Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
-FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto; `ExampleDP`: DP-SGD in
-the FedOpt family's local steps."""
+FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto, FedRep and FedPer;
+`ExampleDP`: DP-SGD in the FedOpt family's local steps."""
 
 from fedjax_sim.algorithms.agnostic import agnostic_fedavg
 from fedjax_sim.algorithms.base import (
@@ -16,6 +16,7 @@ from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_clien
 from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
+from fedjax_sim.algorithms.fedrep import fedper, fedrep
 from fedjax_sim.algorithms.mime import mime, mimelite
 from fedjax_sim.algorithms.qffl import qffl
 from fedjax_sim.algorithms.scaffold import scaffold
@@ -41,6 +42,8 @@ __all__ = [
     "fedavgm",
     "feddyn",
     "fednova",
+    "fedper",
+    "fedrep",
     "fedopt",
     "fedprox",
     "fedsgd",

@@ -1,0 +1,90 @@
+"""FedRep and FedPer: the vectorized round against the plain reference (body averaged, heads
+personal), heads of clients never sampled untouched, the server's head fixed, bad filters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_scaffold import population
+
+import fedjax_sim as fs
+from fedjax_sim import client_store, filters
+from fedjax_sim.engine import Engine, client_mesh, replicate
+from fedjax_sim.rounds import RoundRunner, new_store
+from fedjax_sim.testing import assert_trees_close, reference_body_head_round
+
+RTOL, ATOL = 1e-5, 1e-6
+HEAD = "Dense_1"  # the MLP's last layer
+
+
+@pytest.mark.parametrize("name, chunk, devices", [("fedrep", 1, 1), ("fedrep", 3, 1),
+                                                  ("fedrep", 1, 8), ("fedper", 3, 1)])
+def test_matches_the_reference_round_after_round(name, chunk, devices):
+    data = population()  # ragged: 1 to 17 examples
+    model = fs.models.mlp(5, 3, hidden=(4,))
+    opt, server = optax.sgd(0.2, momentum=0.5), optax.adam(0.05)
+    head_steps = 2 if name == "fedrep" else None
+    make = getattr(fs.algorithms, name)
+    algo = make(model, opt, server, head=HEAD, batch_size=4, num_epochs=2,
+                **({"head_steps": head_steps} if head_steps else {}))
+    engine = Engine(chunk, client_mesh() if devices == 8 else None)
+    params = jax.jit(model.init)(jax.random.key(2))
+    is_head = filters.mask(HEAD, params)
+    key = jax.random.key(3)
+    state = replicate(algo.init(params, key), engine)
+    store = new_store(algo, data, params, engine)
+    runner = RoundRunner(algo, data, 5, engine, seed=0, pool=replicate(data.features, engine))
+    ref = (params, server.init(params), {})
+    rng = np.random.default_rng(1)
+    for r in range(3):
+        indices = rng.choice(data.num_clients, 5, replace=False)
+        cohorts, rows = runner.packer.pack(indices, seed=0, round_num=r)
+        state, store, _ = runner(state, store, runner.packer.place(cohorts, rows))
+        host = fs.testing.round_inputs(algo, data, indices, engine=Engine(), seed=0,
+                                       round_num=r)
+        ref = reference_body_head_round(model, opt, server, ref[0], ref[1], ref[2], host[1],
+                                        host[2], jax.random.fold_in(key, r),
+                                        host[1].batch_size, data.num_clients, is_head,
+                                        head_steps)
+        assert_trees_close(state.params, ref[0], RTOL, ATOL, what=f"round {r} params")
+    # The server's head never moves; each sampled client holds its own head, the rest none.
+    np.testing.assert_array_equal(state.params[HEAD]["kernel"], params[HEAD]["kernel"])
+    sentinel = jax.tree.map(lambda p: jnp.full_like(p, 99.0), algo.client_state(params))
+    rows = client_store.gather(store, jnp.arange(data.num_clients), sentinel)
+    for cid in range(data.num_clients):
+        mine = jax.tree.map(lambda t, cid=cid: t[cid], rows)
+        if cid in ref[2]:
+            assert_trees_close(mine, ref[2][cid], RTOL, ATOL, what=f"head {cid}")
+        else:
+            assert all(np.all(np.asarray(x) == 99.0) for x in jax.tree.leaves(mine))
+
+
+def test_the_body_is_what_clients_send_and_personal_evaluation_uses_each_head():
+    train, test = fs.data.synthetic(1.0, 1.0, num_clients=10, seed=0)
+    model = fs.models.mlp(60, 10, hidden=(16,))
+    algo = fs.algorithms.fedrep(model, optax.sgd(0.05), head=HEAD, head_steps=5,
+                                batch_size=10)
+    assert algo.trained.params == 60 * 16 + 16  # the body only goes up
+    result = fs.simulate(algo, train, rounds=4, cohort_size=5, eval_data=test, chunk_size=2,
+                         progress=False)
+    last = result.history[-1]
+    rows = client_store.gather(result.store, jnp.arange(train.num_clients),
+                               algo.client_state(result.params))
+    i = 3
+    cid = last["eval_personal_clients"]["client_id"][i]
+    j = int(train.index_of([cid])[0])
+    own = algo.personal(result.params, jax.tree.map(lambda t: t[j], rows))
+    one = fs.data.from_client_dict({cid: test.client(int(test.index_of([cid])[0]))})
+    assert last["eval_personal_clients"]["accuracy"][i] == pytest.approx(
+        fs.evaluate(model, own, one).clients["accuracy"][0])
+
+
+def test_bad_heads_are_named():
+    model = fs.models.mlp(5, 3, hidden=(4,))
+    with pytest.raises(ValueError, match="matches no|selects nothing"):
+        fs.algorithms.fedrep(model, optax.sgd(0.1), head="Dense_7")
+    with pytest.raises(ValueError, match="nothing is left to share"):
+        fs.algorithms.fedper(model, optax.sgd(0.1), head="Dense")
+    with pytest.raises(ValueError, match="head_steps"):
+        fs.algorithms.fedrep(model, optax.sgd(0.1), head=HEAD, head_steps=0)
