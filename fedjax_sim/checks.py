@@ -38,15 +38,18 @@ def check_integer(name: str, value: Any, minimum: int | None = None,
 
 
 def check_number(name: str, value: Any, *, above: float | None = None,
-                 at_least: float | None = None) -> float:
+                 at_least: float | None = None, at_most: float | None = None) -> float:
     """`value` as a finite float; ValueError naming `name` unless it is a real number (not a
-    bool) that is finite, > `above` and >= `at_least` where given."""
+    bool) that is finite, > `above`, >= `at_least` and <= `at_most` where given."""
     ok = (not isinstance(value, bool) and isinstance(value, int | float | np.number)
           and math.isfinite(value) and (above is None or value > above)
-          and (at_least is None or value >= at_least))
+          and (at_least is None or value >= at_least)
+          and (at_most is None or value <= at_most))
     if not ok:
         bound = (f" > {above:g}" if above is not None else
                  f" >= {at_least:g}" if at_least is not None else "")
+        if at_most is not None:
+            bound += f"{' and' if bound else ''} <= {at_most:g}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
     return float(value)
 

@@ -488,3 +488,90 @@ def reference_body_head_round(model: Model, optimizer, server_optimizer, params,
     updates, opt_state = server_optimizer.update(mean, opt_state, params)
     updates = jax.tree.map(lambda m, u: u if m else jnp.zeros_like(u), is_body, updates)
     return optax.apply_updates(params, updates), opt_state, heads
+
+def _batches(cohort: Cohort, pool: dict[str, np.ndarray], c: int, batch_size: int):
+    """Client c's (step, batch, mask) in order, as the engine walks `order`."""
+    order = np.asarray(cohort.order)
+    start, length = int(cohort.start[c]), int(cohort.length[c])
+    for s in range(int(cohort.num_steps[c])):
+        offset = s * batch_size + np.arange(batch_size)
+        rows = order[np.minimum(start + offset, len(order) - 1)]
+        yield s, {k: jnp.asarray(v[rows]) for k, v in pool.items()}, jnp.asarray(offset < length)
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_loss_grad(model: Model):
+    """The gradient of the masked mean batch loss, jitted once per model."""
+    return jax.jit(lambda p, batch, mask, k: jax.grad(
+        lambda p: jnp.sum(jnp.where(mask, model.loss(p, batch, k), 0.0))
+        / jnp.maximum(jnp.sum(mask), 1))(p))
+
+
+def reference_apfl_round(model: Model, client_optimizer, personal_optimizer, alpha: float,
+                         alpha_lr: float, server_optimizer, params, opt_state, personal: dict,
+                         cohort: Cohort, pool: dict[str, np.ndarray], key: jax.Array,
+                         batch_size: int, num_clients: int, client_weighting: str = "uniform"):
+    """One APFL round (Deng et al. 2020, Algorithm 1), one client and one step at a time: the
+    global model by FedAvg (`reference_round`); on the same batches each sampled client, with
+    w its global copy before the step and v_bar = a v + (1 - a) w, g = grad F(v_bar):
+    v <- v - eta a g (the personal optimizer's step on a g), a <- clip(a - alpha_lr <v - w, g>,
+    0, 1) (alpha_lr = 0: a fixed), w <- w - eta grad F(w). `personal` maps client ids to
+    (v, a) (absent: the server params and `alpha`). Returns (params, opt_state, personal)."""
+    new_params, opt_state, _ = reference_round(model, client_optimizer, server_optimizer,
+                                               params, opt_state, cohort, pool, key,
+                                               batch_size, client_weighting=client_weighting)
+    w_step, grad = _local_step(model, client_optimizer), _mean_loss_grad(model)
+    personal = dict(personal)
+    for c in range(len(cohort.client_ids)):
+        cid = int(cohort.client_ids[c])
+        if cid >= num_clients or float(cohort.weights[c]) == 0:
+            continue
+        train_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 0), cid), 0)
+        v, a = personal.get(cid, (params, alpha))
+        w, w_state, v_state = params, client_optimizer.init(params), personal_optimizer.init(v)
+        for s, batch, mask in _batches(cohort, pool, c, batch_size):
+            k = jax.random.fold_in(train_key, s)
+            g = grad(jax.tree.map(lambda v, w, a=a: a * v + (1 - a) * w, v, w), batch, mask, k)
+            inner = sum(float(jnp.vdot(vi - wi, gi)) for vi, wi, gi in zip(
+                jax.tree.leaves(v), jax.tree.leaves(w), jax.tree.leaves(g), strict=True))
+            updates, v_state = personal_optimizer.update(jax.tree.map(lambda g, a=a: a * g, g),
+                                                         v_state, v)
+            v = optax.apply_updates(v, updates)
+            a = min(max(a - alpha_lr * inner, 0.0), 1.0)
+            w, w_state, _ = w_step(w, w_state, batch, mask, k, params)
+        personal[cid] = (v, a)
+    return new_params, opt_state, personal
+
+
+def reference_pfedme_round(model: Model, lam: float, inner_steps: int, personal_lr: float,
+                           eta: float, server_optimizer, params, opt_state, personal: dict,
+                           cohort: Cohort, pool: dict[str, np.ndarray], key: jax.Array,
+                           batch_size: int, num_clients: int,
+                           client_weighting: str = "uniform"):
+    """One pFedMe round (Dinh et al. 2020, Algorithm 1), one client, step and inner step at a
+    time: theta from the server params, then per batch K inner steps theta <- theta -
+    personal_lr (grad F(theta) + lam (theta - w)) and w <- w - eta lam (w - theta); the
+    server optimizer on the weighted mean of the clients' w deltas. `personal` maps client
+    ids to theta and is not changed; returns (params, opt_state, new personal)."""
+    grad = _mean_loss_grad(model)
+    personal, deltas, weights = dict(personal), [], []
+    for c in range(len(cohort.client_ids)):
+        cid = int(cohort.client_ids[c])
+        if cid >= num_clients or float(cohort.weights[c]) == 0:
+            continue
+        train_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 0), cid), 0)
+        w = theta = params
+        for s, batch, mask in _batches(cohort, pool, c, batch_size):
+            for _ in range(inner_steps):
+                g = grad(theta, batch, mask, jax.random.fold_in(train_key, s))
+                theta = jax.tree.map(lambda t, g, x: t - personal_lr * (g + lam * (t - x)),
+                                     theta, g, w)
+            w = jax.tree.map(lambda x, t: x - eta * lam * (x - t), w, theta)
+        personal[cid] = theta
+        deltas.append(jax.tree.map(jnp.subtract, params, w))
+        weights.append(float(cohort.num_examples[c]) if client_weighting == "num_examples"
+                       else 1.0)
+    mean = jax.tree.map(lambda *xs: sum(q * x for q, x in zip(weights, xs, strict=True))
+                        / sum(weights), *deltas)
+    updates, opt_state = server_optimizer.update(mean, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, personal

@@ -1,8 +1,9 @@
 """Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
-FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto, FedRep and FedPer;
-`ExampleDP`: DP-SGD in the FedOpt family's local steps."""
+FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto, APFL, pFedMe, FedRep and
+FedPer; `ExampleDP`: DP-SGD in the FedOpt family's local steps."""
 
 from fedjax_sim.algorithms.agnostic import agnostic_fedavg
+from fedjax_sim.algorithms.apfl import apfl
 from fedjax_sim.algorithms.base import (
     FederatedAlgorithm,
     RoundInputs,
@@ -18,6 +19,7 @@ from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
 from fedjax_sim.algorithms.fedrep import fedper, fedrep
 from fedjax_sim.algorithms.mime import mime, mimelite
+from fedjax_sim.algorithms.pfedme import pfedme
 from fedjax_sim.algorithms.qffl import qffl
 from fedjax_sim.algorithms.scaffold import scaffold
 from fedjax_sim.algorithms.server_optimizers import (
@@ -31,6 +33,7 @@ from fedjax_sim.algorithms.server_optimizers import (
 __all__ = [
     "ExampleDP",
     "agnostic_fedavg",
+    "apfl",
     "FederatedAlgorithm",
     "RoundInputs",
     "RoundMetrics",
@@ -50,6 +53,7 @@ __all__ = [
     "fedyogi",
     "mime",
     "mimelite",
+    "pfedme",
     "qffl",
     "optimizer_client_update",
     "scaffold",

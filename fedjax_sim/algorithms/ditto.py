@@ -18,7 +18,7 @@ from __future__ import annotations
 import optax
 
 from fedjax_sim.algorithms import base
-from fedjax_sim.algorithms.fedavg import check_aggregator
+from fedjax_sim.algorithms.fedavg import check_aggregator, delta_round
 from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
 from fedjax_sim.checks import check_model, check_number, check_optimizer
 from fedjax_sim.data.cohort import Batching
@@ -69,17 +69,9 @@ def ditto(model, client_optimizer, server_optimizer=None, *, lam: float,
         return base.init_state(params, key, server_optimizer, aggregator,
                                client_optimizer=client_optimizer)
 
-    def round_fn(state, inputs, client_states, *, engine):
-        result, mean_delta, agg_state, agg_metrics = base.run_pass(
-            update, aggregator, state, inputs, Broadcast.of(state), engine=engine,
-            client_states=client_states)
-        ok = base.included(inputs.cohort, result)
-        new, updates = base.server_step(state, mean_delta, server_optimizer, ok.any())
-        return (new._replace(agg_state=agg_state), result.states,
-                base.round_metrics(inputs.cohort, result, new, updates, agg_metrics))
-
     passes = (Batching(batch_size, num_epochs, max_steps, shuffle=shuffle),)
-    return base.FederatedAlgorithm(init=init_state, round=round_fn, model=model, passes=passes,
+    return base.FederatedAlgorithm(init=init_state, model=model, passes=passes,
+                                   round=delta_round(update, aggregator, server_optimizer),
                                    client_state=lambda params: params, aggregator=aggregator,
                                    personal=_personal_model)
 

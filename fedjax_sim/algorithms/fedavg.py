@@ -75,6 +75,24 @@ def check_aggregator(aggregator, client_weighting) -> aggregators_lib.Aggregator
     return aggregators_lib.chain(aggregators_lib.weight_by(client_weighting), aggregator)
 
 
+def delta_round(update: ClientUpdate, aggregator: aggregators_lib.Aggregator,
+                server_optimizer: optax.GradientTransformation):
+    """The round of an algorithm whose clients send `server_params - client_params` and keep
+    a state in the client store (Ditto, APFL, pFedMe): one pass, the server's step on the
+    aggregate, and the clients' new states for the store."""
+
+    def round_fn(state, inputs, client_states, *, engine: Engine):
+        result, mean_delta, agg_state, agg_metrics = run_pass(
+            update, aggregator, state, inputs, Broadcast.of(state), engine=engine,
+            client_states=client_states)
+        ok = included(inputs.cohort, result)
+        new, updates = server_step(state, mean_delta, server_optimizer, ok.any())
+        return (new._replace(agg_state=agg_state), result.states,
+                round_metrics(inputs.cohort, result, new, updates, agg_metrics))
+
+    return round_fn
+
+
 def fedopt(
     model: Model,
     client_optimizer: ClientOptimizer,

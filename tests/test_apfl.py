@@ -1,0 +1,149 @@
+"""APFL: the vectorized round against the plain reference (global model, personal models and
+mixing weights), the store's untouched rows, the paper's rule on a case by hand, alpha's
+limits, personalized evaluation of the mixture, and bad arguments."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_scaffold import population, quadratic_model
+
+import fedjax_sim as fs
+from fedjax_sim import client_store
+from fedjax_sim.engine import Engine, client_mesh, replicate
+from fedjax_sim.rounds import RoundRunner, new_store
+from fedjax_sim.testing import assert_trees_close, reference_apfl_round
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.mark.parametrize("chunk, devices", [(1, 1), (3, 1), (1, 8)])
+def test_apfl_matches_the_reference_round_after_round(chunk, devices):
+    data = population()  # ragged: 1 to 17 examples
+    model = fs.models.logistic_regression(5, 3)
+    client, personal_opt, server = optax.sgd(0.1), optax.sgd(0.2, momentum=0.5), optax.sgd(0.8)
+    alpha, alpha_lr = 0.4, 0.3
+    algo = fs.algorithms.apfl(model, client, server, alpha=alpha, adaptive_alpha=True,
+                              alpha_lr=alpha_lr, personal_optimizer=personal_opt, batch_size=4,
+                              num_epochs=2)
+    engine = Engine(chunk, client_mesh() if devices == 8 else None)
+    params = jax.tree.map(lambda p: p + 0.05, model.init(None))
+    key = jax.random.key(3)
+    state = replicate(algo.init(params, key), engine)
+    store = new_store(algo, data, params, engine)
+    runner = RoundRunner(algo, data, 5, engine, seed=0, pool=replicate(data.features, engine))
+    ref = (params, server.init(params), {})
+    rng = np.random.default_rng(1)
+    for r in range(3):
+        indices = rng.choice(data.num_clients, 5, replace=False)
+        cohorts, rows = runner.packer.pack(indices, seed=0, round_num=r)
+        state, store, metrics = runner(state, store, runner.packer.place(cohorts, rows))
+        host = fs.testing.round_inputs(algo, data, indices, engine=Engine(), seed=0,
+                                       round_num=r)
+        ref = reference_apfl_round(model, client, personal_opt, alpha, alpha_lr, server, ref[0],
+                                   ref[1], ref[2], host[1], host[2], jax.random.fold_in(key, r),
+                                   host[1].batch_size, data.num_clients)
+        assert_trees_close(state.params, ref[0], RTOL, ATOL, what=f"round {r} params")
+    # Each sampled client holds its (v, alpha); the others were never written.
+    sentinel = (jax.tree.map(lambda p: jnp.full_like(p, 99.0), params), jnp.float32(99.0))
+    rows = client_store.gather(store, jnp.arange(data.num_clients), sentinel)
+    moved = 0
+    for cid in range(data.num_clients):
+        mine = jax.tree.map(lambda t, cid=cid: t[cid], rows)
+        if cid in ref[2]:
+            assert_trees_close(mine, ref[2][cid], RTOL, ATOL, what=f"(v, alpha)_{cid}")
+            moved += float(mine[1]) != alpha
+        else:
+            assert all(np.all(np.asarray(x) == 99.0) for x in jax.tree.leaves(mine))
+    assert moved  # the adaptive rule did move some client's alpha
+
+
+def test_apfl_follows_the_papers_rule_on_a_case_by_hand():
+    """One client of one example a = 2, f(x) = (x - a)^2 / 2, two full-batch steps of SGD 0.5
+    from w = v = 0 (its first round), alpha = 0.5, alpha_lr = 0.4. Each step mixes the w of
+    before it: v_bar = alpha v + (1 - alpha) w, g = v_bar - a.
+    Step 1: v_bar = 0, g = -2: v <- 0 - 0.5 * 0.5 * (-2) = 0.5; alpha <- 0.5 - 0.4 (v - w) g
+    = 0.5 (v = w); w <- 0 - 0.5 (0 - 2) = 1.
+    Step 2: v_bar = 0.25 + 0.5 = 0.75, g = -1.25: v <- 0.5 + 0.25 * 1.25 = 0.8125;
+    alpha <- 0.5 - 0.4 (0.5 - 1)(-1.25) = 0.25; w <- 1 - 0.5 (1 - 2) = 1.5, the server's.
+    Personal: 0.25 * 0.8125 + 0.75 * 1.5 = 1.328125. With alpha_lr = 2, alpha would be
+    0.5 - 1.25 < 0: clipped to 0.
+    """
+    data = fs.data.from_arrays(["p"], {"a": np.array([2.0], np.float32)})
+
+    def one_round(alpha_lr):
+        algo = fs.algorithms.apfl(quadratic_model(), optax.sgd(0.5), alpha=0.5,
+                                  adaptive_alpha=True, alpha_lr=alpha_lr, batch_size=None,
+                                  num_epochs=2, shuffle=False)
+        result = fs.simulate(algo, data, rounds=1, cohort_size=1, progress=False)
+        v, a = client_store.gather(result.store, jnp.arange(1), algo.client_state(result.params))
+        return algo, result.params, {"w": v["w"][0]}, a[0]
+
+    algo, params, v, a = one_round(0.4)
+    assert float(params["w"]) == pytest.approx(1.5)
+    assert float(v["w"]) == pytest.approx(0.8125)
+    assert float(a) == pytest.approx(0.25)
+    assert float(algo.personal(params, (v, a))["w"]) == pytest.approx(1.328125)
+    assert float(one_round(2.0)[3]) == 0.0
+
+
+def test_alpha_zero_is_fedavg_with_personal_equal_global_and_alpha_one_is_local_training():
+    data = population()
+    model = fs.models.logistic_regression(5, 3)
+    params = jax.tree.map(lambda p: p + 0.05, model.init(None))
+    run = lambda algo, rounds: fs.simulate(algo, data, rounds=rounds, cohort_size=4,
+                                           params=params, chunk_size=2, progress=False)
+    # alpha = 0, fixed: v_bar = w, so v never moves and the global model is FedAvg's.
+    zero = fs.algorithms.apfl(model, optax.sgd(0.1), alpha=0.0, batch_size=4)
+    fedavg = fs.algorithms.fedavg(model, optax.sgd(0.1), batch_size=4,
+                                  client_weighting="uniform")
+    result = run(zero, 3)
+    assert_trees_close(result.params, run(fedavg, 3).params, RTOL, ATOL, what="global")
+    v, a = client_store.gather(result.store, jnp.arange(data.num_clients), (params, 0.0))
+    assert_trees_close(zero.personal(result.params, (jax.tree.map(lambda t: t[0], v), a[0])),
+                       result.params, 0, 0, what="personal")
+    # alpha = 1, fixed: v_bar = v, so v is the client's own local SGD, i.e. FedAvg's client
+    # model in the round it is first sampled.
+    one = fs.algorithms.apfl(model, optax.sgd(0.1), alpha=1.0, batch_size=4)
+    result = fs.simulate(one, data, rounds=1, cohort_size=data.num_clients, params=params,
+                         chunk_size=2, progress=False)
+    v, _ = client_store.gather(result.store, jnp.arange(data.num_clients), (params, 1.0))
+    _, cohort, pool = fs.testing.round_inputs(fedavg, data, np.arange(data.num_clients),
+                                              engine=Engine(), seed=0)
+    _, _, per = fs.testing.reference_round(model, optax.sgd(0.1), optax.sgd(1.0), params,
+                                           optax.sgd(1.0).init(params), cohort, pool,
+                                           jax.random.fold_in(jax.random.key(0), 0), 4)
+    for c, cid in enumerate(np.asarray(cohort.client_ids)[:data.num_clients]):
+        local = jax.tree.map(jnp.subtract, params, per["delta"][c])
+        assert_trees_close(jax.tree.map(lambda t, cid=cid: t[cid], v), local, RTOL, ATOL,
+                           what=f"client {cid}")
+
+
+def test_personalized_evaluation_reports_each_clients_mixture():
+    train, test = fs.data.synthetic(1.0, 1.0, num_clients=10, seed=0)
+    model = fs.models.logistic_regression(60, 10)
+    algo = fs.algorithms.apfl(model, optax.sgd(0.05), alpha=0.5, adaptive_alpha=True,
+                              alpha_lr=0.05, batch_size=10)
+    result = fs.simulate(algo, train, rounds=3, cohort_size=5, eval_data=test, chunk_size=2,
+                         progress=False)
+    last = result.history[-1]
+    rows = client_store.gather(result.store, jnp.arange(train.num_clients),
+                               algo.client_state(result.params))
+    for i, cid in enumerate(last["eval_personal_clients"]["client_id"]):
+        j = int(train.index_of([cid])[0])
+        mixed = algo.personal(result.params, jax.tree.map(lambda t, j=j: t[j], rows))
+        one = fs.data.from_client_dict({cid: test.client(int(test.index_of([cid])[0]))})
+        expected = fs.evaluate(model, mixed, one).clients["accuracy"][0]
+        assert last["eval_personal_clients"]["accuracy"][i] == pytest.approx(expected)
+    assert last["eval_personal"]["accuracy"]["p50"] > last["eval"]["accuracy"]["p50"]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(alpha=-0.1), "alpha must be a finite number >= 0 and <= 1"),
+    (dict(alpha=1.5), "alpha must be a finite number >= 0 and <= 1"),
+    (dict(alpha=0.5, alpha_lr=-1.0), "alpha_lr must be a finite number >= 0"),
+])
+def test_bad_arguments_are_refused(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        fs.algorithms.apfl(fs.models.logistic_regression(5, 3), optax.sgd(0.1), **kwargs)
