@@ -15,7 +15,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import optax
 
 from fedjax_sim import aggregators, algorithms, data, evaluation, models, privacy, sampling
@@ -37,6 +36,7 @@ SERVER_OPTIMIZERS = {
     "adagrad": lambda lr: algorithms.fedadagrad(lr),
 }
 RUN_FILES = ("history.jsonl", "summary.json", "checkpoints")
+ALGORITHMS = ("fedavg", "ditto", "apfl", "pfedme", "fedrep", "fedper")
 MODELS = {
     "logistic": lambda f, c: models.logistic_regression(f, c),
     "mlp": lambda f, c: models.mlp(f, c),
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--beta", type=_non_negative_float, default=1.0,
         help="Synthetic: how much the clients' inputs differ")
     add("--model", choices=sorted(MODELS), default="logistic", help="the model trained")
+    add("--algorithm", choices=sorted(ALGORITHMS), default="fedavg",
+        help="fedavg (FedOpt: any --server-optimizer), or a personalization algorithm: each "
+        "client's own model is then evaluated beside the global one")
     add("--client-optimizer", choices=sorted(CLIENT_OPTIMIZERS), default="sgd",
         help="the clients' local optimizer")
     add("--client-lr", type=_finite_float, default=0.05, help="client learning rate")
@@ -114,10 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
         "uniform under DP)")
     add("--eval-every", type=_non_negative_int, default=20,
         help="evaluate every this many rounds (0: only after the last)")
+    add("--lam", type=_non_negative_float, default=0.1,
+        help="Ditto's and pFedMe's lambda: the personal models' pull toward the global one")
+    add("--apfl-alpha", type=_finite_float, default=0.5,
+        help="APFL's initial mixing weight (adapted every step)")
+    add("--head", default="Dense_1",
+        help="FedRep/FedPer: the personal head, a regex over parameter paths (the MLP's last "
+        "layer by default)")
+    add("--head-steps", type=_positive_int, default=5,
+        help="FedRep: local steps on the head before the body's")
+    add("--trainable", default=None,
+        help="fedavg: train and send only the parameters whose path matches this regex "
+        "(partial-model training; default all)")
     add("--fine-tune-steps", type=_non_negative_int, default=20,
-        help="at each evaluation, also fine-tune each test client this many local steps "
-        "(client optimizer and lr, batch size) on its own training split and evaluate that "
-        "(0: the global model only)")
+        help="fedavg: at each evaluation, also fine-tune each test client this many local "
+        "steps (client optimizer and lr, batch size) on its own training split and evaluate "
+        "that (0: the global model only)")
     add("--chunk-size", type=_positive_int, default=None,
         help="clients vectorized side by side; unset: an earlier run's choice for the same "
         "program, else timed on round 1. A run's chunk_size reproduces it exactly")
@@ -180,24 +195,16 @@ def run(args: argparse.Namespace) -> dict:
                                  seed=args.seed)
     model = MODELS[args.model](NUM_FEATURES, NUM_CLASSES)
     dp = _dp_settings(args, train.num_clients)
-    algo = algorithms.fedavg(
-        model,
-        CLIENT_OPTIMIZERS[args.client_optimizer](args.client_lr),
-        SERVER_OPTIMIZERS[args.server_optimizer](args.server_lr),
-        batch_size=args.batch_size,
-        num_epochs=args.epochs,
-        max_examples_per_client=args.max_examples_per_client,
-        client_weighting=args.weighting or ("uniform" if dp else "num_examples"),
-        aggregator=None if dp is None else dp["aggregator"],
-    )
+    algo = build_algorithm(args, model, None if dp is None else dp["aggregator"])
     output_dir = (Path(args.output_dir) if args.resume
                   else fresh_output_dir(args.output_dir, args.overwrite))
     print(f"Synthetic({args.alpha:g},{args.beta:g}): train {train}\n  test {test}")
     sampler = dict(cohort_size=args.cohort_size) if dp is None else dict(
         sampler=dp["sampler"], delta=args.delta, target_epsilon=args.target_epsilon)
+    # A personalization algorithm's clients are evaluated with their own models as they are.
     tune = (evaluation.FineTune(CLIENT_OPTIMIZERS[args.client_optimizer](args.client_lr),
                                 args.fine_tune_steps, args.batch_size)
-            if args.fine_tune_steps else None)
+            if args.fine_tune_steps and algo.personal is None else None)
     result = simulate(algo, train, rounds=args.rounds, **sampler, seed=args.seed,
                       eval_data=test, eval_every=args.eval_every, fine_tune=tune,
                       chunk_size=args.chunk_size, output_dir=output_dir,
@@ -213,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": t,
         "train_loss": final["train_loss"],
         "eval": final["eval"],
-        "eval_fine_tuned": final.get("eval_personal"),
+        "eval_personal": final.get("eval_personal"),
         "privacy": result.privacy,
     }
     with open(output_dir / "summary.json", "w") as f:
@@ -236,16 +243,17 @@ def run(args: argparse.Namespace) -> dict:
               f"{p['rounds']} rounds (noise multiplier {dp['noise_multiplier']:.4g}, clip "
               f"{args.dp_clip:g}, {p['accountant'].upper()} accountant)")
     print(f"per-client test accuracy over {test.num_clients} clients (chance 0.10):")
-    tuned = f"fine-tuned, {args.fine_tune_steps} steps:"
+    personal = algo.personal is not None
+    what = "fine-tuning" if not personal else f"{args.algorithm}'s personal model"
+    tuned = (f"{args.algorithm}'s personal models:" if personal
+             else f"fine-tuned, {args.fine_tune_steps} steps:")
     width = len(tuned) + 1
     print(f"  {'global model:':<{width}}{format_summary(acc)}")
     if "eval_personal" in final:
         own = final["eval_personal"]["accuracy"]
         print(f"  {tuned:<{width}}{format_summary(own)}")
-        gain = (np.asarray(final["eval_personal_clients"]["accuracy"])
-                - np.asarray(final["eval_clients"]["accuracy"]))
-        print(f"  fine-tuning helps {np.mean(gain > 0):.0%} of clients, hurts "
-              f"{np.mean(gain < 0):.0%}")
+        gain = final["eval_personal_fairness"]
+        print(f"  {what} helps {gain['helped']:.0%} of clients, hurts {gain['hurt']:.0%}")
     if args.alpha > 0 and acc["p50"] < 0.5 * acc["weighted_mean"]:
         print("  (Synthetic(alpha, beta) draws each client's labels from its own model: one "
               "global model serves the large clients, and the median client needs its own; "
@@ -253,6 +261,36 @@ def run(args: argparse.Namespace) -> dict:
     print(f"history: {output_dir}/history.jsonl; rerun exactly with --seed {args.seed} "
           f"--chunk-size {result.chunk_size}")
     return summary
+
+
+def build_algorithm(args: argparse.Namespace, model, aggregator):
+    """The algorithm the flags name, with its own hyperparameters from the flags."""
+    client = CLIENT_OPTIMIZERS[args.client_optimizer](args.client_lr)
+    server = SERVER_OPTIMIZERS[args.server_optimizer](args.server_lr)
+    common = dict(batch_size=args.batch_size, num_epochs=args.epochs,
+                  client_weighting=args.weighting or ("uniform" if aggregator else
+                                                      "num_examples"),
+                  aggregator=aggregator)
+    if args.trainable is not None and args.algorithm != "fedavg":
+        raise ValueError("--trainable is for --algorithm fedavg (FedRep/FedPer take --head)")
+    name = args.algorithm
+    if name == "fedavg":
+        return algorithms.fedavg(model, client, server, trainable=args.trainable,
+                                 max_examples_per_client=args.max_examples_per_client,
+                                 **common)
+    if name == "ditto":
+        return algorithms.ditto(model, client, server, lam=args.lam, **common)
+    if name == "apfl":
+        return algorithms.apfl(model, client, server, alpha=args.apfl_alpha,
+                               adaptive_alpha=True, alpha_lr=args.client_lr, **common)
+    if name == "pfedme":
+        return algorithms.pfedme(model, lam=args.lam, inner_steps=5,
+                                 personal_lr=args.client_lr, eta=args.client_lr,
+                                 server_optimizer=server, **common)
+    if name == "fedrep":
+        return algorithms.fedrep(model, client, server, head=args.head,
+                                 head_steps=args.head_steps, **common)
+    return algorithms.fedper(model, client, server, head=args.head, **common)
 
 
 def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:

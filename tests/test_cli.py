@@ -26,7 +26,7 @@ def test_run_writes_history_and_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "per-client test accuracy over 40 clients" in out and "p90" in out
     # The global model's distribution beside the fine-tuned one, and which clients it helps.
-    tuned = summary["eval_fine_tuned"]["accuracy"]
+    tuned = summary["eval_personal"]["accuracy"]
     assert tuned["p50"] > acc["p50"]  # Synthetic(1,1)'s clients each need their own model
     assert "global model:" in out and "fine-tuned, 5 steps:" in out
     assert "fine-tuning helps" in out
@@ -91,3 +91,24 @@ def test_dp_flags_without_a_clip_are_refused(capsys):
         cli.main(ARGS + ["--noise-multiplier", "1.0"])
     assert e.value.code == 2
     assert "--noise-multiplier needs --dp-clip" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algorithm", ["ditto", "fedrep"])
+def test_a_personalization_algorithm_reports_its_personal_models(algorithm, tmp_path, capsys):
+    code = cli.main(ARGS + ["--algorithm", algorithm, "--model", "mlp", "--chunk-size", "2",
+                            "--output-dir", str(tmp_path)])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["eval_personal"]["accuracy"]) >= {"p10", "p50", "worst10"}
+    out = capsys.readouterr().out
+    assert f"{algorithm}'s personal models:" in out and "personal model helps" in out
+
+
+def test_personalization_flags_that_do_not_fit_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(ARGS + ["--algorithm", "fedrep", "--output-dir", str(tmp_path)])
+    assert "Dense_1" in capsys.readouterr().err  # the logistic model has no such head
+    with pytest.raises(SystemExit):
+        cli.main(ARGS + ["--algorithm", "ditto", "--trainable", "Dense_0",
+                         "--output-dir", str(tmp_path)])
+    assert "--trainable is for --algorithm fedavg" in capsys.readouterr().err
