@@ -575,3 +575,43 @@ def reference_pfedme_round(model: Model, lam: float, inner_steps: int, personal_
                         / sum(weights), *deltas)
     updates, opt_state = server_optimizer.update(mean, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, personal
+
+
+def check_rounds_against_reference(algorithm, data, params, engine, reference, initial, *,
+                                   rounds: int = 3, cohort_size: int = 5,
+                                   key: jax.Array | None = None, rtol: float = 1e-5,
+                                   atol: float = 1e-6):
+    """Runs `rounds` vectorized rounds of a stateful `algorithm` on random cohorts of `data`
+    beside `reference(ref, host_cohort, host_pool, round_key) -> ref` (a plain loop whose
+    `ref[0]` is the server params and `ref[-1]` the client rows by population id), from
+    `initial` = the reference's first `ref`, and asserts equal params after every round and,
+    at the end, that each client the reference holds a row for has that row in the client
+    store while every other row was never written. Returns (state, store, ref)."""
+    from fedjax_sim import client_store
+    from fedjax_sim.engine import Engine, replicate
+    from fedjax_sim.rounds import RoundRunner, new_store
+
+    key = jax.random.key(3) if key is None else key
+    state = replicate(algorithm.init(params, key), engine)
+    store = new_store(algorithm, data, params, engine)
+    runner = RoundRunner(algorithm, data, cohort_size, engine, seed=0,
+                         pool=replicate(data.features, engine))
+    ref, rng = initial, np.random.default_rng(1)
+    for r in range(rounds):
+        indices = rng.choice(data.num_clients, cohort_size, replace=False)
+        cohorts, rows = runner.packer.pack(indices, seed=0, round_num=r)
+        state, store, _ = runner(state, store, runner.packer.place(cohorts, rows))
+        _, cohort, pool = round_inputs(algorithm, data, indices, engine=Engine(), seed=0,
+                                       round_num=r)
+        ref = reference(ref, cohort, pool, jax.random.fold_in(key, r))
+        assert_trees_close(state.params, ref[0], rtol, atol, what=f"round {r} params")
+    sentinel = jax.tree.map(lambda x: jnp.full_like(x, 99), algorithm.client_state(params))
+    table = client_store.gather(store, jnp.arange(data.num_clients), sentinel)
+    for cid in range(data.num_clients):
+        mine = jax.tree.map(lambda t, cid=cid: t[cid], table)
+        if cid in ref[-1]:
+            assert_trees_close(mine, ref[-1][cid], rtol, atol, what=f"client {cid}'s row")
+        else:
+            assert all(np.all(np.asarray(x) == 99) for x in jax.tree.leaves(mine)), \
+                f"client {cid} was never sampled but its row was written"
+    return state, store, ref

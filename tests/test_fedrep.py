@@ -10,9 +10,8 @@ from test_scaffold import population
 
 import fedjax_sim as fs
 from fedjax_sim import client_store, filters
-from fedjax_sim.engine import Engine, client_mesh, replicate
-from fedjax_sim.rounds import RoundRunner, new_store
-from fedjax_sim.testing import assert_trees_close, reference_body_head_round
+from fedjax_sim.engine import Engine, client_mesh
+from fedjax_sim.testing import check_rounds_against_reference, reference_body_head_round
 
 RTOL, ATOL = 1e-5, 1e-6
 HEAD = "Dense_1"  # the MLP's last layer
@@ -31,33 +30,14 @@ def test_matches_the_reference_round_after_round(name, chunk, devices):
     engine = Engine(chunk, client_mesh() if devices == 8 else None)
     params = jax.jit(model.init)(jax.random.key(2))
     is_head = filters.mask(HEAD, params)
-    key = jax.random.key(3)
-    state = replicate(algo.init(params, key), engine)
-    store = new_store(algo, data, params, engine)
-    runner = RoundRunner(algo, data, 5, engine, seed=0, pool=replicate(data.features, engine))
-    ref = (params, server.init(params), {})
-    rng = np.random.default_rng(1)
-    for r in range(3):
-        indices = rng.choice(data.num_clients, 5, replace=False)
-        cohorts, rows = runner.packer.pack(indices, seed=0, round_num=r)
-        state, store, _ = runner(state, store, runner.packer.place(cohorts, rows))
-        host = fs.testing.round_inputs(algo, data, indices, engine=Engine(), seed=0,
-                                       round_num=r)
-        ref = reference_body_head_round(model, opt, server, ref[0], ref[1], ref[2], host[1],
-                                        host[2], jax.random.fold_in(key, r),
-                                        host[1].batch_size, data.num_clients, is_head,
-                                        head_steps)
-        assert_trees_close(state.params, ref[0], RTOL, ATOL, what=f"round {r} params")
-    # The server's head never moves; each sampled client holds its own head, the rest none.
+    state, _, _ = check_rounds_against_reference(
+        algo, data, params, engine,
+        lambda ref, cohort, pool, key: reference_body_head_round(
+            model, opt, server, *ref, cohort, pool, key, cohort.batch_size, data.num_clients,
+            is_head, head_steps),
+        (params, server.init(params), {}))
+    # The server's head never moves.
     np.testing.assert_array_equal(state.params[HEAD]["kernel"], params[HEAD]["kernel"])
-    sentinel = jax.tree.map(lambda p: jnp.full_like(p, 99.0), algo.client_state(params))
-    rows = client_store.gather(store, jnp.arange(data.num_clients), sentinel)
-    for cid in range(data.num_clients):
-        mine = jax.tree.map(lambda t, cid=cid: t[cid], rows)
-        if cid in ref[2]:
-            assert_trees_close(mine, ref[2][cid], RTOL, ATOL, what=f"head {cid}")
-        else:
-            assert all(np.all(np.asarray(x) == 99.0) for x in jax.tree.leaves(mine))
 
 
 def test_the_body_is_what_clients_send_and_personal_evaluation_uses_each_head():
