@@ -207,6 +207,8 @@ class Simulation:
                          algorithm.batching.resolve_batch_size(train), finite=resident)
         for feature, num_ids in algorithm.id_features:
             check_labels(train, feature, num_ids, what=feature)
+        if algorithm.check_data is not None:
+            algorithm.check_data(train)
         check_some_client_trains(algorithm.batching, train)
         self.ledger = _ledger(algorithm, sampler, delta, target_epsilon, accountant)
 

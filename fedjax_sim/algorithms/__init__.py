@@ -1,6 +1,6 @@
 """Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
-FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto; `ExampleDP`: DP-SGD in
-the FedOpt family's local steps."""
+FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto, and clustered: HypCluster
+and IFCA; `ExampleDP`: DP-SGD in the FedOpt family's local steps."""
 
 from fedjax_sim.algorithms.agnostic import agnostic_fedavg
 from fedjax_sim.algorithms.base import (
@@ -10,6 +10,7 @@ from fedjax_sim.algorithms.base import (
     ServerState,
     with_hparams,
 )
+from fedjax_sim.algorithms.clustered import hypcluster, ifca, stacked_model
 from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.dp_sgd import ExampleDP
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
@@ -45,11 +46,14 @@ __all__ = [
     "fedprox",
     "fedsgd",
     "fedyogi",
+    "hypcluster",
+    "ifca",
     "mime",
     "mimelite",
     "qffl",
     "optimizer_client_update",
     "scaffold",
     "scale_by_fedopt",
+    "stacked_model",
     "with_hparams",
 ]

@@ -112,6 +112,8 @@ class FederatedAlgorithm(NamedTuple):
         personalization algorithm (Ditto's personal model, FedRep's body with its head);
         evaluation then reports each client's own model beside the global one. None: the
         server's params are every client's model.
+      check_data: `(train) -> None`, raising on a training population the algorithm cannot
+        run on (more clusters than clients), before anything compiles; None: none.
     """
 
     init: Callable[[Any, jax.Array], ServerState]
@@ -122,6 +124,7 @@ class FederatedAlgorithm(NamedTuple):
     id_features: tuple[tuple[str, int], ...] = ()
     aggregator: Any = None
     personal: Callable[[Any, Any], Any] | None = None
+    check_data: Callable[[Any], None] | None = None
 
     @property
     def batching(self) -> Batching:
