@@ -215,7 +215,10 @@ class Evaluator:
     state read from the client store given at the call (the row of the client of the same id
     in `train`, the training population); with `fine_tune` each client first takes that many
     local steps on its own training split in `train`, from the global params or its personal
-    model. Both run as engine passes over all evaluation clients at once.
+    model. Both run as engine passes over all evaluation clients at once, as does an
+    algorithm's `personal_pass` (`(Batching, ClientUpdate)`, before fine-tuning): over each
+    client's training split, from its store row to the state `personal` reads (clustered FL:
+    a client never sampled chooses its cluster by its training loss).
     """
 
     def __init__(self, model: Model, data: FederatedData, *, batch_size: int = 64,
@@ -223,7 +226,8 @@ class Evaluator:
                  engine: Engine | None = None, seed: int = 0, name: str = "data",
                  train: FederatedData | None = None, fine_tune: FineTune | None = None,
                  personal: Callable[[Any, Any], Any] | None = None,
-                 client_state: Callable[[Any], Any] | None = None):
+                 client_state: Callable[[Any], Any] | None = None,
+                 personal_pass: tuple[Batching, ClientUpdate] | None = None):
         model = check_model(model)
         data = check_not_empty(check_data(name, data), name)
         check_features(data, name)
@@ -241,6 +245,7 @@ class Evaluator:
                              "of a client never sampled)")
         self.model, self.data, self.seed = model, data, seed
         self.fine_tune, self.personal, self.client_state = fine_tune, personal, client_state
+        self.personal_pass = None if personal is None else personal_pass
         self.indices = (np.arange(n) if n == data.num_clients else
                         np.sort(np.random.default_rng(seed).choice(data.num_clients, n,
                                                                    replace=False)))
@@ -263,7 +268,8 @@ class Evaluator:
 
     def _own_clients(self, train: FederatedData | None, ids: np.ndarray, size: int) -> None:
         """The evaluation clients' positions in the training population, in cohort order (for
-        their store rows), and their training splits packed for fine-tuning."""
+        their store rows), and their training splits packed for the personal pass and
+        fine-tuning."""
         if train is None:
             raise ValueError("fine-tuning and personal models need train=, the training "
                              "population holding each evaluation client's training split")
@@ -281,19 +287,24 @@ class Evaluator:
         padding = train.num_clients + np.arange(size - len(order))
         self._train_ids = place_rows(np.concatenate([order, padding]).astype(np.int32),
                                      self.engine)
-        if self.fine_tune is None:
-            return
-        ft = self.fine_tune
-        # k B epochs hold k batches even for a client of one example; max_steps stops at k.
-        batching = Batching(batch_size=ft.batch_size, num_epochs=ft.steps * ft.batch_size,
-                            max_steps=ft.steps)
-        shape = CohortShape.for_population(train, batching, len(order),
-                                           self.engine.cohort_multiple)
-        cohort, rows = pack_cohort(train, order, batching, shape, seed=self.seed, round_num=0,
-                                   sort=False)
-        self._tune_inputs = RoundInputs(
-            (place_cohort(resident_order(cohort, rows), self.engine),),
-            replicate(train.features, self.engine), train.num_clients)
+        passes = {}
+        if self.personal_pass is not None:
+            passes["personal"] = self.personal_pass[0]
+        if self.fine_tune is not None:
+            ft = self.fine_tune
+            # k B epochs hold k batches even for a client of one example; max_steps stops at k.
+            passes["tune"] = Batching(batch_size=ft.batch_size,
+                                      num_epochs=ft.steps * ft.batch_size, max_steps=ft.steps)
+        pool = replicate(train.features, self.engine) if passes else None
+        self._train_inputs = {}
+        for name, batching in passes.items():
+            shape = CohortShape.for_population(train, batching, len(order),
+                                               self.engine.cohort_multiple)
+            cohort, rows = pack_cohort(train, order, batching, shape, seed=self.seed,
+                                       round_num=0, sort=False)
+            self._train_inputs[name] = RoundInputs(
+                (place_cohort(resident_order(cohort, rows), self.engine),), pool,
+                train.num_clients)
 
     def check(self, params: Any) -> None:
         """Checks `params` and the model's metrics on this data (once: this also builds the
@@ -324,12 +335,15 @@ class Evaluator:
         own = self.personalized if personalized is None else personalized
         replicated = replicate(params, self.engine)
         states = ()
+        key = jax.random.fold_in(jax.random.key(self.seed), 0)  # as a round's clients
         if own and self.personal is not None:
             states = self._store_rows(params, store)
+        if own and self.personal_pass is not None:
+            states = _tune(self.personal_pass[1], replicated, self._train_inputs["personal"],
+                           states, key, engine=self.engine)
         if own and self.fine_tune is not None:
-            key = jax.random.fold_in(jax.random.key(self.seed), 0)  # as a round's clients
-            states = _tune(self._updates["tune"], replicated, self._tune_inputs, states, key,
-                           engine=self.engine)
+            states = _tune(self._updates["tune"], replicated, self._train_inputs["tune"],
+                           states, key, engine=self.engine)
         update = self._updates["own" if own else "global"]
         sums = _run(update, replicated, self.inputs, states, engine=self.engine)
         if not all(x.is_fully_addressable for x in jax.tree.leaves(sums)):

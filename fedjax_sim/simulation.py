@@ -242,7 +242,8 @@ class Simulation:
                                        num_clients=eval_clients, engine=one, seed=seed,
                                        name="eval_data", train=train if own else None,
                                        fine_tune=fine_tune, personal=algorithm.personal,
-                                       client_state=algorithm.client_state)
+                                       client_state=algorithm.client_state,
+                                       personal_pass=algorithm.personal_pass)
             self.evaluator.check(params)
         elif fine_tune is not None:
             raise ValueError("fine_tune needs eval_data (the clients' test splits)")

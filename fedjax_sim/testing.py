@@ -420,10 +420,11 @@ def reference_clustered_round(model: Model, client_optimizer, server_optimizer, 
                               client_weighting: str, round_num: int = 0):
     """One HypCluster ("num_examples") or IFCA ("uniform") round, one client and one step at a
     time: each client's mean loss under each of the k models `params` over its examples (the
-    batches of `loss_cohort`, step keys from `fold_in(key, 2)`), its cluster the argmin; then
-    each cluster is one FedOpt round (`reference_round`) of the clients that chose it, the
-    others weighted 0 (so a cluster nobody chose keeps its model and state). `opt_states`
-    are the k server optimizer states. Returns (params, opt_states, {client id: cluster})."""
+    batches of `loss_cohort`, step keys from `fold_in(key, 2)`), its cluster the argmin (a
+    loss that is not finite counting as infinite); then each cluster is one FedOpt round
+    (`reference_round`) of the clients that chose it, the others weighted 0 (so a cluster
+    nobody chose keeps its model and state). `opt_states` are the k server optimizer states.
+    Returns (params, opt_states, {client id: cluster})."""
     loss = jax.jit(model.loss)
     order = np.asarray(loss_cohort.order)
     last, b = len(order) - 1, loss_cohort.batch_size
@@ -441,7 +442,8 @@ def reference_clustered_round(model: Model, client_optimizer, server_optimizer, 
                 sums[j] += float(np.sum(np.where(mask, loss(p, batch,
                                                             jax.random.fold_in(keys, s)), 0)))
             count += int(mask.sum())
-        chosen[cid] = int(np.argmin(sums / max(count, 1)))
+        mean = sums / max(count, 1)
+        chosen[cid] = int(np.argmin(np.where(np.isfinite(mean), mean, np.inf)))
     new_params, new_states = [], []
     for j, (p, o) in enumerate(zip(params, opt_states, strict=True)):
         mine = np.array([chosen.get(int(cid)) == j for cid in cohort.client_ids])

@@ -112,6 +112,10 @@ class FederatedAlgorithm(NamedTuple):
         personalization algorithm (Ditto's personal model, FedRep's body with its head);
         evaluation then reports each client's own model beside the global one. None: the
         server's params are every client's model.
+      personal_pass: `(Batching, ClientUpdate)`, an engine pass over each evaluated client's
+        training split that turns its store row (`ctx.state`; the broadcast is the server
+        params) into the state `personal` reads (clustered FL: a client never sampled
+        chooses its cluster by its training loss); None: the row as stored.
       check_data: `(train) -> None`, raising on a training population the algorithm cannot
         run on (more clusters than clients), before anything compiles; None: none.
     """
@@ -124,6 +128,7 @@ class FederatedAlgorithm(NamedTuple):
     id_features: tuple[tuple[str, int], ...] = ()
     aggregator: Any = None
     personal: Callable[[Any, Any], Any] | None = None
+    personal_pass: tuple[Batching, Any] | None = None
     check_data: Callable[[Any], None] | None = None
 
     @property

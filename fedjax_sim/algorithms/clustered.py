@@ -3,24 +3,29 @@ with the one that fits its data best.
 
 A round has two engine passes over the same clients:
 1. each client's mean training loss under each of the k models over all its examples (one
-   unshuffled epoch, no training); its cluster j is the one of lowest loss (ties: lowest j);
+   unshuffled epoch, no training); its cluster j is the one of lowest loss (ties: lowest j;
+   a loss that is not finite counts as infinite, so a diverged model attracts nobody);
 2. local training of model j with the client optimizer; the client sends its update for
    cluster j only and keeps j in the client store.
 The server averages each cluster's updates over the clients that chose it and steps each
-cluster with its own server optimizer state; a cluster no client chose keeps its model and
-state. Server SGD at 1 (the default) sets each chosen model to the mean of its clients'
+cluster with its own server optimizer state (the optimizer vmapped over the stack: every
+state leaf is [k], injected hyperparameters too); a cluster no client chose keeps its model
+and state. Server SGD at 1 (the default) sets each chosen model to the mean of its clients'
 models, the papers' rule. HypCluster weighs a cluster's clients by example count (it
 minimizes sum_k m_k L_k(h_f(k))), IFCA's model averaging weighs them equally
 (theta_j = sum_i s_ij theta_i / sum_i s_ij); otherwise the rule is one.
 
-The k models are the server params, stacked: every leaf has a leading [k] axis, so the
-broadcast, the server state and its checkpoints hold them like any params. `algorithm.model`
-is that stack as a `Model` (`stacked_model`): its `init` draws k independent
-initializations, so a run starts from k distinct models, and its `loss` and `metrics` are
-cluster 0's: the global evaluation ("eval") reports cluster 0, and personalized evaluation
-each client with the cluster it last chose (a client never sampled: cluster 0). A model
-whose init ignores its key (`logistic_regression`'s zeros) starts with k equal models, whose
-ties all go to cluster 0: pass params stacked from distinct ones.
+The k models are the server params, stacked: every leaf has a leading [k] axis. There, not
+in `ServerState.extra`, the broadcast carries all k to each client, the engine and the
+checkpoints treat them as any params, and evaluation's `personal(params, row)`, which sees
+only the params, can take a client's model from them. `algorithm.model` is the stack as a
+`Model` (`stacked_model`): its `init` draws k independent initializations, so a run starts
+from k distinct models, and its `loss` and `metrics` are cluster 0's. The global evaluation
+("eval") therefore reports cluster 0; personalized evaluation reports each client with the
+cluster it last chose, and a client never sampled with the one of lowest loss on its
+training split (a pass over it: `personal_pass`). A model whose init ignores its key
+(`logistic_regression`'s zeros) starts with k equal models, whose ties go to cluster 0:
+give it params stacked from distinct ones.
 
 A client's output is the [k]-stack with only row j non-zero, so the streamed sum gives every
 cluster's sum at once; each cluster's weight comes from the choices themselves (a one-hot
@@ -75,8 +80,10 @@ class _Losses(NamedTuple):
     count: jax.Array
 
 
-def _losses_pass(model: Model, k: int) -> ClientUpdate:
-    """A client's mean training loss under each of the k models (metric "cluster_loss")."""
+def _losses_pass(model: Model, k: int, *, evaluation: bool = False) -> ClientUpdate:
+    """A client's mean training loss under each of the k models (metric "cluster_loss", not
+    finite: inf); in `evaluation`, its state: its stored cluster, or for a client never
+    sampled (-1) the one of lowest loss."""
     def init(models, ctx):
         zero = jnp.zeros((), jnp.result_type(float))
         return _Losses(models, ctx.key, jnp.int32(0), jnp.zeros((k,), zero.dtype), zero)
@@ -89,7 +96,12 @@ def _losses_pass(model: Model, k: int) -> ClientUpdate:
                               count=local.count + jnp.sum(mask, dtype=local.count.dtype))
 
     def finalize(models, local, ctx):
-        return ClientResult(metrics={"cluster_loss": local.sums / jnp.maximum(local.count, 1)})
+        loss = local.sums / jnp.maximum(local.count, 1)
+        loss = jnp.where(jnp.isfinite(loss), loss, jnp.inf)
+        if evaluation:
+            return ClientResult(state=jnp.where(ctx.state >= 0, ctx.state,
+                                                jnp.argmin(loss).astype(jnp.int32)))
+        return ClientResult(metrics={"cluster_loss": loss})
 
     return ClientUpdate(init, step, finalize)
 
@@ -179,14 +191,14 @@ def _clustered(model, client_optimizer, num_clusters, server_optimizer, *, batch
     return base.FederatedAlgorithm(
         init=init_state, round=round_fn, model=stacked_model(model, k), passes=passes,
         client_state=lambda params: jnp.int32(-1), aggregator=aggregator,
-        personal=_cluster_model, check_data=check_data)
+        personal=_cluster_model,
+        personal_pass=(passes[0], _losses_pass(model, k, evaluation=True)),
+        check_data=check_data)
 
 
 def _cluster_model(params, cluster):
-    """A client's own model: the one-row stack of the cluster it last chose (-1, never
-    sampled: cluster 0)."""
-    return jax.tree.map(lambda p: lax.dynamic_slice_in_dim(p, jnp.maximum(cluster, 0), 1),
-                        params)
+    """A client's own model: the one-row stack of its cluster."""
+    return jax.tree.map(lambda p: lax.dynamic_slice_in_dim(p, cluster, 1), params)
 
 
 def hypcluster(model, client_optimizer, num_clusters: int, server_optimizer=None, *,
