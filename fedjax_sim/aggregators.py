@@ -178,6 +178,16 @@ def mean() -> Aggregator:
     return stage("mean", client=_accumulate, server=server, reduction="sum")
 
 
+def weighted_sum() -> Aggregator:
+    """The weighted sum sum_c w_c o_c, streamed, for an algorithm that divides by weights of
+    its own (clustered FL's per-cluster means, `fs.algorithms.ifca`)."""
+
+    def server(reduced, state, key):
+        return reduced.output, state, {"weight_sum": reduced.weight}
+
+    return stage("weighted_sum", client=_accumulate, server=server, reduction="sum")
+
+
 def clip(max_norm: float) -> Aggregator:
     """Scales each client's output to an L2 norm of at most `max_norm` (all leaves together),
     so one client moves the sum by at most that much: DP-FedAvg's per-client clipping

@@ -274,7 +274,10 @@ class Evaluator:
     state read from the client store given at the call (the row of the client of the same id
     in `train`, the training population); with `fine_tune` each client first takes that many
     local steps on its own training split in `train`, from the global params or its personal
-    model. Both run as engine passes over all evaluation clients at once.
+    model. Both run as engine passes over all evaluation clients at once, as does an
+    algorithm's `personal_pass` (`(Batching, ClientUpdate)`, before fine-tuning): over each
+    client's training split, from its store row to the state `personal` reads (clustered FL:
+    a client never sampled chooses its cluster by its training loss).
     """
 
     def __init__(self, model: Model, data: FederatedData, *, batch_size: int = 64,
@@ -282,7 +285,8 @@ class Evaluator:
                  engine: Engine | None = None, seed: int = 0, name: str = "data",
                  train: FederatedData | None = None, fine_tune: FineTune | None = None,
                  personal: Callable[[Any, Any], Any] | None = None,
-                 client_state: Callable[[Any], Any] | None = None, rolling: bool = False):
+                 client_state: Callable[[Any], Any] | None = None, rolling: bool = False,
+                 personal_pass: tuple[Batching, ClientUpdate] | None = None):
         model = check_model(model)
         data = check_not_empty(check_data(name, data), name)
         check_features(data, name)
@@ -301,6 +305,7 @@ class Evaluator:
         self.model, self.data, self.seed, self.num_clients = model, data, seed, n
         self.rolling = check_bool("rolling", rolling)
         self.fine_tune, self.personal, self.client_state = fine_tune, personal, client_state
+        self.personal_pass = None if personal is None else personal_pass
         engine = engine or Engine()
         k = chunk_size or default_eval_chunk(n, engine)
         self.engine = Engine(chunk_size=k, mesh=engine.mesh)
@@ -332,16 +337,22 @@ class Evaluator:
             check_labels(train, *self.model.label)
         self.train, self._train_index = train, {c: i for i, c in
                                                 enumerate(train.client_ids.tolist())}
+        # The passes over the clients' training splits: the algorithm's, then fine-tuning.
+        self._train_passes = {}
+        if self.personal_pass is not None:
+            self._train_passes["personal"] = self.personal_pass[0]
         if self.fine_tune is not None:
             ft = self.fine_tune
             # k B epochs hold k batches even for a client of one example; max_steps stops
             # at k.
-            self._tune_batching = Batching(batch_size=ft.batch_size,
-                                           num_epochs=ft.steps * ft.batch_size,
-                                           max_steps=ft.steps)
-            self._tune_shape = CohortShape.for_population(train, self._tune_batching, n,
-                                                          self.engine.cohort_multiple)
-            self._train_pool = replicate(train.features, self.engine)
+            self._train_passes["tune"] = Batching(batch_size=ft.batch_size,
+                                                  num_epochs=ft.steps * ft.batch_size,
+                                                  max_steps=ft.steps)
+        self._train_shapes = {name: CohortShape.for_population(train, b, n,
+                                                               self.engine.cohort_multiple)
+                              for name, b in self._train_passes.items()}
+        self._train_pool = (replicate(train.features, self.engine) if self._train_passes
+                            else None)
 
     def _pack(self, indices: np.ndarray, round_num: int) -> None:
         """Packs the evaluated clients (and their training splits for fine-tuning)."""
@@ -371,13 +382,13 @@ class Evaluator:
         padding = self.train.num_clients + np.arange(size - len(order))
         self._train_ids = place_rows(np.concatenate([order, padding]).astype(np.int32),
                                      self.engine)
-        if self.fine_tune is None:
-            return
-        cohort, rows = pack_cohort(self.train, order, self._tune_batching, self._tune_shape,
-                                   seed=self.seed, round_num=round_num, sort=False)
-        self._tune_inputs = RoundInputs(
-            (place_cohort(resident_order(cohort, rows), self.engine),), self._train_pool,
-            self.train.num_clients)
+        self._train_inputs = {}
+        for name, batching in self._train_passes.items():
+            cohort, rows = pack_cohort(self.train, order, batching, self._train_shapes[name],
+                                       seed=self.seed, round_num=round_num, sort=False)
+            self._train_inputs[name] = RoundInputs(
+                (place_cohort(resident_order(cohort, rows), self.engine),), self._train_pool,
+                self.train.num_clients)
 
     def check(self, params: Any) -> None:
         """Checks `params` and the model's metrics on this data (once: this also builds the
@@ -411,12 +422,15 @@ class Evaluator:
         own = self.personalized if personalized is None else personalized
         replicated = replicate(params, self.engine)
         states = ()
+        key = jax.random.fold_in(jax.random.key(self.seed), 0)  # as a round's clients
         if own and self.personal is not None:
             states = self._store_rows(params, store)
+        if own and self.personal_pass is not None:
+            states = _tune(self.personal_pass[1], replicated, self._train_inputs["personal"],
+                           states, key, engine=self.engine)
         if own and self.fine_tune is not None:
-            key = jax.random.fold_in(jax.random.key(self.seed), 0)  # as a round's clients
-            states = _tune(self._updates["tune"], replicated, self._tune_inputs, states, key,
-                           engine=self.engine)
+            states = _tune(self._updates["tune"], replicated, self._train_inputs["tune"],
+                           states, key, engine=self.engine)
         update = self._updates["own" if own else "global"]
         sums = _run(update, replicated, self.inputs, states, engine=self.engine)
         if not all(x.is_fully_addressable for x in jax.tree.leaves(sums)):

@@ -212,6 +212,8 @@ class Simulation:
                          algorithm.batching.resolve_batch_size(train), finite=resident)
         for feature, num_ids in algorithm.id_features:
             check_labels(train, feature, num_ids, what=feature)
+        if algorithm.check_data is not None:
+            algorithm.check_data(train)
         check_some_client_trains(algorithm.batching, train)
         self.ledger = _ledger(algorithm, sampler, delta, target_epsilon, accountant)
 
@@ -246,7 +248,8 @@ class Simulation:
                                        name="eval_data", train=train if own else None,
                                        fine_tune=fine_tune, personal=algorithm.personal,
                                        client_state=algorithm.client_state,
-                                       rolling=eval_rolling)
+                                       rolling=eval_rolling,
+                                       personal_pass=algorithm.personal_pass)
             self.evaluator.check(params)
         elif fine_tune is not None:
             raise ValueError("fine_tune needs eval_data (the clients' test splits)")

@@ -7,6 +7,7 @@ while_loop or shard_map). Tests compare the compiled round against it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -615,3 +616,45 @@ def check_rounds_against_reference(algorithm, data, params, engine, reference, i
             assert all(np.all(np.asarray(x) == 99) for x in jax.tree.leaves(mine)), \
                 f"client {cid} was never sampled but its row was written"
     return state, store, ref
+
+
+def reference_clustered_round(model: Model, client_optimizer, server_optimizer, params: list,
+                              opt_states: list, loss_cohort: Cohort, cohort: Cohort,
+                              pool: dict[str, np.ndarray], key: jax.Array, batch_size: int,
+                              client_weighting: str, round_num: int = 0):
+    """One HypCluster ("num_examples") or IFCA ("uniform") round, one client and one step at a
+    time: each client's mean loss under each of the k models `params` over its examples (the
+    batches of `loss_cohort`, step keys from `fold_in(key, 2)`), its cluster the argmin (a
+    loss that is not finite counting as infinite); then each cluster is one FedOpt round
+    (`reference_round`) of the clients that chose it, the others weighted 0 (so a cluster
+    nobody chose keeps its model and state). `opt_states` are the k server optimizer states.
+    Returns (params, opt_states, {client id: cluster})."""
+    loss = jax.jit(model.loss)
+    order = np.asarray(loss_cohort.order)
+    last, b = len(order) - 1, loss_cohort.batch_size
+    chosen = {}
+    for c in range(len(loss_cohort.client_ids)):
+        cid, start = int(loss_cohort.client_ids[c]), int(loss_cohort.start[c])
+        keys = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), cid), 0)
+        sums, count = np.zeros(len(params)), 0
+        for s in range(int(loss_cohort.num_steps[c])):
+            offset = s * b + np.arange(b)
+            batch = {k: jnp.asarray(v[order[np.minimum(start + offset, last)]])
+                     for k, v in pool.items()}
+            mask = offset < int(loss_cohort.length[c])
+            for j, p in enumerate(params):
+                sums[j] += float(np.sum(np.where(mask, loss(p, batch,
+                                                            jax.random.fold_in(keys, s)), 0)))
+            count += int(mask.sum())
+        mean = sums / max(count, 1)
+        chosen[cid] = int(np.argmin(np.where(np.isfinite(mean), mean, np.inf)))
+    new_params, new_states = [], []
+    for j, (p, o) in enumerate(zip(params, opt_states, strict=True)):
+        mine = np.array([chosen.get(int(cid)) == j for cid in cohort.client_ids])
+        part = dataclasses.replace(cohort, weights=np.where(mine, cohort.weights, 0.0)
+                                   .astype(np.float32))
+        p, o, _ = reference_round(model, client_optimizer, server_optimizer, p, o, part, pool,
+                                  key, batch_size, round_num, client_weighting)
+        new_params.append(p)
+        new_states.append(o)
+    return new_params, new_states, chosen

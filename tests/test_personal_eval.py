@@ -32,7 +32,7 @@ def setup():
 def tuned_reference(model, params, train, test, tune, evaluator):
     """Each client's k optax steps on its own batches (the fine-tuning pass's cohort, run
     one client and one step at a time by testing.reference_round), then its test metrics."""
-    cohort = jax.device_get(evaluator._tune_inputs.cohort)
+    cohort = jax.device_get(evaluator._train_inputs["tune"].cohort)
     server = optax.sgd(1.0)
     _, _, per = reference_round(model, tune.optimizer, server, params, server.init(params),
                                 cohort,

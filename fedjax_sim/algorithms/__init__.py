@@ -1,6 +1,7 @@
 """Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
-FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto, APFL, pFedMe, FedRep and
-FedPer; `ExampleDP`: DP-SGD in the FedOpt family's local steps."""
+FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto, APFL, pFedMe, FedRep,
+FedPer and, clustered, HypCluster and IFCA; `ExampleDP`: DP-SGD in the FedOpt family's local
+steps."""
 
 from fedjax_sim.algorithms.agnostic import agnostic_fedavg
 from fedjax_sim.algorithms.apfl import apfl
@@ -11,6 +12,7 @@ from fedjax_sim.algorithms.base import (
     ServerState,
     with_hparams,
 )
+from fedjax_sim.algorithms.clustered import hypcluster, ifca, stacked_model
 from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.dp_sgd import ExampleDP
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
@@ -51,6 +53,8 @@ __all__ = [
     "fedprox",
     "fedsgd",
     "fedyogi",
+    "hypcluster",
+    "ifca",
     "mime",
     "mimelite",
     "pfedme",
@@ -58,5 +62,6 @@ __all__ = [
     "optimizer_client_update",
     "scaffold",
     "scale_by_fedopt",
+    "stacked_model",
     "with_hparams",
 ]

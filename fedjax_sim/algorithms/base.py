@@ -116,6 +116,12 @@ class FederatedAlgorithm(NamedTuple):
       trained: for a partial model (`fedopt(trainable=...)`), the size of what each client
         trains and uploads (`filters.Trained`: parameters and bytes); None when every leaf
         trains.
+      personal_pass: `(Batching, ClientUpdate)`, an engine pass over each evaluated client's
+        training split that turns its store row (`ctx.state`; the broadcast is the server
+        params) into the state `personal` reads (clustered FL: a client never sampled
+        chooses its cluster by its training loss); None: the row as stored.
+      check_data: `(train) -> None`, raising on a training population the algorithm cannot
+        run on (more clusters than clients), before anything compiles; None: none.
     """
 
     init: Callable[[Any, jax.Array], ServerState]
@@ -127,6 +133,8 @@ class FederatedAlgorithm(NamedTuple):
     aggregator: Any = None
     personal: Callable[[Any, Any], Any] | None = None
     trained: Any = None
+    personal_pass: tuple[Batching, Any] | None = None
+    check_data: Callable[[Any], None] | None = None
 
     @property
     def batching(self) -> Batching:
