@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from core import machine_name  # noqa: E402
 from privacy import every_client  # noqa: E402
-from run_fedjax_sim import SimulationRounds, build, build_model, no_caches  # noqa: E402
+from run_fedjax_sim import build, build_model, interleaved_rounds, no_caches  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
@@ -80,28 +79,7 @@ def fedrep_round(cohort: int, rounds: int, chunk_size: int) -> list[dict]:
                                             client_weighting="uniform", **kw),
              "fedper": fs.algorithms.fedper(model, opt, server, head="Dense_1",
                                             client_weighting="uniform", **kw)}
-    systems = {}
-    for name, algo in algos.items():
-        sim = fs.Simulation(algo, train, sampler=every_client(cohort), chunk_size=chunk_size,
-                            progress=False)
-        t = time.perf_counter()
-        sim.compile()
-        systems[name] = (SimulationRounds(sim), time.perf_counter() - t)
-        print(f"{name}: compiled in {systems[name][1]:.1f} s", flush=True)
-    for run, _ in systems.values():
-        run()  # warm-up
-    times = {name: [] for name in systems}
-    for _ in range(rounds):
-        for name, (run, _) in systems.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
-    for run, _ in systems.values():
-        run.close()
-    base = statistics.median(times["fedavg"])
-    return [{"system": name, "s_per_round": statistics.median(ts),
-             "ratio": statistics.median(ts) / base, "rounds": ts}
-            for name, ts in times.items()]
+    return interleaved_rounds(algos, train, every_client(cohort), chunk_size, rounds)
 
 
 def main() -> None:

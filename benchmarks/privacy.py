@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -37,7 +35,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from core import machine_name  # noqa: E402
-from run_fedjax_sim import SimulationRounds, build, build_model, no_caches  # noqa: E402
+from run_fedjax_sim import build, build_model, interleaved_rounds, no_caches  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
@@ -81,32 +79,12 @@ def main() -> None:
     cohort = 200 if args.quick else 1000
     rounds = args.rounds or (3 if args.quick else 21)
     _, train = build(w, cohort)
-    systems = {}
-    for name, chain in chains(cohort).items():
-        algo = fs.algorithms.fedavg(build_model(w), optax.sgd(w.client_lr),
-                                    optax.sgd(w.server_lr), batch_size=w.batch_size,
-                                    num_epochs=w.epochs, aggregator=chain)
-        sim = fs.Simulation(algo, train, sampler=every_client(cohort),
-                            chunk_size=args.chunk_size, progress=False)
-        t = time.perf_counter()
-        sim.compile()
-        systems[name] = (SimulationRounds(sim), time.perf_counter() - t)
-        print(f"{name}: compiled in {systems[name][1]:.1f} s", flush=True)
-    for run, _ in systems.values():
-        run()  # warm-up
-    times = {name: [] for name in systems}
-    for _ in range(rounds):
-        for name, (run, _) in systems.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["fedavg"])
+    algorithms = {name: fs.algorithms.fedavg(build_model(w), optax.sgd(w.client_lr),
+                                             optax.sgd(w.server_lr), batch_size=w.batch_size,
+                                             num_epochs=w.epochs, aggregator=chain)
+                  for name, chain in chains(cohort).items()}
+    rows = interleaved_rounds(algorithms, train, every_client(cohort), args.chunk_size, rounds)
     human, slug = machine_name()
-    rows = [{"system": name, "s_per_round": statistics.median(ts),
-             "ratio": statistics.median(ts) / base, "compile_s": systems[name][1],
-             "rounds": ts} for name, ts in times.items()]
-    for run, _ in systems.values():
-        run.close()
     out = Path(__file__).resolve().parent / "results" / (
         f"privacy-{slug}{'-quick' if args.quick else ''}")
     meta = {"machine": human, "date": dt.date.today().isoformat(), "jax": jax.__version__,

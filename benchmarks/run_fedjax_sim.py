@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,36 @@ class SimulationRounds:
 
     def close(self) -> None:
         self.prefetch.shutdown(wait=True, cancel_futures=True)
+
+
+def interleaved_rounds(algorithms: dict, train, sampler, chunk_size: int,
+                       rounds: int) -> list[dict]:
+    """Seconds per round of each algorithm's `fs.Simulation` on `train`, side by side: all
+    compiled, a warm-up round of each, then `rounds` rounds of each in turn (load from other
+    processes falls on all alike). Rows: system, the median `s_per_round`, its `ratio` to the
+    first system's, `compile_s` and every round's time."""
+    systems = {}
+    for name, algo in algorithms.items():
+        sim = fs.Simulation(algo, train, sampler=sampler, chunk_size=chunk_size,
+                            progress=False)
+        t = time.perf_counter()
+        sim.compile()
+        systems[name] = (SimulationRounds(sim), time.perf_counter() - t)
+        print(f"{name}: compiled in {systems[name][1]:.1f} s", flush=True)
+    for run, _ in systems.values():
+        run()  # warm-up
+    times = {name: [] for name in systems}
+    for _ in range(rounds):
+        for name, (run, _) in systems.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    for run, _ in systems.values():
+        run.close()
+    base = statistics.median(next(iter(times.values())))
+    return [{"system": name, "s_per_round": statistics.median(ts),
+             "ratio": statistics.median(ts) / base, "compile_s": systems[name][1],
+             "rounds": ts} for name, ts in times.items()]
 
 
 def build_model(w):
