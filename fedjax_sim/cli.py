@@ -36,7 +36,7 @@ SERVER_OPTIMIZERS = {
     "adagrad": lambda lr: algorithms.fedadagrad(lr),
 }
 RUN_FILES = ("history.jsonl", "summary.json", "checkpoints")
-ALGORITHMS = ("fedavg", "ditto", "apfl", "pfedme", "fedrep", "fedper")
+ALGORITHMS = ("fedavg", "ditto", "apfl", "pfedme", "fedrep", "fedper", "hypcluster", "ifca")
 MODELS = {
     "logistic": lambda f, c: models.logistic_regression(f, c),
     "mlp": lambda f, c: models.mlp(f, c),
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "layer by default)")
     add("--head-steps", type=_positive_int, default=5,
         help="FedRep: local steps on the head before the body's")
+    add("--num-clusters", type=_positive_int, default=2,
+        help="HypCluster/IFCA: the number of models (each client trains and is evaluated "
+        "with its best)")
     add("--trainable", default=None,
         help="fedavg: train and send only the parameters whose path matches this regex "
         "(partial-model training; default all)")
@@ -290,6 +293,12 @@ def build_algorithm(args: argparse.Namespace, model, aggregator):
     if name == "fedrep":
         return algorithms.fedrep(model, client, server, head=args.head,
                                  head_steps=args.head_steps, **common)
+    if name in ("hypcluster", "ifca"):
+        if aggregator is not None:
+            raise ValueError(f"--algorithm {name} takes no DP flags (its k models share one "
+                             "sum)")
+        return getattr(algorithms, name)(model, client, args.num_clusters, server,
+                                         batch_size=args.batch_size, num_epochs=args.epochs)
     return algorithms.fedper(model, client, server, head=args.head, **common)
 
 

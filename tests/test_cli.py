@@ -93,7 +93,7 @@ def test_dp_flags_without_a_clip_are_refused(capsys):
     assert "--noise-multiplier needs --dp-clip" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("algorithm", ["ditto", "fedrep"])
+@pytest.mark.parametrize("algorithm", ["ditto", "fedrep", "ifca"])
 def test_a_personalization_algorithm_reports_its_personal_models(algorithm, tmp_path, capsys):
     code = cli.main(ARGS + ["--algorithm", algorithm, "--model", "mlp", "--chunk-size", "2",
                             "--output-dir", str(tmp_path)])
