@@ -262,6 +262,7 @@ def read_results(out_dir):
     return json.loads(path.read_text()), path.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow  # a suite subprocess: 7 s
 def test_the_suites_own_process_never_opens_the_device():
     """On a GPU, a process that opens the device with JAX holds 75% of its memory until it
     exits: the suite measures the device in child processes."""
@@ -311,6 +312,7 @@ def _roofline_cell(table: str, row: dict) -> str:
     return line.split("|")[11]
 
 
+@pytest.mark.slow  # two suite runs: 8 s
 def test_a_merged_run_replaces_its_rows_and_keeps_the_others_limits(tmp_path, monkeypatch):
     # Each run ends an hour after the one before (the real clock would give them one second).
     hours = iter(range(24))

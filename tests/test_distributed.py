@@ -223,6 +223,7 @@ def _run_workers(num_processes: int, out_dir: Path) -> list[dict]:
     return [dict(np.load(out_dir / f"process_{i}.npz")) for i in range(num_processes)]
 
 
+@pytest.mark.slow  # two real processes under jax.distributed: 29 s
 def test_two_processes_match_one_process(tmp_path):
     """Two processes with one CPU device each (a 2-device global mesh) train, evaluate and
     record exactly the same thing in both processes, and the same as one process with a

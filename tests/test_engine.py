@@ -137,6 +137,7 @@ def test_eight_devices_match_one_device():
     assert_trees_close(results[1], results[0], RTOL, ATOL)
 
 
+@pytest.mark.slow  # 14 s of compiles
 def test_sharded_model_with_its_own_scan_matches_one_device():
     """A model that scans with a constant initial carry (Flax's nn.RNN LSTM) under shard_map:
     the carry is not marked varying by the user's code, which must neither fail nor change

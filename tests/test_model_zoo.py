@@ -239,7 +239,11 @@ def _toy_images(num_clients=4, per_client=4):
 
 
 ENGINE_CASES = {
-    **{name: (lambda name=name: _tiny(name)[:2], _toy_text) for name in TINY},
+    # The LSTMs' and the transformer's compiles under the engine take 7-16 s each: one runs
+    # by default, the others in CI's slow tests.
+    **{name: pytest.param((lambda name=name: _tiny(name)[:2], _toy_text),
+                          marks=() if name == "char_lstm" else pytest.mark.slow)
+       for name in TINY},
     # ResNet-18's 20 convolutions take most of this file's compile time: slow.
     "resnet18_gn": pytest.param((lambda: _random_params(fs.models.resnet18_gn(10, width=4)),
                                  _toy_images), marks=pytest.mark.slow),
