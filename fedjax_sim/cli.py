@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fedavg: at each evaluation, also fine-tune each test client this many local "
         "steps (client optimizer and lr, batch size) on its own training split and evaluate "
         "that (0: the global model only)")
+    add("--eval-clients", type=_positive_int, default=None,
+        help="evaluate a seeded sample of this many test clients (default all); the mean "
+        "then comes with a 95%% confidence interval")
+    add("--eval-rolling", action="store_true",
+        help="with --eval-clients: a fresh sample at each evaluation")
     add("--chunk-size", type=_positive_int, default=None,
         help="clients vectorized side by side; unset: an earlier run's choice for the same "
         "program, else timed on round 1. A run's chunk_size reproduces it exactly")
@@ -210,6 +215,7 @@ def run(args: argparse.Namespace) -> dict:
             if args.fine_tune_steps and algo.personal is None else None)
     result = simulate(algo, train, rounds=args.rounds, **sampler, seed=args.seed,
                       eval_data=test, eval_every=args.eval_every, fine_tune=tune,
+                      eval_clients=args.eval_clients, eval_rolling=args.eval_rolling,
                       chunk_size=args.chunk_size, output_dir=output_dir,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.no_progress)
@@ -245,7 +251,9 @@ def run(args: argparse.Namespace) -> dict:
         print(f"user-level DP: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after "
               f"{p['rounds']} rounds (noise multiplier {dp['noise_multiplier']:.4g}, clip "
               f"{args.dp_clip:g}, {p['accountant'].upper()} accountant)")
-    print(f"per-client test accuracy over {test.num_clients} clients (chance 0.10):")
+    evaluated = len(final["eval_clients"]["client_id"])
+    print(f"per-client test accuracy over {evaluated} of {test.num_clients} clients "
+          "(chance 0.10):")
     personal = algo.personal is not None
     what = "fine-tuning" if not personal else f"{args.algorithm}'s personal model"
     tuned = (f"{args.algorithm}'s personal models:" if personal

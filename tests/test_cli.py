@@ -24,7 +24,7 @@ def test_run_writes_history_and_summary(tmp_path, capsys):
     assert len(lines) == 3
     assert all(json.loads(line)["chunk_size"] == 2 for line in lines)
     out = capsys.readouterr().out
-    assert "per-client test accuracy over 40 clients" in out and "p90" in out
+    assert "per-client test accuracy over 40 of 40 clients" in out and "p90" in out
     # The global model's distribution beside the fine-tuned one, and which clients it helps.
     tuned = summary["eval_personal"]["accuracy"]
     assert tuned["p50"] > acc["p50"]  # Synthetic(1,1)'s clients each need their own model
@@ -112,3 +112,12 @@ def test_personalization_flags_that_do_not_fit_are_named(tmp_path, capsys):
         cli.main(ARGS + ["--algorithm", "ditto", "--trainable", "Dense_0",
                          "--output-dir", str(tmp_path)])
     assert "--trainable is for --algorithm fedavg" in capsys.readouterr().err
+
+
+def test_a_rolling_sample_of_the_test_clients_reports_the_means_interval(tmp_path, capsys):
+    assert cli.main(ARGS + ["--eval-clients", "15", "--eval-rolling", "--chunk-size", "2",
+                            "--output-dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eval"]["accuracy"]["mean_ci95"] > 0
+    out = capsys.readouterr().out
+    assert "over 15 of 40 clients" in out and "±" in out
