@@ -18,6 +18,7 @@ A filter is one of:
 `partition` splits params into (trainable, frozen) with `None` in the other's places, the
 equinox pattern: None is an empty pytree node, so `jax.tree.map` over either half skips the
 holes and an optax optimizer over the trainable half keeps state for those leaves only.
+`with_base` loads a trained base model into a larger one (LoRA adapters around it).
 """
 
 from __future__ import annotations
@@ -145,6 +146,33 @@ def combine(trainable, frozen) -> Any:
     """The whole params again: each leaf from whichever half holds it."""
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
                         is_leaf=lambda x: x is None)
+
+
+def with_base(params, base) -> Any:
+    """`params` with every leaf that `base` has at the same '/'-joined path replaced by
+    base's: a trained base model loaded into one that adds leaves of its own (LoRA's
+    adapters, `causal_transformer(lora_rank=...)`), which keep their values.
+
+    Raises:
+      ValueError: a base leaf has no place in `params`, or another shape or dtype there (a
+        base of another architecture would otherwise be loaded in part, silently).
+    """
+    leaves = {"/".join(parts): leaf for parts, leaf, _ in _entries(base)}
+    entries = _entries(params)
+    missing = sorted(set(leaves) - {"/".join(parts) for parts, _, _ in entries})
+    if missing:
+        raise ValueError(f"{len(missing)} base leaves have no place in the params, e.g. "
+                         f"{missing[:3]}; the params' top-level paths are "
+                         f"{_top_level(entries)}")
+    out = []
+    for parts, leaf, _ in entries:
+        new = leaves.get("/".join(parts), leaf)
+        if (np.shape(new), jnp.result_type(new)) != (np.shape(leaf), jnp.result_type(leaf)):
+            raise ValueError(f"the base leaf {'/'.join(parts)!r} is {jnp.result_type(new)}"
+                             f"{list(np.shape(new))}, the params' "
+                             f"{jnp.result_type(leaf)}{list(np.shape(leaf))}")
+        out.append(new)
+    return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
 class Trained(NamedTuple):

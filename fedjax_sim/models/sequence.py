@@ -18,12 +18,15 @@ References:
   Caldas et al., "LEAF: A Benchmark for Federated Settings", 2018.
   Reddi et al., "Adaptive Federated Optimization", ICLR 2021 (StackOverflow word-LSTM and its
     accuracy without PAD/OOV/EOS).
+  Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022 (the
+    transformer's adapters).
   FedJAX `fedjax/datasets/shakespeare.py`, `fedjax/models/shakespeare.py`; TFF
     `tff.simulation.baselines.stackoverflow` (`get_special_tokens`, `create_recurrent_model`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -32,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from jax import lax
 
-from fedjax_sim.checks import check_integer
+from fedjax_sim.checks import check_integer, check_number
 from fedjax_sim.models.core import InputSpec, Model, Params
 
 PAD = 0
@@ -219,6 +223,30 @@ def word_lstm(vocab_size: int = 10000, embed_dim: int = 96, hidden: int = 670,
                             accuracies={"accuracy": (*tokens.oov, tokens.eos)}, x=x, y=y)
 
 
+class _LoRADot(nn.Module):
+    """A Flax Dense layer's `dot_general` (its `dot_general_cls`) with LoRA's low-rank update
+    beside the kernel: `x W + scale (x A) B`, A random and B zero, so the adapted layer starts
+    as the base layer. A's variance is 1 / fan-in (a Dense kernel's LeCun normal), so `x A` is
+    at the scale of `x` whatever the width and `scale` alone sets the adapter's."""
+
+    rank: int
+    scale: float
+
+    @nn.compact
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None):
+        (lhs_axes, rhs_axes), batch = dimension_numbers
+        n = len(rhs_axes)  # Dense and DenseGeneral contract the kernel's leading axes
+        if rhs_axes != tuple(range(n)) or batch != ((), ()):
+            raise NotImplementedError(f"LoRA of a dot_general {dimension_numbers}")
+        init_a = nn.initializers.lecun_normal(in_axis=tuple(range(n)), out_axis=-1)
+        a = self.param("a", init_a, (*rhs.shape[:n], self.rank))
+        b = self.param("b", nn.initializers.zeros, (self.rank, *rhs.shape[n:]))
+        low = lax.dot_general(lhs, a, ((lhs_axes, tuple(range(n))), ((), ())),
+                              precision=precision)
+        return (lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
+                + self.scale * jnp.tensordot(low, b, 1, precision=precision))
+
+
 class _CausalTransformer(nn.Module):
     vocab_size: int
     max_len: int
@@ -226,28 +254,37 @@ class _CausalTransformer(nn.Module):
     num_heads: int
     num_layers: int
     mlp_dim: int
+    lora_rank: int = 0
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, tokens):
         length = tokens.shape[-1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
+        # Each adapted Dense builds its own adapter, a child named "lora"; rank 0 passes
+        # None, Flax's default, so the model is the plain one.
+        lora = (functools.partial(_LoRADot, self.lora_rank, self.lora_scale, name="lora")
+                if self.lora_rank else None)
         pos = self.param("position_embedding", nn.initializers.normal(0.02),
                          (self.max_len, self.d_model))
         h = nn.Embed(self.vocab_size, self.d_model)(tokens) + pos[:length]
         mask = nn.make_causal_mask(tokens)
         for _ in range(self.num_layers):
             a = nn.LayerNorm()(h)
-            h = h + nn.MultiHeadDotProductAttention(self.num_heads)(a, a, mask=mask)
-            m = nn.Dense(self.mlp_dim)(nn.LayerNorm()(h))
-            h = h + nn.Dense(self.d_model)(nn.gelu(m))
+            h = h + nn.MultiHeadDotProductAttention(
+                self.num_heads, qkv_dot_general_cls=lora, out_dot_general_cls=lora)(
+                    a, a, mask=mask)
+            m = nn.Dense(self.mlp_dim, dot_general_cls=lora)(nn.LayerNorm()(h))
+            h = h + nn.Dense(self.d_model, dot_general_cls=lora)(nn.gelu(m))
         return nn.Dense(self.vocab_size)(nn.LayerNorm()(h))
 
 
 def causal_transformer(vocab_size: int = CHAR_VOCAB_SIZE, *, max_len: int = 128,
                        d_model: int = 128, num_heads: int = 4, num_layers: int = 2,
-                       mlp_dim: int | None = None, eos: int | None = CHAR_EOS, x: str = "x",
-                       y: str = "y") -> Model:
+                       mlp_dim: int | None = None, lora_rank: int = 0,
+                       lora_alpha: float | None = None, eos: int | None = CHAR_EOS,
+                       x: str = "x", y: str = "y") -> Model:
     """A small decoder-only transformer: learned token and position embeddings, `num_layers`
     pre-LayerNorm blocks (causal multi-head self-attention, GELU MLP of `mlp_dim`, default
     4*d_model), a final LayerNorm and dense logits. No dropout.
@@ -256,16 +293,40 @@ def causal_transformer(vocab_size: int = CHAR_VOCAB_SIZE, *, max_len: int = 128,
     Metrics are those of `char_lstm` ("loss", "accuracy", and "accuracy_no_eos" when `eos` is
     not None, so the same model serves other vocabularies).
 
+    LoRA (Hu et al.): with `lora_rank` r > 0, each block's query, key, value and output
+    projections and both MLP layers compute `W x + (lora_alpha / r) B A x`, W the layer's
+    kernel, with adapters A (random) and B (zero, so the adapted model starts as the base)
+    under `<layer>/lora/a` and `<layer>/lora/b`; the embeddings, LayerNorms and logits layer
+    have none. The base leaves keep the plain model's paths and shapes (and, for
+    the same key, its initial values), so `fs.filters.with_base` loads a trained base and
+    `trainable="lora"` trains the adapters alone. Every linear layer is adapted, not just the
+    paper's query and value: adapting them all brought LoRA closest to full fine-tuning in
+    Dettmers et al. (QLoRA, 2023). `lora_alpha` defaults to r (scale 1; the paper fixes alpha
+    at the first r tried). Rank 0 is the plain model.
+
+    Example (fine-tuning the adapters of a trained base):
+      >>> lora = causal_transformer(lora_rank=4)                        # doctest: +SKIP
+      >>> params = fs.filters.with_base(lora.init(key), base_params)   # doctest: +SKIP
+      >>> algo = fs.algorithms.fedavg(lora, optax.adam(1e-3), trainable="lora")  # doctest: +SKIP
+
     References: Vaswani et al., "Attention Is All You Need", NeurIPS 2017; Radford et al.,
-      "Language Models are Unsupervised Multitask Learners", 2019 (pre-LN decoder).
+      "Language Models are Unsupervised Multitask Learners", 2019 (pre-LN decoder); Hu et al.,
+      "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; Dettmers et al.,
+      "QLoRA: Efficient Finetuning of Quantized LLMs", NeurIPS 2023.
     """
     _check_sizes(vocab_size=vocab_size, max_len=max_len, d_model=d_model, num_heads=num_heads,
                  num_layers=num_layers, mlp_dim=mlp_dim or 4 * d_model)
     if d_model % num_heads:
         raise ValueError(f"d_model {d_model} must be a multiple of num_heads {num_heads} (each "
                          "head takes d_model / num_heads features)")
+    check_integer("lora_rank", lora_rank, 0)
+    if lora_alpha is not None and not lora_rank:
+        raise ValueError(f"lora_alpha={lora_alpha} is set but lora_rank is 0 (no adapters)")
+    alpha = lora_rank if lora_alpha is None else check_number("lora_alpha", lora_alpha,
+                                                               above=0)
     module = _CausalTransformer(vocab_size, max_len, d_model, num_heads, num_layers,
-                                mlp_dim or 4 * d_model)
+                                mlp_dim or 4 * d_model, lora_rank,
+                                alpha / lora_rank if lora_rank else 1.0)
     init, apply = _from_module(module)
     accuracies = {"accuracy": ()} if eos is None else {"accuracy": (), "accuracy_no_eos": (eos,)}
     return next_token_model(init, apply, vocab_size, accuracies=accuracies, x=x, y=y)
