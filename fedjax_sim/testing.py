@@ -658,3 +658,25 @@ def reference_clustered_round(model: Model, client_optimizer, server_optimizer, 
         new_params.append(p)
         new_states.append(o)
     return new_params, new_states, chosen
+
+
+def check_personal_evaluation(algorithm, result, train, test) -> dict:
+    """Asserts that a run's last "eval_personal" holds, for each evaluated client, the
+    accuracy of `algorithm.personal(params, its store row)` on its own test split, each
+    evaluated alone by `fs.evaluate`. Returns the last record."""
+    from fedjax_sim import client_store
+    from fedjax_sim.data.federated import from_client_dict
+    from fedjax_sim.evaluation import evaluate
+
+    last = result.history[-1]
+    rows = client_store.gather(result.store, jnp.arange(train.num_clients),
+                               algorithm.client_state(result.params))
+    got = last["eval_personal_clients"]
+    for i, cid in enumerate(got["client_id"]):
+        j = int(train.index_of([cid])[0])
+        own = algorithm.personal(result.params, jax.tree.map(lambda t, j=j: t[j], rows))
+        one = from_client_dict({cid: test.client(int(test.index_of([cid])[0]))})
+        expected = evaluate(algorithm.model, own, one).clients["accuracy"][0]
+        np.testing.assert_allclose(got["accuracy"][i], expected, rtol=1e-6,
+                                   err_msg=f"client {cid}")
+    return last

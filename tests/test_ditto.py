@@ -13,6 +13,7 @@ from fedjax_sim import client_store
 from fedjax_sim.engine import Engine, client_mesh
 from fedjax_sim.testing import (
     assert_trees_close,
+    check_personal_evaluation,
     check_rounds_against_reference,
     reference_ditto_round,
 )
@@ -74,14 +75,7 @@ def test_personalized_evaluation_reports_each_clients_personal_model():
     algo = fs.algorithms.ditto(model, optax.sgd(0.05), lam=0.1, batch_size=10)
     result = fs.simulate(algo, train, rounds=3, cohort_size=5, eval_data=test, chunk_size=2,
                          progress=False)
-    last = result.history[-1]
-    rows = client_store.gather(result.store, jnp.arange(train.num_clients), result.params)
-    for i, cid in enumerate(last["eval_personal_clients"]["client_id"]):
-        j = int(train.index_of([cid])[0])
-        v = jax.tree.map(lambda t, j=j: t[j], rows)
-        one = fs.data.from_client_dict({cid: test.client(int(test.index_of([cid])[0]))})
-        expected = fs.evaluate(model, v, one).clients["accuracy"][0]
-        assert last["eval_personal_clients"]["accuracy"][i] == pytest.approx(expected)
+    last = check_personal_evaluation(algo, result, train, test)
     assert last["eval_personal"]["accuracy"]["p50"] > last["eval"]["accuracy"]["p50"]
 
 

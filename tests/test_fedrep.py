@@ -2,16 +2,19 @@
 personal), heads of clients never sampled untouched, the server's head fixed, bad filters."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from test_scaffold import population
 
 import fedjax_sim as fs
-from fedjax_sim import client_store, filters
+from fedjax_sim import filters
 from fedjax_sim.engine import Engine, client_mesh
-from fedjax_sim.testing import check_rounds_against_reference, reference_body_head_round
+from fedjax_sim.testing import (
+    check_personal_evaluation,
+    check_rounds_against_reference,
+    reference_body_head_round,
+)
 
 RTOL, ATOL = 1e-5, 1e-6
 HEAD = "Dense_1"  # the MLP's last layer
@@ -48,16 +51,7 @@ def test_the_body_is_what_clients_send_and_personal_evaluation_uses_each_head():
     assert algo.trained.params == 60 * 16 + 16  # the body only goes up
     result = fs.simulate(algo, train, rounds=4, cohort_size=5, eval_data=test, chunk_size=2,
                          progress=False)
-    last = result.history[-1]
-    rows = client_store.gather(result.store, jnp.arange(train.num_clients),
-                               algo.client_state(result.params))
-    i = 3
-    cid = last["eval_personal_clients"]["client_id"][i]
-    j = int(train.index_of([cid])[0])
-    own = algo.personal(result.params, jax.tree.map(lambda t: t[j], rows))
-    one = fs.data.from_client_dict({cid: test.client(int(test.index_of([cid])[0]))})
-    assert last["eval_personal_clients"]["accuracy"][i] == pytest.approx(
-        fs.evaluate(model, own, one).clients["accuracy"][0])
+    check_personal_evaluation(algo, result, train, test)
 
 
 def test_bad_heads_are_named():
