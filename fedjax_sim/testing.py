@@ -680,3 +680,23 @@ def check_personal_evaluation(algorithm, result, train, test) -> dict:
         np.testing.assert_allclose(got["accuracy"][i], expected, rtol=1e-6,
                                    err_msg=f"client {cid}")
     return last
+
+
+def fedavg_client_models(model: Model, data, params, client_optimizer, batch_size: int,
+                         key: jax.Array | None = None) -> dict:
+    """Each client's params after one FedAvg round's local training from `params` with the
+    whole population as the cohort (`reference_round`, seed 0, round 0): client id ->
+    params. The limit a personal model reaches when nothing pulls it to the global one."""
+    from fedjax_sim.algorithms.fedavg import fedavg
+    from fedjax_sim.engine import Engine
+
+    algorithm = fedavg(model, client_optimizer, batch_size=batch_size)
+    _, cohort, pool = round_inputs(algorithm, data, np.arange(data.num_clients),
+                                   engine=Engine(), seed=0)
+    server = optax.sgd(1.0)
+    key = jax.random.fold_in(jax.random.key(0), 0) if key is None else key
+    _, _, per = reference_round(model, client_optimizer, server, params, server.init(params),
+                                cohort, pool, key, batch_size)
+    ids = np.asarray(cohort.client_ids)[:data.num_clients]
+    return {int(cid): jax.tree.map(jnp.subtract, params, per["delta"][c])
+            for c, cid in enumerate(ids)}

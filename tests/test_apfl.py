@@ -92,13 +92,8 @@ def test_alpha_zero_is_fedavg_with_personal_equal_global_and_alpha_one_is_local_
     result = fs.simulate(one, data, rounds=1, cohort_size=data.num_clients, params=params,
                          chunk_size=2, progress=False)
     v, _ = client_store.gather(result.store, jnp.arange(data.num_clients), (params, 1.0))
-    _, cohort, pool = fs.testing.round_inputs(fedavg, data, np.arange(data.num_clients),
-                                              engine=Engine(), seed=0)
-    _, _, per = fs.testing.reference_round(model, optax.sgd(0.1), optax.sgd(1.0), params,
-                                           optax.sgd(1.0).init(params), cohort, pool,
-                                           jax.random.fold_in(jax.random.key(0), 0), 4)
-    for c, cid in enumerate(np.asarray(cohort.client_ids)[:data.num_clients]):
-        local = jax.tree.map(jnp.subtract, params, per["delta"][c])
+    for cid, local in fs.testing.fedavg_client_models(model, data, params, optax.sgd(0.1),
+                                                      4).items():
         assert_trees_close(jax.tree.map(lambda t, cid=cid: t[cid], v), local, RTOL, ATOL,
                            what=f"client {cid}")
 

@@ -57,14 +57,8 @@ def test_a_huge_lambda_keeps_the_personal_model_at_the_global_one_and_zero_is_lo
         np.testing.assert_allclose(v, np.broadcast_to(w, v.shape), atol=1e-3)
     # lam = 0: the personal model is the client's own local SGD, i.e. FedAvg's client model.
     free = personal_after_one_round(0.0, 0.1)
-    fedavg = fs.algorithms.fedavg(model, optax.sgd(0.1), batch_size=4)
-    inputs, cohort, pool = fs.testing.round_inputs(fedavg, data, np.arange(data.num_clients),
-                                                   engine=Engine(), seed=0)
-    _, _, per = fs.testing.reference_round(model, optax.sgd(0.1), optax.sgd(1.0), params,
-                                           optax.sgd(1.0).init(params), cohort, pool,
-                                           jax.random.fold_in(jax.random.key(0), 0), 4)
-    for c, cid in enumerate(np.asarray(cohort.client_ids)[:data.num_clients]):
-        local = jax.tree.map(jnp.subtract, params, per["delta"][c])
+    for cid, local in fs.testing.fedavg_client_models(model, data, params, optax.sgd(0.1),
+                                                      4).items():
         assert_trees_close(jax.tree.map(lambda t, cid=cid: t[cid], free), local, RTOL, ATOL,
                            what=f"client {cid}")
 

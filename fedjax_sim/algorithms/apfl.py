@@ -27,7 +27,11 @@ import optax
 
 from fedjax_sim.algorithms import base
 from fedjax_sim.algorithms.fedavg import check_aggregator, delta_round
-from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
+from fedjax_sim.algorithms.local import (
+    local_training,
+    personal_broadcast,
+    train_metrics,
+)
 from fedjax_sim.checks import check_bool, check_model, check_number, check_optimizer
 from fedjax_sim.data.cohort import Batching
 from fedjax_sim.engine import ClientResult, ClientUpdate
@@ -57,9 +61,7 @@ def apfl(model, client_optimizer, server_optimizer=None, *, alpha: float,
 
     def init(broadcast, ctx):
         v, a = ctx.state
-        hparams = {"client": broadcast.hparams["client"]} if (
-            shared and "client" in broadcast.hparams) else {}
-        personal = init_personal(Broadcast(v, broadcast.round, (), hparams), ctx)
+        personal = init_personal(personal_broadcast(broadcast, v, shared), ctx)
         return init_global(broadcast, ctx), personal, a
 
     def step(local, batch, mask):

@@ -19,7 +19,11 @@ import optax
 
 from fedjax_sim.algorithms import base
 from fedjax_sim.algorithms.fedavg import check_aggregator, delta_round
-from fedjax_sim.algorithms.local import Broadcast, local_training, train_metrics
+from fedjax_sim.algorithms.local import (
+    local_training,
+    personal_broadcast,
+    train_metrics,
+)
 from fedjax_sim.checks import check_model, check_number, check_optimizer
 from fedjax_sim.data.cohort import Batching
 from fedjax_sim.engine import ClientResult, ClientUpdate
@@ -47,10 +51,7 @@ def ditto(model, client_optimizer, server_optimizer=None, *, lam: float,
     shared = personal_optimizer is client_optimizer  # then its traced values apply to both
 
     def init(broadcast, ctx):
-        hparams = {"client": broadcast.hparams["client"]} if (
-            shared and "client" in broadcast.hparams) else {}
-        mine = Broadcast(ctx.state, broadcast.round, (), hparams)
-        personal = init_personal(mine, ctx)
+        personal = init_personal(personal_broadcast(broadcast, ctx.state, shared), ctx)
         if lam:  # the proximal anchor is the global model, not the start
             personal = personal._replace(anchor=broadcast.params)
         return init_global(broadcast, ctx), personal

@@ -42,6 +42,15 @@ def split_trainable(tree, trainable: filters.Filter | None) -> tuple[Any, Any]:
     return filters.partition(tree, filters.mask(trainable, tree))
 
 
+def personal_broadcast(broadcast: Broadcast, params, shared: bool) -> Broadcast:
+    """What a client's personal model trains from (Ditto, APFL): its own `params`, and the
+    client optimizer's traced hyperparameters only when the personal optimizer is the client
+    optimizer itself (`shared`); another optimizer keeps its own values."""
+    hparams = {"client": broadcast.hparams["client"]} if (
+        shared and "client" in broadcast.hparams) else {}
+    return Broadcast(params, broadcast.round, (), hparams)
+
+
 class LocalState(NamedTuple):
     params: Any  # with a filter, the trainable leaves only (None in the frozen ones' places)
     opt_state: Any
