@@ -51,11 +51,12 @@ class Packer:
                                                        engine.cohort_multiple)
                             for b in self.passes)
 
-    def pack(self, indices: np.ndarray, *, seed: int,
-             round_num: int) -> tuple[list[Cohort], list[np.ndarray]]:
-        """Host cohorts, one per pass, and each pass's population rows in cohort order."""
+    def pack(self, indices: np.ndarray, *, seed: int, round_num: int,
+             max_steps: np.ndarray | None = None) -> tuple[list[Cohort], list[np.ndarray]]:
+        """Host cohorts, one per pass, and each pass's population rows in cohort order;
+        `max_steps` caps each client's local training steps (`pack_cohort`)."""
         main, rows = pack_cohort(self.data, indices, self.passes[-1], self.shapes[-1],
-                                 seed=seed, round_num=round_num)
+                                 seed=seed, round_num=round_num, max_steps=max_steps)
         ordered = np.asarray(main.client_ids[: len(indices)], np.int64)
         cohorts, all_rows = [], []
         for batching, shape in zip(self.passes[:-1], self.shapes[:-1], strict=True):
@@ -82,8 +83,10 @@ class Packer:
         pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return RoundInputs(tuple(placed), replicate(pool, self.engine), self.data.num_clients)
 
-    def __call__(self, indices: np.ndarray, *, seed: int, round_num: int) -> RoundInputs:
-        return self.place(*self.pack(indices, seed=seed, round_num=round_num))
+    def __call__(self, indices: np.ndarray, *, seed: int, round_num: int,
+                 max_steps: np.ndarray | None = None) -> RoundInputs:
+        return self.place(*self.pack(indices, seed=seed, round_num=round_num,
+                                     max_steps=max_steps))
 
 
 def _offset(cohort: Cohort, offset: int) -> Cohort:
@@ -136,8 +139,9 @@ class RoundRunner:
         self.fn = jax.jit(round_fn, static_argnames=("engine",),
                           donate_argnums=(1,) if donate else ())
 
-    def pack(self, indices: np.ndarray, round_num: int) -> RoundInputs:
-        return self.packer(indices, seed=self.seed, round_num=round_num)
+    def pack(self, indices: np.ndarray, round_num: int,
+             max_steps: np.ndarray | None = None) -> RoundInputs:
+        return self.packer(indices, seed=self.seed, round_num=round_num, max_steps=max_steps)
 
     def _program_store(self, store, inputs: RoundInputs):
         """What the program takes for `store`: a host store's cohort rows, placed."""

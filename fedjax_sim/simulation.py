@@ -45,8 +45,10 @@ from fedjax_sim.checks import (
     check_some_client_trains,
 )
 from fedjax_sim.client_store import HostStore
+from fedjax_sim.data.cohort import planned_steps
 from fedjax_sim.data.federated import FederatedData, check_labels
 from fedjax_sim.data.storage import is_in_memory
+from fedjax_sim.devices import DeviceModel, RoundPlan
 from fedjax_sim.engine import Engine, replicate
 from fedjax_sim.evaluation import Evaluator, FineTune, fairness
 from fedjax_sim.health import Monitor
@@ -70,7 +72,11 @@ class SimulationResult:
         "step_efficiency" (useful over executed local steps: a vmapped chunk runs to its
         longest client), "server" (the aggregator's round metrics), "clients" (per-client
         train metrics and update norms), and on evaluation rounds "eval" (summary) and
-        "eval_clients" (per-client metrics).
+        "eval_clients" (per-client metrics). With a device model: "virtual_time" (the
+        simulated federation's clock at the round's end, seconds), "round_time",
+        "num_sampled", "num_dropped", "num_late" (and "num_partial", "num_unselected",
+        "num_available" where they apply: `fs.devices.DeviceModel.record`), and each
+        counted client's "client_time" in "clients".
       chunk_size: the vectorization width K used.
       chunk_size_source: "given" (passed in), "cache" (an earlier run's choice for the same
         program on the same devices), "search" (timed on the first cohort) or
@@ -144,6 +150,12 @@ class Simulation:
         1 / N or more is warned about), and a run stops before a round that would spend
         more than `target_epsilon`. `accountant`: "rdp" (default; about 0.07 s a round, on
         the background thread) or "pld" (tighter, about 1 s a round).
+      devices: a `fs.devices.DeviceModel`: per-client device profiles and the round policy
+        (deadline, over-selection, dropouts, availability) on a virtual clock. Clients that
+        do not report become padding and a cut-off client's steps are capped when the
+        cohort is packed, so the compiled round stays one program. Over-selection and
+        availability draw the cohort themselves (uniformly among the available clients):
+        give `cohort_size` (the clients counted), not a sampler.
     """
 
     def __init__(self, algorithm: FederatedAlgorithm, train: FederatedData, *,
@@ -159,11 +171,15 @@ class Simulation:
                  keep_checkpoints: int = 3, resume: bool = False, progress: bool = True,
                  callbacks: Sequence[Callback] = (), delta: float | None = None,
                  target_epsilon: float | None = None,
-                 accountant: privacy.Accountant | None = None):
+                 accountant: privacy.Accountant | None = None,
+                 devices: DeviceModel | None = None):
         if not isinstance(algorithm, FederatedAlgorithm):
             raise TypeError(f"algorithm must be a FederatedAlgorithm (e.g. fs.algorithms."
                             f"fedavg(model, optax.sgd(0.1))), got {type(algorithm).__name__}")
         train = check_not_empty(check_data("train", train), "train")
+        self.devices = devices
+        if devices is not None:
+            sampler, self._target = _device_sampler(devices, train, sampler, cohort_size)
         if sampler is None:
             if cohort_size is None:
                 raise TypeError("give cohort_size (clients per round) or a sampler")
@@ -235,6 +251,12 @@ class Simulation:
                             f"{client_store!r}"[:200])
         self.store = new_store(algorithm, train, params, one, where)
         self.round, self.history = 0, []
+        if devices is not None:  # what each client downloads and uploads, for its clock
+            self._download_bytes = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize
+                                       for x in jax.tree.leaves(params))
+            self._upload_bytes = _upload_bytes(algorithm, params, self._download_bytes)
+            self._plans: dict[int, RoundPlan] = {}
+            self._plan_lock = threading.Lock()
         self.monitor = Monitor(sum(int(np.size(x)) for x in jax.tree.leaves(params)),
                                float(tree_norm(params)))
         self.resident = resident  # the population on the device (else read per cohort)
@@ -267,6 +289,9 @@ class Simulation:
                 raise ValueError(f"output_dir {str(output_dir)!r} holds checkpoints of an "
                                  "earlier run: pass resume=True to continue it, or another "
                                  "output_dir")
+        if devices is not None:  # the clock before the next round: the last record's end
+            last = self.history[-1].get("virtual_time", 0.0) if self.history else 0.0
+            self._clock = {self.round: float(last)}
         runner, source = None, "given"
         if restored is not None:
             chunk_size, source = restored, "checkpoint"
@@ -292,7 +317,49 @@ class Simulation:
     # -- one round ------------------------------------------------------------------------
     def pack(self, round_num: int):
         """Round `round_num`'s device inputs (sampled, read and packed on the host)."""
-        return self.runner.pack(self.sampler.sample(self.seed, round_num), round_num)
+        if self.devices is None:
+            return self.runner.pack(self.sampler.sample(self.seed, round_num), round_num)
+        plan = self.plan(round_num)
+        return self.runner.pack(plan.ids, round_num, plan.max_steps)
+
+    def plan(self, round_num: int) -> RoundPlan:
+        """Round `round_num`'s device plan (with a device model): who reports, their step
+        budgets and the virtual clock. A plan depends on (seed, round, the clock at the
+        round's start) only, and the clock on the plans before it, so round r + 1's is known
+        before round r runs (the prefetch thread packs it meanwhile)."""
+        if self.devices is None:
+            raise ValueError("plan needs a Simulation with devices=fs.devices.DeviceModel(...)")
+        with self._plan_lock:
+            known = [k for k in self._clock if k <= round_num]
+            if not known:
+                raise ValueError(f"round {round_num} is before this run's first known virtual "
+                                 f"clock (round {min(self._clock)})")
+            for k in range(max(known), round_num + 1):
+                if k not in self._plans:
+                    self._plans[k] = self._new_plan(k, self._clock[k])
+                    self._clock[k + 1] = self._plans[k].end
+            return self._plans[round_num]
+
+    def _new_plan(self, round_num: int, clock: float) -> RoundPlan:
+        model, seed = self.devices, self.seed
+        if model.selects:
+            ids, available = model.select(self._target, seed=seed, round_num=round_num,
+                                          clock=clock)
+            target = self._target
+        else:
+            ids, available = np.asarray(self.sampler.sample(seed, round_num), np.int64), None
+            target = len(ids)
+        shapes = self.runner.packer.shapes
+        counts = [planned_steps(self.train, ids, b, shape.batch_size, seed=seed,
+                                round_num=round_num) * shape.batch_size
+                  for b, shape in zip(self.algorithm.passes[:-1], shapes[:-1], strict=True)]
+        steps = planned_steps(self.train, ids, self.algorithm.passes[-1],
+                              shapes[-1].batch_size, seed=seed, round_num=round_num)
+        return model.plan(ids, steps, seed=seed, round_num=round_num, start=clock,
+                          target=target, batch_size=shapes[-1].batch_size,
+                          download_bytes=self._download_bytes,
+                          upload_bytes=self._upload_bytes, fixed_examples=sum(counts),
+                          num_available=available)
 
     def compile(self, packed=None) -> float:
         """Compiles the round program (for `packed`, default the next round's inputs) unless
@@ -321,8 +388,18 @@ class Simulation:
         self.compile(packed)
         t = time.perf_counter()
         self.state, self.store, metrics = self.runner(self.state, self.store, packed)
+        plan = None
+        if self.devices is not None:
+            plan = self.plan(r)
+            with self._plan_lock:  # the plans and clocks before this round are spent
+                for k in [k for k in self._plans if k <= r]:
+                    del self._plans[k]
+                for k in [k for k in self._clock if k <= r]:
+                    del self._clock[k]
         record = _round_record(r, metrics, self.train, time.perf_counter() - self._start,
-                               self.chunk_size)
+                               self.chunk_size, plan)
+        if plan is not None:
+            record.update(self.devices.record(plan))
         self.timings["rounds_s"] += time.perf_counter() - t
         self.round = r + 1
         if self.ledger is not None:
@@ -470,9 +547,12 @@ class Simulation:
             self.algorithm, self.train, self.sampler.max_size, self.state, first_cohort,
             seed=self.seed, mesh=self.mesh, pool=self.pool, store=self.store)
         population = hashlib.sha256(np.asarray(self.train.offsets).tobytes()).hexdigest()[:16]
-        return {"round_program": program, "seed": self.seed, "sampler": self.sampler.name,
-                "population": f"{self.train.num_clients} clients, "
-                              f"{self.train.total_examples} examples, offsets {population}"}
+        out = {"round_program": program, "seed": self.seed, "sampler": self.sampler.name,
+               "population": f"{self.train.num_clients} clients, "
+                             f"{self.train.total_examples} examples, offsets {population}"}
+        if self.devices is not None:
+            out["devices"] = self.devices.name()
+        return out
 
     def _write_history(self) -> None:
         with open(self._sink_path, "w") as sink:
@@ -534,6 +614,47 @@ def _check_secure_aggregation(record: dict) -> None:
                       "lower the scale or raise the bits", stacklevel=3)
 
 
+def _device_sampler(devices, train, sampler, cohort_size) -> tuple[Any, int | None]:
+    """The sampler a device model runs with and the clients it counts a round (None: the
+    sampler's draw): a model that over-selects or follows availability draws for itself."""
+    if not isinstance(devices, DeviceModel):
+        raise TypeError(f"devices must be a fs.devices.DeviceModel, got "
+                        f"{type(devices).__name__}")
+    if devices.devices.num_clients != train.num_clients:
+        raise ValueError(f"devices profiles {devices.devices.num_clients} clients, the "
+                         f"training population has {train.num_clients}: one profile per "
+                         "client (Devices.from_fedscale deals a trace's to any population)")
+    if not devices.selects:
+        return sampler, None
+    if sampler is not None:
+        raise ValueError("a device model with over_selection > 1 or availability draws the "
+                         "cohort itself (uniformly among the available clients): give "
+                         "cohort_size, not a sampler")
+    if cohort_size is None:
+        raise TypeError("give cohort_size (the clients counted per round)")
+    target = check_integer("cohort_size", cohort_size, 1)
+    if target > train.num_clients:
+        raise ValueError(f"cohort_size {target} is larger than the population of "
+                         f"{train.num_clients} clients")
+    drawn = devices.draw_size(target)
+    # No participation: no accountant covers a draw that depends on the clock and the race.
+    return sampling.Sampler(
+        lambda seed, r: devices.select(target, seed=seed, round_num=r, clock=0.0)[0], drawn,
+        f"devices(draw {drawn}, count {target})"), target
+
+
+def _upload_bytes(algorithm, params, download_bytes: int) -> float:
+    """A client's upload: the trained leaves (all params but a partial model's frozen ones),
+    or what the aggregator chain's encoding sends (`upload_bits(num_params)`) where it says."""
+    trained = algorithm.trained
+    num_params = (trained.params if trained is not None
+                  else sum(int(np.size(x)) for x in jax.tree.leaves(params)))
+    bits = getattr(algorithm.aggregator, "upload_bits", None)
+    if callable(bits):
+        return float(bits(num_params)) / 8
+    return float(trained.bytes if trained is not None else download_bytes)
+
+
 def _ledger(algorithm, sampler, delta, target_epsilon, accountant) -> privacy.Ledger | None:
     """The privacy ledger of a chain with a DP stage (None without one)."""
     event = getattr(algorithm.aggregator, "privacy", None)
@@ -574,12 +695,16 @@ def _to_host(tree):
 
 
 def _round_record(r: int, metrics, data: FederatedData, wall_time: float,
-                  chunk_size: int) -> dict:
+                  chunk_size: int, plan: RoundPlan | None = None) -> dict:
     m = _to_host(metrics)
     ids = m.clients["client_ids"]
     real = ids < data.num_clients
     clients = {k: v[real].tolist() for k, v in m.clients.items() if k != "client_ids"}
     clients["client_id"] = data.client_ids[ids[real]].tolist()
+    if plan is not None:  # the plan is in sample order, the cohort in packing order
+        by_id = np.argsort(plan.ids, kind="stable")
+        at = by_id[np.searchsorted(plan.ids[by_id], ids[real])]
+        clients["client_time"] = plan.client_time[at].tolist()
     excluded = data.client_ids[ids[real & ~m.clients["finite"]]].tolist()
     return {
         "round": r,

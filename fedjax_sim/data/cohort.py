@@ -185,6 +185,29 @@ def _argsort_within(segment: np.ndarray, key: np.ndarray, num_segments: int) -> 
     return np.argsort(combined, kind="stable")
 
 
+def _planned(batching: Batching, n: np.ndarray, batch_size: int, indices: np.ndarray,
+             seed: int, round_num: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each client's straggler flag, local steps and `order` entries this round."""
+    straggler = np.zeros(len(indices), bool)
+    epochs = None
+    if batching.straggler_fraction:
+        straggler = _unit(seed, round_num, indices, 1) < batching.straggler_fraction
+        drawn = 1 + np.minimum((_unit(seed, round_num, indices, 2) * batching.num_epochs)
+                               .astype(np.int64), batching.num_epochs - 1)
+        epochs = np.where(straggler, drawn, batching.num_epochs)
+    return straggler, *batching.steps_and_length(n, batch_size, epochs)
+
+
+def planned_steps(data: FederatedData, indices: np.ndarray, batching: Batching,
+                  batch_size: int, *, seed: int, round_num: int) -> np.ndarray:
+    """The local steps `pack_cohort` gives the clients at `indices` in round `round_num`
+    (stragglers' drawn epochs included), before any per-client cap: what a device model
+    plans a client's time from."""
+    indices = np.asarray(indices, dtype=np.int64)
+    n = batching.examples_used(data.num_examples[indices])
+    return _planned(batching, n, batch_size, indices, seed, round_num)[1]
+
+
 def pack_cohort(
     data: FederatedData,
     indices: np.ndarray,
@@ -194,11 +217,14 @@ def pack_cohort(
     seed: int,
     round_num: int,
     sort: bool = True,
+    max_steps: np.ndarray | None = None,
 ) -> tuple[Cohort, np.ndarray]:
     """Packs the clients at population positions `indices` into a `Cohort`.
 
     Clients are sorted by step count (`sort`), or kept in the given order (another pass of a
-    round whose clients must line up with the first's).
+    round whose clients must line up with the first's). `max_steps` caps each client's local
+    steps (one per index: the device model's budget for a client cut off by a deadline), as
+    `Batching.max_steps` caps everyone's.
 
     Returns the cohort and `rows`: the population rows of the cohort's clients, concatenated in
     cohort order. `cohort.order` indexes `rows` (a host-packed pool is `features[rows]`); for a
@@ -214,14 +240,13 @@ def pack_cohort(
             f"client(s) {data.client_ids[indices[n == 0]][:5].tolist()} have zero examples"
         )
     b = shape.batch_size
-    straggler = np.zeros(c, bool)
-    epochs = None
-    if batching.straggler_fraction:
-        straggler = _unit(seed, round_num, indices, 1) < batching.straggler_fraction
-        drawn = 1 + np.minimum((_unit(seed, round_num, indices, 2) * batching.num_epochs)
-                               .astype(np.int64), batching.num_epochs - 1)
-        epochs = np.where(straggler, drawn, batching.num_epochs)
-    steps, length = batching.steps_and_length(n, b, epochs)
+    straggler, steps, length = _planned(batching, n, b, indices, seed, round_num)
+    if max_steps is not None:  # a step budget cuts the order too, so masked batches stay right
+        cap = np.asarray(max_steps, np.int64)
+        if cap.shape != (c,) or np.any(cap < 0):
+            raise ValueError(f"max_steps must be one integer >= 0 per client ({c}), got "
+                             f"{cap.tolist()[:5]}")
+        steps, length = np.minimum(steps, cap), np.minimum(length, cap * b)
 
     if sort:  # Largest clients first: chunks of similar step counts waste fewer masked steps.
         by_steps = np.lexsort((indices, -steps))
