@@ -17,7 +17,7 @@ from pathlib import Path
 
 import optax
 
-from fedjax_sim import aggregators, algorithms, data, evaluation, models, privacy, sampling
+from fedjax_sim import aggregators, algorithms, data, devices, evaluation, models, privacy, sampling
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
 from fedjax_sim.evaluation import format_summary
 from fedjax_sim.health import DivergedError
@@ -168,6 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "--noise-multiplier is unset, and the run stops before passing it")
     dp.add_argument("--delta", type=_positive_float, default=None,
                     help="delta of the guarantee (default 1 / N^1.1 for N clients)")
+    dev = run.add_argument_group("device heterogeneity and the virtual clock (fs.devices)")
+    dev.add_argument("--devices", default=None,
+                     help="per-client compute and link speeds: 'lognormal' (phone-class "
+                     "defaults, seeded), a CSV (client,example_time_s,download_Bps,"
+                     "upload_Bps) or FedScale's device-capacity pickle (.pkl); turns the "
+                     "virtual clock on")
+    dev.add_argument("--deadline", type=_positive_float, default=None,
+                     help="seconds a round waits; later clients are dropped (or, with "
+                     "--keep-partial, keep the steps that fit)")
+    dev.add_argument("--keep-partial", action="store_true",
+                     help="late clients report the local steps that fit before the deadline "
+                     "(FedProx's partial work)")
+    dev.add_argument("--over-selection", type=_finite_float, default=1.0,
+                     help="draw this many times --cohort-size clients and count the first "
+                     "--cohort-size to finish (1.3: 30%% more)")
+    dev.add_argument("--dropout", type=_non_negative_float, default=0.0,
+                     help="each drawn client's chance of never reporting")
+    dev.add_argument("--availability", choices=["always", "diurnal"], default="always",
+                     help="diurnal: each client is available half of every --day-length, "
+                     "from a seeded phase, and cohorts are drawn among the available")
+    dev.add_argument("--day-length", type=_positive_float, default=86400.0,
+                     help="the diurnal period in virtual seconds")
     run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
     return parser
 
@@ -207,6 +229,7 @@ def run(args: argparse.Namespace) -> dict:
     output_dir = (Path(args.output_dir) if args.resume
                   else fresh_output_dir(args.output_dir, args.overwrite))
     print(f"Synthetic({args.alpha:g},{args.beta:g}): train {train}\n  test {test}")
+    device_model = build_device_model(args, train.num_clients)
     sampler = dict(cohort_size=args.cohort_size) if dp is None else dict(
         sampler=dp["sampler"], delta=args.delta, target_epsilon=args.target_epsilon)
     # A personalization algorithm's clients are evaluated with their own models as they are.
@@ -218,7 +241,7 @@ def run(args: argparse.Namespace) -> dict:
                       eval_clients=args.eval_clients, eval_rolling=args.eval_rolling,
                       chunk_size=args.chunk_size, output_dir=output_dir,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, devices=device_model)
     final = result.history[-1]
     t = result.timings
     summary = {
@@ -231,6 +254,7 @@ def run(args: argparse.Namespace) -> dict:
         "eval": final["eval"],
         "eval_personal": final.get("eval_personal"),
         "privacy": result.privacy,
+        "virtual_time": final.get("virtual_time"),
     }
     with open(output_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -251,6 +275,12 @@ def run(args: argparse.Namespace) -> dict:
         print(f"user-level DP: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after "
               f"{p['rounds']} rounds (noise multiplier {dp['noise_multiplier']:.4g}, clip "
               f"{args.dp_clip:g}, {p['accountant'].upper()} accountant)")
+    if device_model is not None:
+        h = result.history
+        print(f"virtual clock: {final['virtual_time']:.1f} s of the simulated federation "
+              f"({final['virtual_time'] / len(h):.2f} s a round); clients dropped out "
+              f"{sum(r['num_dropped'] for r in h)}, late {sum(r['num_late'] for r in h)} "
+              f"of {sum(r['num_sampled'] for r in h)} drawn")
     evaluated = len(final["eval_clients"]["client_id"])
     print(f"per-client test accuracy over {evaluated} of {test.num_clients} clients "
           "(chance 0.10):")
@@ -308,6 +338,35 @@ def build_algorithm(args: argparse.Namespace, model, aggregator):
         return getattr(algorithms, name)(model, client, args.num_clusters, server,
                                          batch_size=args.batch_size, num_epochs=args.epochs)
     return algorithms.fedper(model, client, server, head=args.head, **common)
+
+
+def build_device_model(args: argparse.Namespace,
+                       num_clients: int) -> devices.DeviceModel | None:
+    """The device model the flags name (None without --devices)."""
+    if args.devices is None:
+        given = [f for f, v in (("--deadline", args.deadline is not None),
+                                ("--keep-partial", args.keep_partial),
+                                ("--over-selection", args.over_selection != 1.0),
+                                ("--dropout", args.dropout != 0.0),
+                                ("--availability", args.availability != "always")) if v]
+        if given:
+            raise ValueError(f"{given[0]} needs --devices (the clients' speeds)")
+        return None
+    source = args.devices
+    if source == "lognormal":
+        profiles = devices.Devices.sample(num_clients, args.seed)
+    elif source.endswith(".csv"):
+        profiles = devices.Devices.from_csv(source)
+    elif source.endswith(".pkl"):
+        profiles = devices.Devices.from_fedscale(source, num_clients, args.seed)
+    else:
+        raise ValueError(f"--devices must be 'lognormal', a .csv or a FedScale .pkl file, got "
+                         f"{source!r}")
+    availability = (devices.diurnal(num_clients, args.seed, period=args.day_length)
+                    if args.availability == "diurnal" else None)
+    return devices.DeviceModel(profiles, deadline=args.deadline,
+                               over_selection=args.over_selection, dropout=args.dropout,
+                               availability=availability, keep_partial=args.keep_partial)
 
 
 def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
