@@ -121,3 +121,26 @@ def test_a_rolling_sample_of_the_test_clients_reports_the_means_interval(tmp_pat
     assert summary["eval"]["accuracy"]["mean_ci95"] > 0
     out = capsys.readouterr().out
     assert "over 15 of 40 clients" in out and "±" in out
+
+
+def test_device_flags_run_the_virtual_clock_and_bad_ones_are_named(tmp_path, capsys):
+    flags = ["--devices", "lognormal", "--deadline", "30", "--keep-partial", "--dropout", "0.2",
+             "--over-selection", "1.3", "--availability", "diurnal", "--day-length", "600",
+             "--chunk-size", "2", "--output-dir", str(tmp_path)]
+    assert cli.main(ARGS + flags) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert summary["virtual_time"] == lines[-1]["virtual_time"] > 0
+    assert all(r["num_sampled"] <= 13 and r["round_time"] <= 30 for r in lines)
+    assert "num_partial" in lines[0] and "num_available" in lines[0]
+    assert "virtual clock: " in capsys.readouterr().out
+    csv_path = tmp_path / "devices.csv"
+    csv_path.write_text("client,example_time_s,download_Bps\n0,0.1,5\n")
+    for extra, message in ((["--devices", str(csv_path)], "missing column"),
+                           (["--deadline", "5"], "--deadline needs --devices"),
+                           (["--devices", "phones.txt"], "--devices must be 'lognormal'"),
+                           (["--devices", "lognormal", "--dropout", "1"], "dropout must be"),
+                           (["--devices", "lognormal", "--deadline", "0"], "must be > 0")):
+        with pytest.raises(SystemExit):
+            cli.main(ARGS + extra + ["--output-dir", str(tmp_path / "bad")])
+        assert message in capsys.readouterr().err
