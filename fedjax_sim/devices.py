@@ -287,27 +287,31 @@ class Availability(NamedTuple):
 
 
 def diurnal(num_clients: int, seed: int = 0, *, period: float = 86400.0,
-            fraction: float = 0.5) -> Availability:
-    """Client c is available while `sin(2 pi t / period + phase_c) > cos(pi fraction)`, its
-    phase uniform in [0, 2 pi) (seeded): each client is available for `fraction` of every
-    period, in one stretch, and at any time about that fraction of the population is (the
-    day-night cycle of phones idle, charging and on Wi-Fi, Bonawitz et al. 2019, fig. 6)."""
+            fraction: float | np.ndarray = 0.5) -> Availability:
+    """Client c is available while `sin(2 pi t / period + phase_c) > cos(pi fraction_c)`, its
+    phase uniform in [0, 2 pi) (seeded): each client is available for its `fraction` (one
+    for all, or one per client) of every period, in one stretch, and at any time about the
+    mean fraction of the population is (the day-night cycle of phones idle, charging and on
+    Wi-Fi, Bonawitz et al. 2019, fig. 6)."""
     num_clients = _check_count("num_clients", num_clients)
     if not _is_number(period) or not period > 0:
         raise ValueError(f"diurnal: period must be a finite number of seconds > 0, got "
                          f"{period!r}")
-    if not _is_number(fraction) or not 0 < fraction <= 1:
-        raise ValueError(f"diurnal: fraction must be in (0, 1], got {fraction!r}")
+    frac = np.broadcast_to(np.asarray(fraction, np.float64), (num_clients,)) \
+        if np.ndim(fraction) == 0 or np.shape(fraction) == (num_clients,) else None
+    if frac is None or not np.all(np.isfinite(frac) & (frac > 0) & (frac <= 1)):
+        raise ValueError(f"diurnal: fraction must be in (0, 1], one number or one per client "
+                         f"({num_clients}), got {np.asarray(fraction).tolist()!r}"[:300])
     phase = np.random.default_rng([seed, 9]).uniform(0, 2 * np.pi, num_clients)
-    threshold = math.cos(math.pi * fraction)
+    threshold = np.cos(np.pi * frac)
+    always = frac == 1  # sin > cos(pi) = -1 misses one instant a period
 
     def available(ids, t):
-        if fraction == 1:
-            return np.ones(len(ids), bool)
-        return np.sin(2 * np.pi * t / period + phase[ids]) > threshold
+        return always[ids] | (np.sin(2 * np.pi * t / period + phase[ids]) > threshold[ids])
 
+    digest = hashlib.sha256(frac.tobytes()).hexdigest()[:8]
     return Availability(available, num_clients,
-                        f"diurnal(seed={seed}, period={period:g}, fraction={fraction:g})")
+                        f"diurnal(seed={seed}, period={period:g}, fraction {digest})")
 
 
 def fedscale_availability(path: str | os.PathLike, num_clients: int,

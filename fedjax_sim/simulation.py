@@ -45,7 +45,7 @@ from fedjax_sim.checks import (
     check_some_client_trains,
 )
 from fedjax_sim.client_store import HostStore
-from fedjax_sim.data.cohort import planned_steps
+from fedjax_sim.data.cohort import planned_work
 from fedjax_sim.data.federated import FederatedData, check_labels
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.devices import DeviceModel, RoundPlan
@@ -350,15 +350,16 @@ class Simulation:
             ids, available = np.asarray(self.sampler.sample(seed, round_num), np.int64), None
             target = len(ids)
         shapes = self.runner.packer.shapes
-        counts = [planned_steps(self.train, ids, b, shape.batch_size, seed=seed,
-                                round_num=round_num) * shape.batch_size
-                  for b, shape in zip(self.algorithm.passes[:-1], shapes[:-1], strict=True)]
-        steps = planned_steps(self.train, ids, self.algorithm.passes[-1],
-                              shapes[-1].batch_size, seed=seed, round_num=round_num)
+        # The other passes (Mime's full-batch gradient) cost their examples; no cap cuts them.
+        examples = [planned_work(self.train, ids, b, shape.batch_size, seed=seed,
+                                 round_num=round_num)[1]
+                    for b, shape in zip(self.algorithm.passes[:-1], shapes[:-1], strict=True)]
+        steps, _ = planned_work(self.train, ids, self.algorithm.passes[-1],
+                                shapes[-1].batch_size, seed=seed, round_num=round_num)
         return model.plan(ids, steps, seed=seed, round_num=round_num, start=clock,
                           target=target, batch_size=shapes[-1].batch_size,
                           download_bytes=self._download_bytes,
-                          upload_bytes=self._upload_bytes, fixed_examples=sum(counts),
+                          upload_bytes=self._upload_bytes, fixed_examples=sum(examples),
                           num_available=available)
 
     def compile(self, packed=None) -> float:

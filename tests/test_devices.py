@@ -111,14 +111,27 @@ def test_virtual_time_is_the_hand_computed_sum(algo):
     assert r["num_partial"] == 1 and r["round_time"] == pytest.approx(11.04)
 
 
+def test_every_pass_of_a_round_costs_its_examples(data, profiles):
+    # Mime: a full-batch gradient pass over each client's n examples, then its local steps.
+    mime = fs.algorithms.mime(fs.models.logistic_regression(5, 3), optax.sgd(0.1),
+                              batch_size=BATCH)
+    result = _run(mime, data, rounds=1, devices=DeviceModel(profiles))
+    r = result.history[0]
+    ids = np.array([int(c[1:]) for c in r["clients"]["client_id"]])
+    n = np.array(SIZES)[ids]
+    expected = (profiles.client_times(ids, r["clients"]["num_steps"], BATCH, PARAM_BYTES,
+                                      PARAM_BYTES) + n * profiles.example_time[ids])
+    np.testing.assert_allclose(r["clients"]["client_time"], expected)
+
+
 def test_over_selection_counts_exactly_the_first_to_finish(algo, data, profiles):
     model = DeviceModel(profiles, over_selection=1.5)
     result = _run(algo, data, devices=model)
     kept_by_round = []
     for r in result.history:
         drawn, _ = model.select(4, seed=3, round_num=r["round"], clock=0.0)
-        steps = fs.data.cohort.planned_steps(data, drawn, algo.batching, BATCH, seed=3,
-                                             round_num=r["round"])
+        steps, _ = fs.data.cohort.planned_work(data, drawn, algo.batching, BATCH, seed=3,
+                                               round_num=r["round"])
         times = profiles.client_times(drawn, steps, BATCH, PARAM_BYTES, PARAM_BYTES)
         first = drawn[np.argsort(times, kind="stable")[:4]]
         assert len(drawn) == 6 and r["num_unselected"] == 2
@@ -179,6 +192,12 @@ def test_availability_draws_only_available_clients(algo, data, profiles):
     assert set(ids) <= set(np.flatnonzero(avail(None, 0.0)))
     big = fs.devices.diurnal(10000, seed=0, period=100.0, fraction=0.3)
     assert abs(big(None, 37.0).mean() - 0.3) < 0.02
+    # Per-client fractions: each client's share of a period, sampled over one period.
+    own = fs.devices.diurnal(3, seed=0, period=10.0, fraction=np.array([0.2, 0.7, 1.0]))
+    share = np.mean([own(None, t) for t in np.linspace(0, 10, 2000, endpoint=False)], axis=0)
+    np.testing.assert_allclose(share, [0.2, 0.7, 1.0], atol=0.01)
+    with pytest.raises(ValueError, match="fraction must be in \\(0, 1\\]"):
+        fs.devices.diurnal(3, fraction=np.array([0.2, 0.0, 1.0]))
 
 
 def test_a_resumed_run_continues_the_virtual_clock_with_the_same_bits(algo, data, profiles,

@@ -198,14 +198,14 @@ def _planned(batching: Batching, n: np.ndarray, batch_size: int, indices: np.nda
     return straggler, *batching.steps_and_length(n, batch_size, epochs)
 
 
-def planned_steps(data: FederatedData, indices: np.ndarray, batching: Batching,
-                  batch_size: int, *, seed: int, round_num: int) -> np.ndarray:
-    """The local steps `pack_cohort` gives the clients at `indices` in round `round_num`
-    (stragglers' drawn epochs included), before any per-client cap: what a device model
-    plans a client's time from."""
+def planned_work(data: FederatedData, indices: np.ndarray, batching: Batching,
+                 batch_size: int, *, seed: int, round_num: int) -> tuple[np.ndarray, np.ndarray]:
+    """The local steps and examples (`order` entries) `pack_cohort` gives the clients at
+    `indices` in round `round_num` (stragglers' drawn epochs included), before any
+    per-client cap: what a device model plans a client's time from."""
     indices = np.asarray(indices, dtype=np.int64)
     n = batching.examples_used(data.num_examples[indices])
-    return _planned(batching, n, batch_size, indices, seed, round_num)[1]
+    return _planned(batching, n, batch_size, indices, seed, round_num)[1:]
 
 
 def pack_cohort(
