@@ -416,6 +416,7 @@ class DeviceModel:
         id) (a lost connection: the server learns of it at once).
       availability: `diurnal(...)` or `fedscale_availability(...)`: the cohort is drawn among
         the clients available at the round's start (virtual clock); None: always available.
+        Needs a deadline (a round with nobody available lasts it, and the clock moves on).
       keep_partial: a late client reports the local steps that fit before the deadline,
         `floor((deadline - download - upload) / step time)` (FedProx's partial work,
         Li et al. 2020); one that fits no step does not report. False: late clients are
@@ -457,6 +458,10 @@ class DeviceModel:
                                  f"clients, the devices {self.devices.num_clients}")
         if not isinstance(self.keep_partial, bool):
             raise TypeError(f"keep_partial must be a bool, got {self.keep_partial!r}")
+        if self.availability is not None and self.deadline is None:
+            raise ValueError("availability needs a deadline: a round that finds no client "
+                             "available lasts the deadline, so the clock (and with it who is "
+                             "available) moves on")
         if self.keep_partial and self.deadline is None:
             raise ValueError("keep_partial needs a deadline (the work that fits before it is "
                              "kept)")

@@ -529,8 +529,9 @@ class Simulation:
             return None
         state, store, meta = found
         if meta["fingerprint"] != self.fingerprint:
-            diff = [f"{k}: checkpoint {meta['fingerprint'].get(k)!r}, now {v!r}"
-                    for k, v in self.fingerprint.items() if meta["fingerprint"].get(k) != v]
+            then, now = meta["fingerprint"], self.fingerprint
+            diff = [f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}"
+                    for k in {**then, **now} if then.get(k) != now.get(k)]
             raise ValueError(f"the checkpoints in {self.checkpoints.directory} are from "
                              f"another configuration ({'; '.join(diff)}): resume with the "
                              "same algorithm, data, sampler and seed, or use another "

@@ -3,6 +3,7 @@
 import csv
 import math
 import pickle
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -212,9 +213,36 @@ def test_a_resumed_run_continues_the_virtual_clock_with_the_same_bits(algo, data
                                                           for r in resumed.history]
     assert [r["num_dropped"] for r in whole.history] == [r["num_dropped"]
                                                          for r in resumed.history]
-    with pytest.raises(ValueError, match="devices"):  # another device model: refused
+    with pytest.raises(ValueError, match="devices: checkpoint 'DeviceModel"):  # another one
         _run(algo, data, rounds=5, output_dir=tmp_path, resume=True, seed=5,
              devices=DeviceModel(profiles, deadline=7.0))
+    with pytest.raises(ValueError, match="devices: checkpoint 'DeviceModel.*now None"):
+        _run(algo, data, rounds=5, output_dir=tmp_path, resume=True, seed=5)
+
+
+def test_uploads_are_the_trained_leaves_or_the_chains_encoded_bits(algo, data, profiles):
+    def first_times(algorithm):
+        sim = fs.Simulation(algorithm, data, cohort_size=4, seed=3, chunk_size=1,
+                            progress=False, devices=DeviceModel(profiles))
+        plan = sim.plan(0)
+        return plan.ids, plan.client_time
+
+    ids, full = first_times(algo)
+    steps = np.array([SIZES[i] for i in ids]) // -BATCH * -1
+    np.testing.assert_allclose(full, profiles.client_times(ids, steps, BATCH, PARAM_BYTES,
+                                                           PARAM_BYTES))
+    bias = fs.algorithms.fedavg(algo.model, optax.sgd(0.1), batch_size=BATCH,
+                                trainable="^b$")
+    _, partial = first_times(bias)  # 3 float32 biases go up, the whole model comes down
+    np.testing.assert_allclose(partial, profiles.client_times(ids, steps, BATCH, PARAM_BYTES,
+                                                              12))
+
+    class TwoBits(NamedTuple):  # a compressing chain declares its upload
+        upload_bits: object
+
+    _, coded = first_times(algo._replace(aggregator=TwoBits(lambda n: 2 * n)))
+    np.testing.assert_allclose(coded, profiles.client_times(ids, steps, BATCH, PARAM_BYTES,
+                                                            2 * 18 / 8))
 
 
 # -- profile and trace files ----------------------------------------------------------------
@@ -282,7 +310,8 @@ def test_bad_device_settings_are_refused_naming_the_problem(algo, data, profiles
             (dict(over_selection=0.9), "over_selection must be a number >= 1"),
             (dict(dropout=1.0), "dropout must be a probability in \\[0, 1\\)"),
             (dict(dropout=-0.1), "dropout must be"),
-            (dict(keep_partial=True), "keep_partial needs a deadline")):
+            (dict(keep_partial=True), "keep_partial needs a deadline"),
+            (dict(availability=fs.devices.diurnal(8)), "availability needs a deadline")):
         with pytest.raises(ValueError, match=message):
             DeviceModel(profiles, **kwargs)
     with pytest.raises(ValueError, match="example_time must be finite and >= 0 .* client 1"):
