@@ -97,7 +97,8 @@ class Devices:
         """Profiles drawn independently per client from log-normal distributions.
 
         Each argument is a median; `sigma_*` is the standard deviation of its logarithm (the
-        spread: 1.0 puts the 5%-95% range at 19x the median apart, 0.5 at 5x). The defaults
+        spread: at 1.0 the 95th percentile is 5.2x the median and the 5th-95th percentile
+        range 27x; at 0.5, 2.3x and 5.2x). The defaults
         are a phone-class population, plausible rather than measured here:
         - compute: 5 ms per training example (forward and backward), a small CNN on a
           mid-range phone; the AI Benchmark measurements behind FedScale's device profiles

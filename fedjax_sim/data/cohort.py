@@ -72,6 +72,10 @@ class Batching:
         [1, num_epochs] (FedProx's systems heterogeneity, Li et al. 2020, section 5.2).
       drop_stragglers: leave the stragglers' partial work out of the aggregate (weight 0,
         FedAvg's rule in that paper) instead of keeping it (FedProx's).
+
+    Stragglers here are drawn at random with no clock; `fs.devices.DeviceModel` derives who
+    is late from device profiles and a deadline instead, and caps steps through
+    `pack_cohort(max_steps=)`. The two compose.
     """
 
     batch_size: int | None = 10
