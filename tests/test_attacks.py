@@ -2,6 +2,11 @@
 attacks against their formulas (malicious clients only), "a little is enough" against the
 benign statistics, and bad input."""
 
+import json
+import runpy
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,3 +217,21 @@ def test_bad_input(adversary, data):
         at.alie(adversary, A.default())
     with pytest.raises(TypeError, match="reduction stage"):
         at.alie(adversary, A.clip(1.0))
+
+
+
+@pytest.mark.slow
+def test_femnist_attacks_example_quick(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    data = root.parent / "shared" / "data" / "femnist_leaf" / "femnist_leaf_sf005_105writers.npz"
+    if not data.is_file():
+        pytest.skip("needs ../shared/data/femnist_leaf")
+    out = tmp_path / "attacks"
+    monkeypatch.setattr(sys, "argv", ["femnist_attacks.py", "--quick", "--path", str(data),
+                                      "--out", str(out)])
+    runpy.run_path(str(root / "examples" / "femnist_attacks.py"), run_name="__main__")
+    cells = json.loads(out.with_suffix(".json").read_text())["cells"]
+    assert {c["attack"] for c in cells} == {"none", "scaling", "alie"}
+    assert all(0 <= c["accuracy"] <= 1 for c in cells)
+    assert all(c["success"] is not None for c in cells if c["attack"] == "scaling")
+    assert out.with_suffix(".png").stat().st_size > 10_000
