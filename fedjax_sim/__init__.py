@@ -11,6 +11,7 @@ Example:
 from fedjax_sim import (
     aggregators,
     algorithms,
+    attacks,
     auditing,
     client_store,
     data,
@@ -39,6 +40,7 @@ __all__ = [
     "SimulationResult",
     "aggregators",
     "algorithms",
+    "attacks",
     "auditing",
     "client_mesh",
     "client_store",

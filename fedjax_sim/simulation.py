@@ -122,6 +122,10 @@ class Simulation:
         algorithm's personal model) and evaluates that; records then hold "eval_personal"
         (and its per-client values) beside "eval", as they do for an algorithm with a
         personal model.
+      eval_extra: `{name: data}`, more test sets the global model is evaluated on at each
+        evaluation, recorded as `record[name]` (each metric's pooled mean over the set's
+        examples): an attack's success set (`fs.attacks.DataAttack.success_data`), an
+        out-of-distribution split.
       chunk_size: the vectorization width K. None: the K an earlier run chose for the same
         round program on the same devices (`chunk_size` module), else the fastest of a few
         timed on the first cohort (then kept for the next run). The K used is in the result
@@ -164,6 +168,7 @@ class Simulation:
                  eval_every: int = 0, eval_clients: int | None = None,
                  eval_batch_size: int = 64, eval_rolling: bool = False,
                  fine_tune: FineTune | None = None,
+                 eval_extra: dict[str, FederatedData] | None = None,
                  chunk_size: int | None = None,
                  mesh: jax.sharding.Mesh | None = None, resident: bool | None = None,
                  client_store: str | os.PathLike | None = None,
@@ -275,6 +280,17 @@ class Simulation:
             self.evaluator.check(params)
         elif fine_tune is not None:
             raise ValueError("fine_tune needs eval_data (the clients' test splits)")
+        if eval_extra and self.evaluator is None:
+            raise ValueError("eval_extra needs eval_data (it is evaluated beside it)")
+        self.extra_evaluators = {}
+        for name, data in (eval_extra or {}).items():
+            if not isinstance(name, str) or name in _RECORD_KEYS:
+                raise ValueError(f"eval_extra: {name!r} must be a string other than a record's "
+                                 f"own keys {sorted(_RECORD_KEYS)}")
+            self.extra_evaluators[name] = Evaluator(
+                algorithm.model, check_not_empty(check_data(name, data), name),
+                batch_size=eval_batch_size, engine=one, seed=seed, name=name)
+            self.extra_evaluators[name].check(params)
 
         first = sampler.sample(seed, 0)
         self.fingerprint = None
@@ -483,10 +499,12 @@ class Simulation:
 
     def _evaluate(self) -> dict:
         """The record's evaluation: the global model per client and, where clients have their
-        own models (personal or fine-tuned), theirs."""
+        own models (personal or fine-tuned), theirs; the pooled metrics on `eval_extra`."""
+        out = {name: {k: v["weighted_mean"] for k, v in ev(self.state.params).summary.items()}
+               for name, ev in self.extra_evaluators.items()}
         ev = self.evaluator(self.state.params, personalized=False, round_num=self.round)
-        out = {"eval": ev.summary,
-               "eval_clients": {k: v.tolist() for k, v in ev.clients.items()}}
+        out.update({"eval": ev.summary,
+                    "eval_clients": {k: v.tolist() for k, v in ev.clients.items()}})
         own = None
         if self.evaluator.personalized:
             own = self.evaluator(self.state.params, self.store, round_num=self.round)
@@ -722,6 +740,14 @@ def _round_record(r: int, metrics, data: FederatedData, wall_time: float,
         "server": {k: float(v) for k, v in m.server.items()},
         "clients": clients,
     }
+
+
+# Keys a record has of its own, which an `eval_extra` name must not shadow.
+_RECORD_KEYS = frozenset({"round", "wall_time", "train_loss", "num_included", "num_excluded",
+                          "excluded_clients", "update_norm", "params_norm", "outlier_clients",
+                          "chunk_size", "step_efficiency", "server", "clients", "epsilon",
+                          "eval", "eval_clients", "eval_personal", "eval_personal_clients",
+                          "eval_fairness", "eval_personal_fairness"})
 
 
 def _line(record: dict) -> dict:

@@ -1,0 +1,237 @@
+"""Attacks: the malicious set and its sampler, data poisoning and its success sets, update
+attacks against their formulas (malicious clients only), "a little is enough" against the
+benign statistics, and bad input."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.stats import norm
+
+import fedjax_sim as fs
+from fedjax_sim import attacks as at
+from fedjax_sim.aggregators import Reduced
+from fedjax_sim.engine import ClientContext
+
+A = fs.aggregators
+N = 24
+
+
+@pytest.fixture(scope="module")
+def data():
+    return fs.data.synthetic(1.0, 1.0, num_clients=N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def adversary():
+    return at.Adversary.choose(N, 0.25, seed=3)
+
+
+def test_choose_is_seeded_and_sized(adversary):
+    assert len(adversary.malicious) == 6
+    assert np.array_equal(adversary.malicious, at.Adversary.choose(N, 0.25, seed=3).malicious)
+    assert not np.array_equal(adversary.malicious, at.Adversary.choose(N, 0.25, seed=4).malicious)
+    assert adversary.mask.sum() == 6 and adversary.mask[adversary.malicious].all()
+
+
+def test_sampler_puts_exactly_m_malicious_in_every_cohort(adversary):
+    sampler = adversary.sampler(8, 3)
+    cohorts = [sampler.sample(0, r) for r in range(20)]
+    for c in cohorts:
+        assert len(c) == 8 and len(set(c.tolist())) == 8
+        assert adversary.mask[c].sum() == 3
+    assert np.array_equal(cohorts[5], sampler.sample(0, 5))  # seeded by (seed, round)
+    assert not np.array_equal(cohorts[5], sampler.sample(1, 5))
+    # The malicious are spread through the cohort, not all first.
+    assert any(not adversary.mask[c[:3]].all() for c in cohorts)
+
+
+def test_label_flip_rewrites_the_malicious_clients_only(data, adversary):
+    train, test = data
+    flip = at.label_flip(10)
+    poisoned = at.poison(train, adversary, flip)
+    for i in range(N):
+        before, after = train.client(i)["y"], poisoned.client(i)["y"]
+        want = 9 - before if adversary.mask[i] else before
+        np.testing.assert_array_equal(after, want)
+        np.testing.assert_array_equal(poisoned.client(i)["x"], train.client(i)["x"])
+    source = at.label_flip(10, source=2, target=7)
+    ys = at.poison(train, adversary, source).features["y"]
+    changed = ys != train.features["y"]
+    assert np.all(train.features["y"][changed] == 2) and np.all(ys[changed] == 7)
+    success = source.success_data(test)
+    assert success.total_examples == int(np.sum(test.features["y"] == 2))
+    assert np.all(success.features["y"] == 7)
+
+
+def test_backdoor_stamps_a_fraction_of_the_malicious_examples():
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 28, 28)).astype(np.float32) * 0.5
+    y = rng.integers(0, 5, 60).astype(np.int32)
+    data = fs.data.from_arrays(np.repeat(np.arange(6), 10), {"x": x, "y": y})
+    adv = at.Adversary(np.array([1, 4]), 6)
+    door = at.backdoor(3, size=3, fraction=0.5)
+    poisoned = at.poison(data, adv, door, seed=0)
+    px, py = poisoned.features["x"], poisoned.features["y"]
+    stamped = np.all(px[:, -3:, -3:] == 1.0, axis=(1, 2))
+    rows = np.concatenate([np.arange(data.offsets[i], data.offsets[i + 1]) for i in (1, 4)])
+    assert not stamped[np.setdiff1d(np.arange(60), rows)].any()  # benign untouched
+    np.testing.assert_array_equal(px[~stamped], data.features["x"][~stamped])
+    assert 4 <= stamped[rows].sum() <= 16  # about half of 20
+    assert np.all(py[stamped] == 3) and np.array_equal(py[~stamped], y[~stamped])
+    # Only the pattern changes: the rest of a stamped image is as it was.
+    np.testing.assert_array_equal(px[stamped][:, :-3], data.features["x"][stamped][:, :-3])
+    # Flat images take the same pattern.
+    flat = fs.data.from_arrays(np.repeat(np.arange(6), 10), {"x": x.reshape(60, -1), "y": y})
+    np.testing.assert_array_equal(at.poison(flat, adv, door, seed=0).features["x"],
+                                  px.reshape(60, -1))
+    success = door.success_data(data)
+    assert success.total_examples == int(np.sum(y != 3))
+    assert np.all(success.features["y"] == 3)
+    assert np.all(success.features["x"][:, -3:, -3:] == 1.0)
+
+
+def _contexts(ids):
+    return [ClientContext(jnp.int32(i), jax.random.key(i), jnp.int32(5), jnp.int32(1))
+            for i in ids]
+
+
+def test_update_attacks_follow_their_formulas_on_malicious_clients_only(adversary):
+    ids = list(range(N))
+    outputs = [{"w": jnp.full((3,), float(i + 1))} for i in ids]
+    bad = adversary.mask
+    for stage, want in [(at.sign_flip(adversary, 2.0), lambda o: -2.0 * o),
+                        (at.scaling(adversary, 10.0), lambda o: 10.0 * o)]:
+        for ctx, out in zip(_contexts(ids), outputs, strict=True):
+            got, w, m = stage.client(out, jnp.float32(1), ctx, ())
+            expect = want(out["w"]) if bad[int(ctx.id)] else out["w"]
+            np.testing.assert_allclose(got["w"], expect)
+            assert bool(m["malicious"]) == bad[int(ctx.id)] and float(w) == 1
+    noise = at.gaussian(adversary, 0.5)
+    draws = []
+    for ctx, out in zip(_contexts(ids), outputs, strict=True):
+        got = noise.client(out, jnp.float32(1), ctx, ())[0]["w"]
+        if bad[int(ctx.id)]:
+            draws.append(np.asarray(got))
+        else:
+            np.testing.assert_array_equal(got, out["w"])
+    draws = np.concatenate(draws)
+    assert abs(draws.mean()) < 0.5 and 0.2 < draws.std() < 0.9  # N(0, 0.25), 18 draws
+    # A padding client (id >= N) is never malicious.
+    pad = ClientContext(jnp.int32(N + 3), jax.random.key(0), jnp.int32(0), jnp.int32(0))
+    np.testing.assert_array_equal(at.sign_flip(adversary).client(outputs[0], jnp.float32(0),
+                                                                 pad, ())[0]["w"],
+                                  outputs[0]["w"])
+
+
+@pytest.mark.parametrize("mesh", [None, "all"])
+def test_sign_flip_in_a_simulation_on_1_and_8_devices(data, adversary, mesh):
+    """The server's norms see the attacked updates: a malicious client's update norm is
+    scale times the honest run's, a benign client's is the same."""
+    train, _ = data
+    model = fs.models.logistic_regression(60, 10)
+    mesh = None if mesh is None else fs.client_mesh()
+    norms = {}
+    for name, first in (("honest", ()), ("attacked", (at.sign_flip(adversary, 3.0),))):
+        chain = A.chain(*first, A.mask_nonfinite(), A.weight_by("uniform"), A.mean())
+        algo = fs.algorithms.fedavg(model, optax.sgd(0.05), aggregator=chain, batch_size=10)
+        rec = fs.simulate(algo, train, rounds=1, sampler=adversary.sampler(8, 3), seed=0,
+                          chunk_size=1, mesh=mesh, progress=False).history[0]
+        c = rec["clients"]
+        norms[name] = dict(zip(train.index_of(c["client_id"]).tolist(), c["update_norm"],
+                               strict=True))
+        if name == "attacked":
+            assert sum(c["malicious"]) == 3
+    for cid, honest in norms["honest"].items():
+        factor = 3.0 if adversary.mask[cid] else 1.0
+        np.testing.assert_allclose(norms["attacked"][cid], factor * honest, rtol=1e-5)
+
+
+def test_alie_crafts_mu_minus_z_sigma_of_the_benign_rows():
+    adv = at.Adversary(np.array([0, 1]), 10)
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(7, 5)).astype(np.float32)
+    ids = np.array([0, 1, 2, 3, 4, 5, 12])  # two malicious, four benign, one padding
+    weights = np.array([1, 1, 1, 1, 1, 1, 0], np.float32)
+    bad = np.isin(ids, [0, 1])
+    benign = rows[(weights > 0) & ~bad]
+    n, m = 6, 2
+    z = norm.ppf((n - (np.floor(n / 2 + 1) - m)) / n)
+    crafted = benign.mean(0) - z * benign.std(0)
+    for inner, reduce in [(A.median(), lambda r: np.median(r, 0)),
+                          (A.mean(), lambda r: r.mean(0))]:
+        stage = at.alie(adv, inner)
+        outs = [stage.client({"w": jnp.asarray(r)}, jnp.float32(w), ctx, ())
+                for r, w, ctx in zip(rows, weights, _contexts(ids), strict=True)]
+        out = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[0] for o in outs])
+        got, _, metrics = stage.server(Reduced(out, jnp.asarray(weights)), (),
+                                       jax.random.key(0))
+        want = reduce(np.concatenate([np.stack([crafted, crafted]), benign]))
+        np.testing.assert_allclose(got["w"], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(metrics["alie_z"], z, rtol=1e-5)
+    fixed = at.alie(adv, A.median(), z=1.5)
+    assert fixed.reduction == "rows"
+
+
+def test_eval_extra_records_the_attack_success(data, adversary):
+    train, test = data
+    model = fs.models.logistic_regression(60, 10)
+    flip = at.label_flip(10)
+    algo = fs.algorithms.fedavg(model, optax.sgd(0.05), batch_size=10)
+    success = flip.success_data(test)
+    result = fs.simulate(algo, at.poison(train, adversary, flip), rounds=2, cohort_size=6,
+                         seed=0, eval_data=test, eval_extra={"attack_success": success},
+                         chunk_size=2, progress=False)
+    rec = result.history[-1]
+    pooled = fs.evaluate_pooled(model, result.params, success)
+    np.testing.assert_allclose(rec["attack_success"]["accuracy"], pooled["accuracy"],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="eval_extra needs eval_data"):
+        fs.Simulation(algo, train, cohort_size=6, eval_extra={"a": success})
+    with pytest.raises(ValueError, match="record's own keys"):
+        fs.Simulation(algo, train, cohort_size=6, eval_data=test, eval_extra={"eval": success})
+
+
+def test_bad_input(adversary, data):
+    with pytest.raises(ValueError, match="fraction"):
+        at.Adversary.choose(N, 1.5)
+    with pytest.raises(ValueError, match="more than the cohort"):
+        adversary.sampler(4, 5)
+    with pytest.raises(ValueError, match="6 malicious"):
+        adversary.sampler(10, 7)
+    with pytest.raises(ValueError, match="target"):
+        at.label_flip(10, source=1, target=10)
+    with pytest.raises(ValueError, match="both source and target"):
+        at.label_flip(10, source=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        at.backdoor(1, image_shape=(28, 28), size=29)
+    with pytest.raises(ValueError, match="not images"):
+        at.poison(data[0], adversary, at.backdoor(1))
+    with pytest.raises(TypeError, match="one reduction stage"):
+        at.alie(adversary, A.default())
+    with pytest.raises(TypeError, match="reduction stage"):
+        at.alie(adversary, A.clip(1.0))
+
+
+
+@pytest.mark.slow
+def test_femnist_attacks_example_quick(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    data = root.parent / "shared" / "data" / "femnist_leaf" / "femnist_leaf_sf005_105writers.npz"
+    if not data.is_file():
+        pytest.skip("needs ../shared/data/femnist_leaf")
+    out = tmp_path / "attacks"
+    monkeypatch.setattr(sys, "argv", ["femnist_attacks.py", "--quick", "--path", str(data),
+                                      "--out", str(out)])
+    runpy.run_path(str(root / "examples" / "femnist_attacks.py"), run_name="__main__")
+    cells = json.loads(out.with_suffix(".json").read_text())["cells"]
+    assert {c["attack"] for c in cells} == {"none", "scaling", "alie"}
+    assert all(0 <= c["accuracy"] <= 1 for c in cells)
+    assert all(c["success"] is not None for c in cells if c["attack"] == "scaling")
+    assert out.with_suffix(".png").stat().st_size > 10_000
