@@ -11,6 +11,7 @@ Example:
 from fedjax_sim import (
     aggregators,
     algorithms,
+    asynchronous,
     auditing,
     client_store,
     data,
@@ -38,6 +39,7 @@ __all__ = [
     "SimulationResult",
     "aggregators",
     "algorithms",
+    "asynchronous",
     "auditing",
     "client_mesh",
     "client_store",

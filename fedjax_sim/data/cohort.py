@@ -165,7 +165,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _unit(seed: int, round_num: int, ids: np.ndarray, salt: int) -> np.ndarray:
+def _unit(seed: int, round_num: int | np.ndarray, ids: np.ndarray, salt: int) -> np.ndarray:
     """Uniform [0, 1) draws per client from (seed, round, client id, salt): counter-based,
     like the shuffles, so a client's draw does not depend on the rest of the cohort."""
     h = _mix(_mix(np.uint64(seed) ^ (np.uint64(round_num) << np.uint64(32))
@@ -192,13 +192,15 @@ def pack_cohort(
     shape: CohortShape,
     *,
     seed: int,
-    round_num: int,
+    round_num: int | np.ndarray,
     sort: bool = True,
 ) -> tuple[Cohort, np.ndarray]:
     """Packs the clients at population positions `indices` into a `Cohort`.
 
     Clients are sorted by step count (`sort`), or kept in the given order (another pass of a
-    round whose clients must line up with the first's).
+    round whose clients must line up with the first's). `round_num` may be one per client
+    (aligned with `indices`): FedBuff trains clients sent at different times in one call,
+    each shuffled as the round it was sent in would shuffle it.
 
     Returns the cohort and `rows`: the population rows of the cohort's clients, concatenated in
     cohort order. `cohort.order` indexes `rows` (a host-packed pool is `features[rows]`); for a
@@ -214,20 +216,21 @@ def pack_cohort(
             f"client(s) {data.client_ids[indices[n == 0]][:5].tolist()} have zero examples"
         )
     b = shape.batch_size
+    rounds = np.broadcast_to(np.asarray(round_num, np.uint64), (c,))
     straggler = np.zeros(c, bool)
     epochs = None
     if batching.straggler_fraction:
-        straggler = _unit(seed, round_num, indices, 1) < batching.straggler_fraction
-        drawn = 1 + np.minimum((_unit(seed, round_num, indices, 2) * batching.num_epochs)
+        straggler = _unit(seed, rounds, indices, 1) < batching.straggler_fraction
+        drawn = 1 + np.minimum((_unit(seed, rounds, indices, 2) * batching.num_epochs)
                                .astype(np.int64), batching.num_epochs - 1)
         epochs = np.where(straggler, drawn, batching.num_epochs)
     steps, length = batching.steps_and_length(n, b, epochs)
 
     if sort:  # Largest clients first: chunks of similar step counts waste fewer masked steps.
         by_steps = np.lexsort((indices, -steps))
-        indices, n, steps, length, straggler = (indices[by_steps], n[by_steps],
-                                                steps[by_steps], length[by_steps],
-                                                straggler[by_steps])
+        indices, n, steps, length, straggler, rounds = (
+            indices[by_steps], n[by_steps], steps[by_steps], length[by_steps],
+            straggler[by_steps], rounds[by_steps])
 
     # Pool rows: each client's first n examples (the cap keeps the first ones).
     full_counts = data.num_examples[indices]
@@ -246,7 +249,7 @@ def pack_cohort(
     seg_of = np.repeat(np.arange(len(seg_len)), seg_len)
     j = np.arange(total) - np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
     if batching.shuffle:
-        base = _mix(_mix(np.uint64(seed) ^ (np.uint64(round_num) << np.uint64(32))) ^
+        base = _mix(_mix(np.uint64(seed) ^ (rounds[seg_client] << np.uint64(32))) ^
                     indices[seg_client].astype(np.uint64))
         key = _mix(_mix(base ^ (seg_epoch.astype(np.uint64) << np.uint64(40)))[seg_of] ^
                    j.astype(np.uint64))
