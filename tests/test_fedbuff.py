@@ -1,5 +1,7 @@
 """Asynchronous FedBuff in virtual time (`fs.algorithms.fedbuff`, `fs.asynchronous`)."""
 
+import json
+
 import jax
 import numpy as np
 import optax
@@ -152,3 +154,25 @@ def test_devices_must_profile_the_population(data):
     algo = fs.algorithms.fedbuff(MODEL, optax.sgd(0.05), buffer_size=2)
     with pytest.raises(ValueError, match="devices profiles 3 clients but the population has 24"):
         AsyncSimulation(algo, data[0], _equal_times(3), concurrency=4, num_aggregations=1)
+
+
+def test_cli_runs_fedbuff_and_reports_fedavg_virtual_time(tmp_path, capsys):
+    from fedjax_sim import cli
+
+    code = cli.main(["run", "--algorithm", "fedbuff", "--rounds", "3", "--num-clients", "30",
+                     "--concurrency", "10", "--buffer-size", "4", "--staleness", "constant",
+                     "--eval-every", "0", "--no-progress", "--output-dir", str(tmp_path)])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["buffer_size"], summary["concurrency"], summary["staleness"]) == (
+        4, 10, "constant")
+    lines = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [x["server_version"] for x in lines] == [1, 2, 3]
+    times = [x["virtual_time"] for x in lines]
+    assert times == sorted(times) and summary["virtual_time"] == times[-1]
+    assert 0.0 <= summary["eval"]["accuracy"]["weighted_mean"] <= 1.0
+    assert "3 FedBuff aggregations (K = 4 of M = 10 in flight)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--algorithm", "fedbuff", "--concurrency", "4", "--buffer-size", "5",
+                  "--num-clients", "30", "--no-progress", "--output-dir", str(tmp_path / "b")])
+    assert "buffer_size 5 is larger than the concurrency 4" in capsys.readouterr().err
