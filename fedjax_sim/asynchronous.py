@@ -33,6 +33,7 @@ import dataclasses
 import heapq
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -324,15 +325,16 @@ class AsyncSimulation:
         return (place_rows(start, self.engine), jnp.int32(a.new_slot),
                 self.packer.place([cohort], [rows]))
 
-    def step(self) -> dict:
-        """Runs the next aggregation; returns its record."""
+    def step(self, packed=None) -> dict:
+        """Runs the next aggregation (on `packed`, its `pack`, default packed now); returns
+        its record."""
         from fedjax_sim.simulation import _round_record  # the synchronous record's fields
 
         j = self.aggregation
         if j >= len(self.plan.aggregations):
             raise RuntimeError(f"the plan holds {len(self.plan.aggregations)} aggregations; "
                                "build the AsyncSimulation with a larger num_aggregations")
-        args = self.pack(j)
+        args = self.pack(j) if packed is None else packed
         if self._compiled is None:
             t = time.perf_counter()
             self._compiled = self._fn.lower(self.state, self.versions, *args,
@@ -368,12 +370,20 @@ class AsyncSimulation:
         return record
 
     def run(self, num_aggregations: int | None = None) -> AsyncResult:
-        """Runs `num_aggregations` more (default: the rest of the plan)."""
+        """Runs `num_aggregations` more (default: the rest of the plan); the next
+        aggregation is packed on a background thread while one runs, as `fs.Simulation`
+        packs its next round."""
         left = len(self.plan.aggregations) - self.aggregation
         n = left if num_aggregations is None else check_integer(
             "num_aggregations", num_aggregations, 0, left)
-        for _ in range(n):
-            self.step()
+        end = self.aggregation + n
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjax_sim-async") as pool:
+            upcoming = pool.submit(self.pack, self.aggregation) if n else None
+            while self.aggregation < end:
+                packed = upcoming.result()
+                if self.aggregation + 1 < end:
+                    upcoming = pool.submit(self.pack, self.aggregation + 1)
+                self.step(packed)
         return self.result()
 
     def result(self) -> AsyncResult:
