@@ -176,3 +176,42 @@ def test_cli_runs_fedbuff_and_reports_fedavg_virtual_time(tmp_path, capsys):
         cli.main(["run", "--algorithm", "fedbuff", "--concurrency", "4", "--buffer-size", "5",
                   "--num-clients", "30", "--no-progress", "--output-dir", str(tmp_path / "b")])
     assert "buffer_size 5 is larger than the concurrency 4" in capsys.readouterr().err
+
+
+def test_version_slots_hold_the_version_each_client_was_sent(data):
+    """Replays the plan's stack on the host: every read finds its start version, and the
+    stack is no larger than the versions alive at once need."""
+    train = data[0]
+    algo = fs.algorithms.fedbuff(MODEL, optax.sgd(0.05), buffer_size=3, batch_size=5)
+    devices = fs.asynchronous.lognormal_devices(train.num_clients, seed=2, sigma=1.5)
+    durations = fs.asynchronous.client_durations(devices, algo.batching, train,
+                                                 MODEL.init(jax.random.key(0)))
+    plan = fs.asynchronous.plan(train.num_clients, durations, concurrency=12, buffer_size=3,
+                                num_aggregations=60, seed=0)
+    stack = np.full(plan.num_slots, -1)
+    stack[0] = 0
+    alive = []
+    for j, a in enumerate(plan.aggregations):
+        assert a.version == j and len(a.client_ids) == 3
+        np.testing.assert_array_equal(stack[a.slots], a.start_versions)
+        stack[a.new_slot] = j + 1
+        later = {int(v) for b in plan.aggregations[j + 1:] for v in b.start_versions}
+        alive.append(len(later & set(range(j + 2))))
+    times = [a.time for a in plan.aggregations]
+    assert times == sorted(times) and max(a.staleness.max() for a in plan.aggregations) > 2
+    assert plan.num_slots <= max(alive) + 1
+
+
+def test_a_round_per_client_packs_each_as_its_own_round(data):
+    train = data[0]
+    batching = fs.algorithms.fedbuff(MODEL, optax.sgd(0.05), buffer_size=1).batching
+    shape = fs.data.cohort.CohortShape.for_population(train, batching, 4)
+    ids, rounds = np.array([5, 2, 9, 2]), np.array([7, 1, 3, 4])
+    together, rows = fs.data.cohort.pack_cohort(train, ids, batching, shape, seed=3,
+                                                round_num=rounds, sort=False)
+    for i, (c, r) in enumerate(zip(ids, rounds, strict=True)):
+        alone, alone_rows = fs.data.cohort.pack_cohort(train, [c], batching, shape, seed=3,
+                                                       round_num=int(r))
+        s, n = together.start[i], together.length[i]
+        np.testing.assert_array_equal(rows[together.order[s:s + n]],
+                                      alone_rows[alone.order[:alone.length[0]]])
