@@ -42,7 +42,14 @@ import numpy as np
 
 from fedjax_sim import sampling
 from fedjax_sim.algorithms.fedbuff import BufferedAlgorithm, StartRows, staleness_weights
-from fedjax_sim.checks import check_data, check_integer, check_mesh, check_not_empty
+from fedjax_sim.checks import (
+    check_data,
+    check_integer,
+    check_mesh,
+    check_model_fits,
+    check_not_empty,
+    check_some_client_trains,
+)
 from fedjax_sim.data.cohort import Batching, pack_cohort
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.devices import Devices
@@ -273,6 +280,10 @@ class AsyncSimulation:
             raise ValueError("eval_every or eval_clients is set but no eval_data was given")
         if params is None:
             params = algorithm.model.init(jax.random.key(seed))
+        # The resident pool holds the whole population, so every value is checked up front.
+        check_model_fits(algorithm.model, train, params,
+                         algorithm.batching.resolve_batch_size(train))
+        check_some_client_trains(algorithm.batching, train)
         durations = client_durations(devices, algorithm.batching, train, params)
         self.plan = plan(train.num_clients, durations, concurrency=concurrency,
                          buffer_size=k, num_aggregations=num_aggregations, seed=seed)

@@ -150,10 +150,14 @@ def test_bad_input_is_refused(data, build, run, match):
                         **{"concurrency": 8, "num_aggregations": 1, **run})
 
 
-def test_devices_must_profile_the_population(data):
+def test_devices_and_model_must_fit_the_population(data):
     algo = fs.algorithms.fedbuff(MODEL, optax.sgd(0.05), buffer_size=2)
     with pytest.raises(ValueError, match="devices profiles 3 clients but the population has 24"):
         AsyncSimulation(algo, data[0], _equal_times(3), concurrency=4, num_aggregations=1)
+    wide = fs.algorithms.fedbuff(fs.models.logistic_regression(61, 10), optax.sgd(0.05),
+                                 buffer_size=2)
+    with pytest.raises(ValueError, match="61"):  # before anything compiles
+        AsyncSimulation(wide, data[0], _equal_times(24), concurrency=4, num_aggregations=1)
 
 
 def test_cli_runs_fedbuff_and_reports_fedavg_virtual_time(tmp_path, capsys):
