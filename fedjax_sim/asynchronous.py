@@ -42,6 +42,7 @@ import numpy as np
 
 from fedjax_sim import sampling
 from fedjax_sim.algorithms.fedbuff import BufferedAlgorithm, StartRows, staleness_weights
+from fedjax_sim.checkpoints import Checkpoints
 from fedjax_sim.checks import (
     check_data,
     check_integer,
@@ -288,6 +289,7 @@ class AsyncSimulation:
         self.plan = plan(train.num_clients, durations, concurrency=concurrency,
                          buffer_size=k, num_aggregations=num_aggregations, seed=seed)
         self.algorithm, self.train, self.seed, self.engine = algorithm, train, seed, engine
+        self.concurrency = concurrency
         self.steps = client_steps(algorithm.batching, train)
         self.state = replicate(algorithm.init(params, jax.random.key(seed)), engine)
         self.versions = replicate(jax.tree.map(
@@ -396,6 +398,40 @@ class AsyncSimulation:
                     upcoming = pool.submit(self.pack, self.aggregation + 1)
                 self.step(packed)
         return self.result()
+
+    def _fingerprint(self) -> dict:
+        """What a checkpoint's run must share with this one: the plan follows from these."""
+        return {"num_clients": self.train.num_clients, "concurrency": self.concurrency,
+                "buffer_size": self.algorithm.buffer_size,
+                "staleness": self.algorithm.staleness, "seed": self.seed,
+                "num_aggregations": len(self.plan.aggregations),
+                "num_slots": self.plan.num_slots, "chunk_size": self.engine.chunk_size}
+
+    def save(self, directory) -> None:
+        """A checkpoint in `directory` (orbax, `fs.checkpoints.Checkpoints`) of the
+        aggregations done: the server state, the version stack and the history; the plan
+        and the position in it follow from the configuration and the count."""
+        meta = {"aggregation": self.aggregation, "history": self.history,
+                "fingerprint": self._fingerprint()}
+        Checkpoints(directory).save(self.aggregation, self.state, self.versions, meta)
+
+    def restore(self, directory) -> bool:
+        """Continues from the newest checkpoint in `directory` (False: there is none); one
+        from another configuration is refused, naming the difference. The run goes on with
+        the same bits as one never stopped."""
+        found = Checkpoints(directory).restore(self.state, self.versions)
+        if found is None:
+            return False
+        state, versions, meta = found
+        mine = self._fingerprint()
+        diff = [f"{k}: checkpoint {meta['fingerprint'].get(k)!r}, now {v!r}"
+                for k, v in mine.items() if meta["fingerprint"].get(k) != v]
+        if diff:
+            raise ValueError(f"the checkpoint in {directory} is from another configuration "
+                             f"({'; '.join(diff)})")
+        self.state, self.versions = state, versions
+        self.aggregation, self.history = int(meta["aggregation"]), list(meta["history"])
+        return True
 
     def result(self) -> AsyncResult:
         self.timings["total_s"] = time.perf_counter() - self._start

@@ -219,3 +219,26 @@ def test_a_round_per_client_packs_each_as_its_own_round(data):
         s, n = together.start[i], together.length[i]
         np.testing.assert_array_equal(rows[together.order[s:s + n]],
                                       alone_rows[alone.order[:alone.length[0]]])
+
+
+@pytest.mark.slow  # two compiles and orbax, ~11 s on the loaded 2-core machine
+def test_a_checkpointed_run_resumes_with_the_same_bits(data, tmp_path):
+    train = data[0]
+    algo = fs.algorithms.fedbuff(MODEL, optax.sgd(0.05), optax.adam(0.01), buffer_size=3,
+                                 batch_size=10)
+    devices = fs.asynchronous.lognormal_devices(train.num_clients, seed=4)
+    make = lambda: AsyncSimulation(algo, train, devices, concurrency=6, num_aggregations=4)
+    first = make()
+    assert not first.restore(tmp_path)
+    first.run(2)
+    first.save(tmp_path)
+    whole = first.run()  # the run never stopped
+    again = make()
+    assert again.restore(tmp_path) and again.aggregation == 2
+    resumed = again.run()
+    assert [h["clients"]["client_id"] for h in resumed.history] == [
+        h["clients"]["client_id"] for h in whole.history]
+    assert_trees_equal(resumed.params, whole.params)
+    other = AsyncSimulation(algo, train, devices, concurrency=7, num_aggregations=4)
+    with pytest.raises(ValueError, match="concurrency: checkpoint 6, now 7"):
+        other.restore(tmp_path)
