@@ -57,6 +57,7 @@ from fedjax_sim.devices import Devices
 from fedjax_sim.engine import Engine, place_rows, replicate
 from fedjax_sim.evaluation import Evaluator, fairness
 from fedjax_sim.rounds import Packer, resident_pool
+from fedjax_sim.simulation import _round_record  # the synchronous record's fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,8 +342,6 @@ class AsyncSimulation:
     def step(self, packed=None) -> dict:
         """Runs the next aggregation (on `packed`, its `pack`, default packed now); returns
         its record."""
-        from fedjax_sim.simulation import _round_record  # the synchronous record's fields
-
         j = self.aggregation
         if j >= len(self.plan.aggregations):
             raise RuntimeError(f"the plan holds {len(self.plan.aggregations)} aggregations; "
