@@ -19,6 +19,7 @@ from fedjax_sim import (
     health,
     models,
     privacy,
+    robust,
     sampling,
     secagg,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "health",
     "models",
     "privacy",
+    "robust",
     "sampling",
     "secagg",
     "simulate",
