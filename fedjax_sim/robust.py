@@ -42,10 +42,75 @@ def _client_mask(counts: jax.Array, rows: jax.Array) -> jax.Array:
     return counts.reshape((-1,) + (1,) * (rows.ndim - 1))
 
 
-def _sorted_counted(rows: jax.Array, counts: jax.Array) -> jax.Array:
-    """`rows` sorted along the client axis, coordinate by coordinate, with the uncounted
-    rows (as +inf) after every counted one: positions [0, n) hold the n counted values."""
-    return jnp.sort(jnp.where(_client_mask(counts, rows), rows, jnp.inf), axis=0)
+# Column block of the order statistics on XLA:CPU: 64 coordinates x the cohort (256 KB at
+# 1,000 clients) stay in a core's L2 cache for all of a selection's passes. Measured on the
+# 2-core CPU for [1000, 16384] float32: 0.39 s at 64, 0.54 s at 256, 0.90 s at 1024 and
+# unblocked, against 6.1 s for a sort along the client axis (6.7 s transposed).
+_CPU_BLOCK = 64
+
+
+def _sort_keys(x: jax.Array) -> jax.Array:
+    """Unsigned integers ordered as the floats `x` are (the sign bit flipped for positives,
+    every bit for negatives), so an order statistic is found by integer compares."""
+    width = jnp.finfo(x.dtype).bits
+    signed, unsigned = jnp.dtype(f"int{width}"), jnp.dtype(f"uint{width}")
+    bits = lax.bitcast_convert_type(x, signed)
+    key = jnp.where(bits >= 0, bits, bits ^ jnp.asarray(jnp.iinfo(signed).max, signed))
+    return lax.bitcast_convert_type(key, unsigned) ^ (jnp.asarray(1, unsigned) << (width - 1))
+
+
+def _from_sort_keys(key: jax.Array, dtype) -> jax.Array:
+    """The floats of `_sort_keys`' integers."""
+    width = jnp.finfo(dtype).bits
+    signed = jnp.dtype(f"int{width}")
+    bits = lax.bitcast_convert_type(key ^ (jnp.asarray(1, key.dtype) << (width - 1)), signed)
+    return lax.bitcast_convert_type(jnp.where(bits >= 0, bits,
+                                              bits ^ jnp.asarray(jnp.iinfo(signed).max, signed)),
+                                    dtype)
+
+
+def _select(keys: jax.Array, ranks: jax.Array) -> jax.Array:
+    """The `ranks[r]`-th smallest (from 0) of `keys` ([C, b]) in each column: [R, b].
+
+    Bit by bit from the top, the largest a with fewer than rank + 1 keys below it, which is
+    the order statistic itself: one compare-and-count pass over the cohort per bit, exact
+    (an element of the column), and every rank in the same pass.
+    """
+    width = jnp.iinfo(keys.dtype).bits
+    one = jnp.asarray(1, keys.dtype)
+
+    def bit(i, ans):
+        cand = ans | (one << (width - 1 - i).astype(keys.dtype))
+        below = jnp.sum(keys[None] < cand[:, None], axis=1, dtype=jnp.int32)
+        return jnp.where(below <= ranks[:, None], cand, ans)
+
+    return lax.fori_loop(0, width, bit, jnp.zeros((ranks.shape[0], keys.shape[1]), keys.dtype))
+
+
+def _by_coordinates(fn, rows: jax.Array) -> jax.Array:
+    """`fn` (`[C, b]` -> `[b]`) over a leaf's coordinates, in column blocks on the CPU (one
+    block elsewhere, where the passes run in parallel over the whole leaf): the leaf's shape
+    without the client axis."""
+    x = rows.reshape(rows.shape[0], -1)
+    p = x.shape[1]
+    block = _CPU_BLOCK if jax.default_backend() == "cpu" else p
+    full = p // block
+    parts = []
+    if full:
+        blocks = lax.map(lambda j: fn(lax.dynamic_slice_in_dim(x, j * block, block, axis=1)),
+                         jnp.arange(full))
+        parts.append(blocks.reshape(-1))
+    if p % block:
+        parts.append(fn(x[:, full * block:]))
+    return jnp.concatenate(parts).reshape(rows.shape[1:]) if len(parts) > 1 else \
+        parts[0].reshape(rows.shape[1:])
+
+
+def _counted_keys(block: jax.Array, counts: jax.Array) -> jax.Array:
+    """The block's sort keys in its accumulator dtype, uncounted rows as the largest key
+    (after every finite value: counted outputs are finite, `mask_nonfinite`)."""
+    keys = _sort_keys(block.astype(_accumulator(block.dtype)))
+    return jnp.where(counts[:, None], keys, jnp.asarray(jnp.iinfo(keys.dtype).max, keys.dtype))
 
 
 def _weighted_rows(coef: jax.Array, rows: jax.Array) -> jax.Array:
@@ -79,6 +144,10 @@ def median() -> Aggregator:
     rows reduction (zero if none counts). For an odd number n of counted clients it is
     exactly the middle client's coordinate; for an even n the mean of the two middle ones.
 
+    The middle values are selected bit by bit (`_select`: a compare-and-count pass over the
+    cohort per bit of the float, on column blocks that stay in cache on the CPU), not sorted:
+    XLA:CPU's sort along the client axis was 15x slower.
+
     References: Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning:
       Towards Optimal Statistical Rates", ICML 2018 (coordinate-wise median).
 
@@ -89,13 +158,16 @@ def median() -> Aggregator:
     def server(reduced, state, key):
         counts = reduced.weight > 0
         n = jnp.sum(counts, dtype=jnp.int32)
-        lo, hi = jnp.maximum((n - 1) // 2, 0), jnp.maximum(n // 2, 0)
+        ranks = jnp.stack([jnp.maximum((n - 1) // 2, 0), jnp.maximum(n // 2, 0)])
+
+        def column(block):
+            keys = _counted_keys(block, counts)
+            lo_hi = _select(keys, ranks)
+            lo, hi = _from_sort_keys(lo_hi, _accumulator(block.dtype))
+            return jnp.where(n == 0, 0.0, jnp.where(lo_hi[0] == lo_hi[1], lo, (lo + hi) / 2))
 
         def one(rows):
-            s = _sorted_counted(rows, counts).astype(_accumulator(rows.dtype))
-            mid = (lax.dynamic_index_in_dim(s, lo, keepdims=False)
-                   + lax.dynamic_index_in_dim(s, hi, keepdims=False)) / 2
-            return jnp.where(n > 0, mid, jnp.zeros_like(mid))
+            return _by_coordinates(column, rows)
 
         return jax.tree.map(one, reduced.output), state, {"weight_sum": jnp.sum(reduced.weight)}
 
@@ -109,6 +181,8 @@ def trimmed_mean(beta: float) -> Aggregator:
 
     n is traced, so the trim is looked up at runtime in a table of floor(beta n) for every
     possible n (exact in float64, where `beta * n` in float32 could round across an integer).
+    The two cut values are selected as the median's are, then one pass sums what lies
+    between them (ties at a cut counted as often as they fall inside).
 
     References: Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning:
       Towards Optimal Statistical Rates", ICML 2018 (Section 3, trimmed mean).
@@ -128,15 +202,25 @@ def trimmed_mean(beta: float) -> Aggregator:
         n = jnp.sum(counts, dtype=jnp.int32)
         cohort = reduced.weight.shape[0]
         t = jnp.asarray(np.floor(beta * np.arange(cohort + 1)).astype(np.int32))[n]
-        position = jnp.arange(cohort)
-        kept = (position >= t) & (position < n - t)
-        denom = jnp.maximum(n - 2 * t, 1).astype(jnp.float32)
+        ranks = jnp.stack([t, jnp.maximum(n - t - 1, 0)])
+        kept = jnp.maximum(n - 2 * t, 1)
+
+        def column(block):
+            # The kept positions [t, n - t) hold lo = s_t and hi = s_(n-t-1) at their ends,
+            # every value strictly between, and as many copies of lo (hi) as fall inside.
+            keys = _counted_keys(block, counts)
+            lo_key, hi_key = _select(keys, ranks)
+            lo, hi = _from_sort_keys(jnp.stack([lo_key, hi_key]), _accumulator(block.dtype))
+            x = block.astype(lo.dtype)
+            inside = jnp.sum(jnp.where((keys > lo_key) & (keys < hi_key), x, 0), axis=0)
+            lows = jnp.sum(keys <= lo_key, axis=0, dtype=jnp.int32) - t
+            highs = n - t - jnp.sum(keys < hi_key, axis=0, dtype=jnp.int32)
+            total = inside + lo * lows + hi * highs
+            mean = jnp.where(lo_key == hi_key, lo, total / kept.astype(lo.dtype))
+            return jnp.where(n == 0, 0.0, mean)
 
         def one(rows):
-            s = _sorted_counted(rows, counts)
-            total = jnp.sum(jnp.where(_client_mask(kept, s), s, 0), axis=0,
-                            dtype=_accumulator(rows.dtype))
-            return total / denom
+            return _by_coordinates(column, rows)
 
         return jax.tree.map(one, reduced.output), state, {
             "weight_sum": jnp.sum(reduced.weight), "trimmed": t.astype(jnp.float32)}

@@ -296,3 +296,18 @@ def test_simulation_refuses_a_cohort_too_small_for_krum_before_compiling(monkeyp
 
 def test_the_median_moved_here_is_still_the_aggregators_median():
     assert agg.median is robust.median
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.2, 0.4])
+def test_order_statistics_with_ties_signs_and_column_blocks_match_numpy(beta):
+    """Many ties (small integers), both zeros and a leaf of 2 full column blocks plus a
+    remainder: the bitwise selection gives numpy's sorted values exactly."""
+    rng = np.random.default_rng(5)
+    rows = {"t": rng.integers(-3, 4, (11, 2 * robust._CPU_BLOCK + 22)).astype(np.float32),
+            "z": np.array([[0.0], [-0.0]] * 5 + [[-0.0]], np.float32)}
+    w = np.array([1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1], np.float32)  # 9 count
+    x = flat(rows)
+    np.testing.assert_array_equal(flat_one(server_value(robust.median(), rows, w)[0]),
+                                  np_median(x, w))
+    np.testing.assert_allclose(flat_one(server_value(robust.trimmed_mean(beta), rows, w)[0]),
+                               np_trimmed_mean(x, w, beta), rtol=1e-6, atol=1e-7)
