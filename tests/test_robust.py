@@ -233,8 +233,7 @@ def test_even_median_is_the_mean_of_the_two_middle_values_and_trim_zero_is_the_m
     assert float(server_value(robust.trimmed_mean(0.2), rows, w)[2]["trimmed"]) == 1
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.2, 0.4])
-def test_order_statistics_with_ties_signs_and_column_blocks_match_numpy(beta):
+def test_order_statistics_with_ties_signs_and_column_blocks_match_numpy():
     """Many ties (small integers), both zeros and a leaf of 2 full column blocks plus a
     remainder: the bitwise selection gives numpy's sorted values exactly."""
     rng = np.random.default_rng(5)
@@ -244,5 +243,15 @@ def test_order_statistics_with_ties_signs_and_column_blocks_match_numpy(beta):
     x = flat(rows)
     np.testing.assert_array_equal(flat_one(server_value(robust.median(), rows, w)[0]),
                                   np_median(x, w))
-    np.testing.assert_allclose(flat_one(server_value(robust.trimmed_mean(beta), rows, w)[0]),
-                               np_trimmed_mean(x, w, beta), rtol=1e-6, atol=1e-7)
+    for beta in (0.2, 0.4):  # 1 and 3 clients trimmed at each end
+        value = server_value(robust.trimmed_mean(beta), rows, w)[0]
+        np.testing.assert_allclose(flat_one(value), np_trimmed_mean(x, w, beta), rtol=1e-6,
+                                   atol=1e-7)
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 8])
+def test_krums_gram_from_the_upper_block_triangle_is_the_full_product(blocks):
+    x = np.random.default_rng(3).standard_normal((20, 7)).astype(np.float32)
+    np.testing.assert_allclose(jax.jit(robust._gram, static_argnums=1)(x, blocks),
+                               x.astype(np.float64) @ x.T.astype(np.float64), rtol=1e-5,
+                               atol=1e-5)
