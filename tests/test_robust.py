@@ -143,9 +143,18 @@ def reference(name, x, w, state=None):
 
 
 # -- through the engine ------------------------------------------------------------------------
-def engine_round(name, chunk, mesh):
-    """One pass whose clients send `client_outputs()` (by population id) with the rule's
-    chain, then its server part twice (state carried): (values, metrics, cohort rows' x, w)."""
+_PASSES = {}
+
+
+def engine_pass(kind, chunk, mesh):
+    """One engine pass whose clients send `client_outputs()` (by population id), cached per
+    (kind, layout): kind "rows" stacks them under `chain(weight_by("num_examples"),
+    median())` (every rows rule's server part then reads the same `Reduced`: the order
+    statistics and Krum look only at which weights are > 0), kind "norm_bound" is that
+    rule's whole chain, streamed. Returns (run, metrics, cohort rows' x, the rows' example
+    weights, the counted mask): `run(state, key) -> (value, state, metrics)` for a chain."""
+    if (kind, chunk, mesh) in _PASSES:
+        return _PASSES[kind, chunk, mesh]
     data = population()
     algo = fs.algorithms.fedavg(fs.models.logistic_regression(4, 3), optax.sgd(0.3),
                                 batch_size=4, shuffle=False)
@@ -157,26 +166,37 @@ def engine_round(name, chunk, mesh):
         init=lambda bcast, ctx: (), step=lambda local, batch, mask: local,
         finalize=lambda bcast, local, ctx: fs.ClientResult(output=jax.tree.map(
             lambda t: t[jnp.minimum(ctx.id, NUM_CLIENTS - 1)], table)))
-    chain = chain_for(name)
+    chain = (chain_for("norm_bound") if kind == "norm_bound" else
+             agg.chain(agg.weight_by("num_examples"), robust.median()))
+    result = jax.jit(lambda c, p, s, k: fs.engine.run_clients(
+        update, c, p, (), k, engine=engine, aggregator=chain, agg_state=s))(
+        inputs.cohort, inputs.pool, chain.init(jax.tree.map(lambda t: t[0], table)),
+        jax.random.key(3))
 
-    @jax.jit
-    def run(cohort, pool, state, key):
-        result = fs.engine.run_clients(update, cohort, pool, (), key, engine=engine,
-                                       aggregator=chain, agg_state=state)
-        return chain.server(result.reduced, state, key)
+    def run(rule_chain, state, key):
+        return jax.jit(rule_chain.server)(result.reduced, state, key)
 
-    state = chain.init(jax.tree.map(lambda t: t[0], table))
-    first, state, metrics = run(inputs.cohort, inputs.pool, state, jax.random.key(3))
-    second, _, _ = run(inputs.cohort, inputs.pool, state, jax.random.key(4))
     # The rows in cohort order and the weights the rule sees (padding, the NaN client: 0).
     ids = np.asarray(cohort.client_ids)
     real = ids < NUM_CLIENTS
     x = np.zeros((len(ids), flat(table).shape[1]))
     x[real] = flat(table)[ids[real]]
-    w = np.asarray(cohort.weights, np.float64) * real * (ids != NAN_CLIENT)
-    if WEIGHTING.get(name) == "num_examples":
-        w = w * np.asarray(cohort.num_examples)
-    x[w == 0] = 0.0
+    counted = np.asarray(cohort.weights, np.float64) * real * (ids != NAN_CLIENT)
+    x[counted == 0] = 0.0
+    _PASSES[kind, chunk, mesh] = run, result.metrics, x, counted * cohort.num_examples, counted
+    return _PASSES[kind, chunk, mesh]
+
+
+def engine_round(name, chunk, mesh):
+    """The rule's server part twice on its engine pass (state carried): (values, metrics,
+    rows x, the weights the rule sees)."""
+    run, _, x, examples, counted = engine_pass("norm_bound" if name == "norm_bound" else "rows",
+                                               chunk, mesh)
+    chain = chain_for(name)
+    state = chain.init(jax.tree.map(lambda t: t[0], client_outputs()))
+    first, state, metrics = run(chain, state, jax.random.key(3))
+    second, _, _ = run(chain, state, jax.random.key(4))
+    w = examples if WEIGHTING.get(name) == "num_examples" else counted
     return (flat_one(first), flat_one(second)), metrics, x, w
 
 
