@@ -22,6 +22,7 @@ from fedjax_sim import (
     health,
     models,
     privacy,
+    robust,
     sampling,
     secagg,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "health",
     "models",
     "privacy",
+    "robust",
     "sampling",
     "secagg",
     "simulate",

@@ -26,6 +26,7 @@ from fedjax_sim import (
     evaluation,
     models,
     privacy,
+    robust,
     sampling,
 )
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
@@ -46,6 +47,8 @@ SERVER_OPTIMIZERS = {
     "adagrad": lambda lr: algorithms.fedadagrad(lr),
 }
 RUN_FILES = ("history.jsonl", "summary.json", "checkpoints")
+ROBUST_AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum",
+                      "geometric_median", "norm_bound", "centered_clipping")
 ALGORITHMS = ("fedavg", "ditto", "apfl", "pfedme", "fedrep", "fedper", "hypcluster", "ifca",
               "fedbuff")
 MODELS = {
@@ -212,6 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
                      "from a seeded phase, and cohorts are drawn among the available")
     dev.add_argument("--day-length", type=_positive_float, default=86400.0,
                      help="the diurnal period in virtual seconds")
+    rb = run.add_argument_group("robust aggregation (fs.robust): a rule in place of the mean")
+    rb.add_argument("--aggregator", choices=ROBUST_AGGREGATORS, default="mean",
+                    help="how the clients' updates are combined")
+    rb.add_argument("--trim", type=_non_negative_float, default=None,
+                    help="trimmed_mean: the fraction dropped at each end, in [0, 0.5) "
+                    "(unset: 0.1)")
+    rb.add_argument("--krum-f", type=_non_negative_int, default=None,
+                    help="krum, multi_krum: the Byzantine clients tolerated, cohort > 2f + 2 "
+                    "(unset: 1)")
+    rb.add_argument("--krum-m", type=_positive_int, default=None,
+                    help="multi_krum: the clients averaged, at most cohort - f (unset: "
+                    "cohort - f)")
+    rb.add_argument("--norm-bound", type=_positive_float, default=None,
+                    help="norm_bound: each update clipped to this L2 norm before the mean "
+                    "(unset: 1.0)")
+    rb.add_argument("--cc-tau", type=_positive_float, default=None,
+                    help="centered_clipping: the clipping radius around the last aggregate "
+                    "(unset: 1.0)")
     run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
     return parser
 
@@ -248,8 +269,9 @@ def run(args: argparse.Namespace) -> dict:
     train, test = data.synthetic(args.alpha, args.beta, num_clients=args.num_clients,
                                  seed=args.seed)
     model = MODELS[args.model](NUM_FEATURES, NUM_CLASSES)
+    robust_chain = robust_aggregator(args)  # its flags checked before DP's calibration
     dp = _dp_settings(args, train.num_clients)
-    algo = build_algorithm(args, model, None if dp is None else dp["aggregator"])
+    algo = build_algorithm(args, model, robust_chain if dp is None else dp["aggregator"])
     output_dir = (Path(args.output_dir) if args.resume
                   else fresh_output_dir(args.output_dir, args.overwrite))
     print(f"Synthetic({args.alpha:g},{args.beta:g}): train {train}\n  test {test}")
@@ -279,6 +301,7 @@ def run(args: argparse.Namespace) -> dict:
         "eval_personal": final.get("eval_personal"),
         "privacy": result.privacy,
         "virtual_time": final.get("virtual_time"),
+        "aggregator": args.aggregator,
     }
     with open(output_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -416,8 +439,8 @@ def build_algorithm(args: argparse.Namespace, model, aggregator):
                                  head_steps=args.head_steps, **common)
     if name in ("hypcluster", "ifca"):
         if aggregator is not None:
-            raise ValueError(f"--algorithm {name} takes no DP flags (its k models share one "
-                             "sum)")
+            raise ValueError(f"--algorithm {name} takes no DP flags or --aggregator (its k "
+                             "models share one sum)")
         return getattr(algorithms, name)(model, client, args.num_clusters, server,
                                          batch_size=args.batch_size, num_epochs=args.epochs)
     return algorithms.fedper(model, client, server, head=args.head, **common)
@@ -450,6 +473,41 @@ def build_device_model(args: argparse.Namespace,
     return devices.DeviceModel(profiles, deadline=args.deadline,
                                over_selection=args.over_selection, dropout=args.dropout,
                                availability=availability, keep_partial=args.keep_partial)
+
+
+# Each rule's own flags: one given with another --aggregator is refused, not ignored.
+ROBUST_FLAGS = {"trim": ("trimmed_mean",), "krum_f": ("krum", "multi_krum"),
+                "krum_m": ("multi_krum",), "norm_bound": ("norm_bound",),
+                "cc_tau": ("centered_clipping",)}
+
+
+def robust_aggregator(args: argparse.Namespace) -> aggregators.Aggregator | None:
+    """The --aggregator rule's chain, clients weighted by --weighting (default example
+    counts; the order statistics and Krum count each client once whatever the weights);
+    None for the plain mean."""
+    name = args.aggregator
+    for dest, rules in ROBUST_FLAGS.items():
+        if getattr(args, dest) is not None and name not in rules:
+            raise ValueError(f"--{dest.replace('_', '-')} is for --aggregator "
+                             f"{' or '.join(rules)}, not {name}")
+    if name == "mean":
+        return None
+    if args.dp_clip is not None:
+        raise ValueError(f"--aggregator {name} replaces the mean DP-FedAvg noises: give "
+                         "--dp-clip without it")
+    or_default = lambda value, default: default if value is None else value
+    weighting = aggregators.weight_by(args.weighting or "num_examples")
+    if name == "norm_bound":
+        return aggregators.chain(robust.norm_bound(or_default(args.norm_bound, 1.0)),
+                                 weighting, aggregators.mean())
+    rule = {"median": robust.median,
+            "trimmed_mean": lambda: robust.trimmed_mean(or_default(args.trim, 0.1)),
+            "krum": lambda: robust.krum(or_default(args.krum_f, 1)),
+            "multi_krum": lambda: robust.multi_krum(or_default(args.krum_f, 1), args.krum_m),
+            "geometric_median": robust.geometric_median,
+            "centered_clipping": lambda: robust.centered_clipping(or_default(args.cc_tau, 1.0)),
+            }[name]()
+    return aggregators.chain(weighting, rule)
 
 
 def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
