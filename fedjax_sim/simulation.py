@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fedjax_sim import chunk_size as chunk_size_lib
-from fedjax_sim import privacy, sampling
+from fedjax_sim import compression, privacy, sampling
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState, tree_norm
 from fedjax_sim.checkpoints import Checkpoints
 from fedjax_sim.checks import (
@@ -235,6 +235,7 @@ class Simulation:
                             f"{client_store!r}"[:200])
         self.store = new_store(algorithm, train, params, one, where)
         self.round, self.history = 0, []
+        self.link_bits = _link_bits(algorithm, params)
         self.monitor = Monitor(sum(int(np.size(x)) for x in jax.tree.leaves(params)),
                                float(tree_norm(params)))
         self.resident = resident  # the population on the device (else read per cohort)
@@ -323,6 +324,7 @@ class Simulation:
         self.state, self.store, metrics = self.runner(self.state, self.store, packed)
         record = _round_record(r, metrics, self.train, time.perf_counter() - self._start,
                                self.chunk_size)
+        record.update(self.link_bits)
         self.timings["rounds_s"] += time.perf_counter() - t
         self.round = r + 1
         if self.ledger is not None:
@@ -595,6 +597,18 @@ def _round_record(r: int, metrics, data: FederatedData, wall_time: float,
         "server": {k: float(v) for k, v in m.server.items()},
         "clients": clients,
     }
+
+
+def _link_bits(algorithm, params) -> dict:
+    """Bits per client each way: the upload as the aggregator chain encodes the trained
+    leaves (`Aggregator.upload_bits`; 32 bits an entry unencoded), the broadcast as the
+    params at their dtypes."""
+    leaves = jax.tree.leaves(params)
+    sent = (sum(int(np.size(x)) for x in leaves) if algorithm.trained is None
+            else algorithm.trained.params)
+    return {"uplink_bits": compression.upload_bits(algorithm.aggregator, sent),
+            "downlink_bits": sum(int(np.size(x)) * np.dtype(x.dtype).itemsize * 8
+                                 for x in leaves)}
 
 
 def _line(record: dict) -> dict:
