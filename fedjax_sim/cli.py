@@ -17,7 +17,16 @@ from pathlib import Path
 
 import optax
 
-from fedjax_sim import aggregators, algorithms, data, evaluation, models, privacy, sampling
+from fedjax_sim import (
+    aggregators,
+    algorithms,
+    compression,
+    data,
+    evaluation,
+    models,
+    privacy,
+    sampling,
+)
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
 from fedjax_sim.evaluation import format_summary
 from fedjax_sim.health import DivergedError
@@ -156,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint every this many rounds (0: at the end and when stopped by "
         "SIGTERM or Ctrl-C)")
     add("--no-progress", action="store_true", help="no progress bar")
+    comp = run.add_argument_group("update compression (fs.compression): each client encodes "
+                                  "its update, the server decodes")
+    comp.add_argument("--compression", default="none",
+                      choices=["none", "quantize", "hadamard", "eden", "topk", "sign"],
+                      help="quantize: stochastic uniform to --bits; hadamard: a randomized "
+                      "Hadamard rotation, then quantize; eden: one bit per entry after a "
+                      "rotation (DRIVE/EDEN); topk: the --topk-fraction largest entries with "
+                      "error feedback; sign: signSGD with majority vote (--server-lr is the "
+                      "step)")
+    comp.add_argument("--bits", type=int, default=8,
+                      help="quantize/hadamard: bits per entry, in [1, 32]")
+    comp.add_argument("--topk-fraction", type=float, default=0.01,
+                      help="topk: the fraction of entries each client sends, in (0, 1]")
     dp = run.add_argument_group("user-level differential privacy (DP-FedAvg, McMahan et al. "
                                 "2018): clients Poisson-sampled at rate cohort / population")
     dp.add_argument("--dp-clip", type=_positive_float, default=None,
@@ -202,8 +224,14 @@ def run(args: argparse.Namespace) -> dict:
     train, test = data.synthetic(args.alpha, args.beta, num_clients=args.num_clients,
                                  seed=args.seed)
     model = MODELS[args.model](NUM_FEATURES, NUM_CLASSES)
-    dp = _dp_settings(args, train.num_clients)
-    algo = build_algorithm(args, model, None if dp is None else dp["aggregator"])
+    stages = compression.by_name(args.compression, bits=args.bits,
+                                 topk_fraction=args.topk_fraction)
+    dp = _dp_settings(args, train.num_clients, stages)
+    aggregator = dp["aggregator"] if dp is not None else None
+    if dp is None and stages:
+        aggregator = aggregators.chain(aggregators.weight_by(args.weighting or "num_examples"),
+                                       *stages, aggregators.mean())
+    algo = build_algorithm(args, model, aggregator)
     output_dir = (Path(args.output_dir) if args.resume
                   else fresh_output_dir(args.output_dir, args.overwrite))
     print(f"Synthetic({args.alpha:g},{args.beta:g}): train {train}\n  test {test}")
@@ -231,6 +259,8 @@ def run(args: argparse.Namespace) -> dict:
         "eval": final["eval"],
         "eval_personal": final.get("eval_personal"),
         "privacy": result.privacy,
+        "uplink_bits": final["uplink_bits"],
+        "downlink_bits": final["downlink_bits"],
     }
     with open(output_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -251,6 +281,10 @@ def run(args: argparse.Namespace) -> dict:
         print(f"user-level DP: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after "
               f"{p['rounds']} rounds (noise multiplier {dp['noise_multiplier']:.4g}, clip "
               f"{args.dp_clip:g}, {p['accountant'].upper()} accountant)")
+    if args.compression != "none":
+        print(f"compression {args.compression}: {final['uplink_bits']:,} bits uploaded per "
+              f"client, {final['downlink_bits'] / final['uplink_bits']:.1f}x fewer than the "
+              f"{final['downlink_bits']:,} of the float32 update")
     evaluated = len(final["eval_clients"]["client_id"])
     print(f"per-client test accuracy over {evaluated} of {test.num_clients} clients "
           "(chance 0.10):")
@@ -303,16 +337,17 @@ def build_algorithm(args: argparse.Namespace, model, aggregator):
                                  head_steps=args.head_steps, **common)
     if name in ("hypcluster", "ifca"):
         if aggregator is not None:
-            raise ValueError(f"--algorithm {name} takes no DP flags (its k models share one "
-                             "sum)")
+            raise ValueError(f"--algorithm {name} takes no DP or compression flags (its k "
+                             "models share one sum)")
         return getattr(algorithms, name)(model, client, args.num_clusters, server,
                                          batch_size=args.batch_size, num_epochs=args.epochs)
     return algorithms.fedper(model, client, server, head=args.head, **common)
 
 
-def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
-    """DP-FedAvg's chain and Poisson sampler from the flags (None when DP is off), the noise
-    calibrated to the target epsilon when not given."""
+def _dp_settings(args: argparse.Namespace, num_clients: int, stages=()) -> dict | None:
+    """DP-FedAvg's chain (with the compression `stages` after the clip) and Poisson sampler
+    from the flags (None when DP is off), the noise calibrated to the target epsilon when not
+    given."""
     if args.dp_clip is None:
         given = [f for f, v in (("--noise-multiplier", args.noise_multiplier),
                                 ("--target-epsilon", args.target_epsilon),
@@ -330,7 +365,7 @@ def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
         print(f"noise multiplier {z:.4g}: epsilon {args.target_epsilon:g} at delta "
               f"{delta:.3g} after {args.rounds} rounds")
     chain = aggregators.chain(aggregators.clip(args.dp_clip),
-                              aggregators.weight_by(args.weighting or "uniform"),
+                              aggregators.weight_by(args.weighting or "uniform"), *stages,
                               aggregators.dp_mean(z, args.dp_clip, args.cohort_size))
     return {"aggregator": chain, "noise_multiplier": z,
             "sampler": sampling.poisson(num_clients, args.cohort_size)}

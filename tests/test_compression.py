@@ -2,6 +2,7 @@
 exact round trips, nothing lost by error feedback) and a whole round against a per-client
 reference on 1 and 8 devices."""
 
+import json
 import math
 
 import jax
@@ -287,3 +288,32 @@ def test_compression_composes_with_dp_clipping_and_secure_aggregation(data):
     w = np.asarray(sim.state.params["w"])
     assert np.isfinite(w).all() and np.abs(w).sum() > 0
     assert record["uplink_bits"] == 11 * (32 + 5)
+
+
+# -- the command line ------------------------------------------------------------------------
+CLI = ["run", "--rounds", "2", "--num-clients", "40", "--cohort-size", "10", "--eval-every", "0",
+       "--no-progress", "--fine-tune-steps", "0", "--chunk-size", "2"]
+
+
+def test_the_cli_runs_top_k_under_dp_clipping_and_records_the_bits(tmp_path, capsys):
+    from fedjax_sim import cli
+
+    code = cli.main(CLI + ["--output-dir", str(tmp_path), "--compression", "topk",
+                           "--topk-fraction", "0.1", "--dp-clip", "0.5",
+                           "--noise-multiplier", "0.5"])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    p = 60 * 10 + 10  # the logistic regression's parameters
+    assert summary["uplink_bits"] == math.ceil(0.1 * p) * (32 + 10)
+    assert summary["downlink_bits"] == 32 * p
+    assert "compression topk: 2,562 bits uploaded per client" in capsys.readouterr().out
+
+
+def test_the_cli_refuses_a_bit_width_outside_1_to_32(tmp_path, capsys):
+    from fedjax_sim import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(CLI + ["--output-dir", str(tmp_path), "--compression", "quantize",
+                        "--bits", "40"])
+    assert e.value.code == 2
+    assert "bits must be an integer in [1, 32], got 40" in capsys.readouterr().err
