@@ -213,8 +213,9 @@ def _expected_round(name, data, params, seed):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(round_key, 0), int(cid)),
                                  1)
         own = jax.random.fold_in(key, comp._SALT)
-        if name == "quantize":
-            v = comp.quantize_vector(jnp.asarray(v), 4, jax.random.fold_in(own, 0))
+        if name == "quantize":  # leaf by leaf, one vector's min and max
+            v = np.concatenate([np.ravel(a) for a in comp._quantize_leaves(
+                leaves, 4, jax.random.fold_in(own, 0))])
         elif name == "hadamard":
             v = comp.quantize_vector(comp.rotate(jnp.asarray(v), rotation), 4,
                                      jax.random.fold_in(own, 0))
@@ -295,6 +296,7 @@ CLI = ["run", "--rounds", "2", "--num-clients", "40", "--cohort-size", "10", "--
        "--no-progress", "--fine-tune-steps", "0", "--chunk-size", "2"]
 
 
+@pytest.mark.slow
 def test_the_cli_runs_top_k_under_dp_clipping_and_records_the_bits(tmp_path, capsys):
     from fedjax_sim import cli
 
