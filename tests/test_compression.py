@@ -319,3 +319,11 @@ def test_the_cli_refuses_a_bit_width_outside_1_to_32(tmp_path, capsys):
                         "--bits", "40"])
     assert e.value.code == 2
     assert "bits must be an integer in [1, 32], got 40" in capsys.readouterr().err
+
+
+def test_an_uncompressed_chain_uploads_32_bits_an_entry_and_a_chain_its_last_encoders():
+    assert agg.default().upload_bits is None
+    assert comp.upload_bits(agg.default(), 21) == comp.upload_bits(None, 21) == 21 * 32
+    chain = agg.chain(agg.weight_by("uniform"), comp.hadamard_rotation(), comp.quantize(2),
+                      agg.mean())
+    assert comp.upload_bits(chain, 21) == 2 * 32 + 64  # the padded length, quantized
