@@ -45,6 +45,7 @@ def chains() -> dict:
                "drive (1 bit)": [comp.drive()],
                "top-k 1% + error feedback": [comp.top_k(0.01)],
                "top-k 1%, no feedback": [comp.top_k(0.01, error_feedback=False)],
+               "top-k ~1% sampled threshold + error feedback": [comp.top_k(0.01, exact=False)],
                "sign (majority vote)": [comp.sign_sgd()]}
     return {name: agg.chain(agg.weight_by("uniform"), *stages, agg.mean())
             for name, stages in members.items()}

@@ -327,3 +327,21 @@ def test_an_uncompressed_chain_uploads_32_bits_an_entry_and_a_chain_its_last_enc
     chain = agg.chain(agg.weight_by("uniform"), comp.hadamard_rotation(), comp.quantize(2),
                       agg.mean())
     assert comp.upload_bits(chain, 21) == 2 * 32 + 64  # the padded length, quantized
+
+
+def test_top_k_from_a_sampled_threshold_keeps_about_k_and_exactly_k_below_the_sample_size():
+    rng = np.random.default_rng(4)
+    v = jnp.asarray(rng.normal(size=40_000), jnp.float32)
+    stage = comp.top_k(0.01, error_feedback=False, exact=False)
+    out, _, metrics = jax.jit(lambda v: stage.client(v, jnp.float32(1.0),
+                                                     _ctx(jax.random.key(0)), ()))(v)
+    kept = np.flatnonzero(np.asarray(out))
+    assert int(metrics["topk_sent"]) == kept.size and 300 <= kept.size <= 520  # k = 400
+    # What it keeps is a top set: every kept magnitude above every dropped one.
+    a = np.abs(np.asarray(v))
+    assert a[kept].min() >= np.delete(a, kept).max()
+    small = v[:1000]  # under SAMPLE entries the threshold is the exact k-th magnitude
+    exact = comp.top_k(k=7, error_feedback=False)
+    approx = comp.top_k(k=7, error_feedback=False, exact=False)
+    run = lambda s: s.client(small, jnp.float32(1.0), _ctx(jax.random.key(0)), ())[0]
+    np.testing.assert_array_equal(run(approx), run(exact))
