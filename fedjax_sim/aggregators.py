@@ -53,6 +53,14 @@ class Aggregator(NamedTuple):
       check: `(cohort_size) -> None`, raising ValueError when the stage cannot work with
         cohorts of up to that many clients (Krum's n > 2f + 2); `fs.Simulation` calls it with
         the sampler's largest cohort before anything compiles. None: any cohort will do.
+      client_state: `(template) -> row`, a never-sampled client's row of this stage's own
+        per-client state (top-k's error-feedback residual, `fs.compression.top_k`), kept in
+        the client store beside the algorithm's row; None: no per-client state. Such a
+        stage's client part reads its row from `ctx.state` and returns it new as a fourth
+        value; a chain's row is the tuple of its stateful stages' rows.
+      upload_bits: `(num_params) -> bits` one client uploads for an update of `num_params`
+        entries (an encoder, `fs.compression`); None: 32 bits per entry. A chain's is its
+        last encoder's before the reduction.
     """
 
     init: Callable[[Any], Any]
@@ -62,6 +70,8 @@ class Aggregator(NamedTuple):
     name: str = "stage"
     privacy: Callable[..., Any] | None = None
     check: Callable[[int], None] | None = None
+    client_state: Callable[[Any], Any] | None = None
+    upload_bits: Callable[[int], int] | None = None
 
 
 def _identity_client(output, weight, ctx, state):
@@ -73,9 +83,11 @@ def _identity_server(value, state, key):
 
 
 def stage(name: str, *, client=_identity_client, server=_identity_server,
-          init=lambda template: (), reduction=None, privacy=None, check=None) -> Aggregator:
+          init=lambda template: (), reduction=None, privacy=None, check=None,
+          client_state=None, upload_bits=None) -> Aggregator:
     """An `Aggregator` stage from its parts (identity where not given)."""
-    return Aggregator(init, client, server, reduction, name, privacy, check=check)
+    return Aggregator(init, client, server, reduction, name, privacy, check, client_state,
+                      upload_bits)
 
 
 def chain(*stages: Aggregator) -> Aggregator:
@@ -101,16 +113,41 @@ def chain(*stages: Aggregator) -> Aggregator:
                          "(weight_by('uniform')), not by example count, whose weights are "
                          "unbounded")
     before, after = range(r), range(r + 1, len(stages))
+    stateful = [i for i in range(r + 1) if stages[i].client_state is not None]
+    late = [stages[i].name for i in after if stages[i].client_state is not None]
+    if late:
+        raise ValueError(f"{late[0]} keeps per-client state, so it must come before the "
+                         "reduction (it runs beside each client)")
 
     def init(template):
         return tuple(s.init(template) for s in stages)
 
     def client(output, weight, ctx, state):
-        metrics = {}
+        metrics, rows = {}, list(ctx.state) if stateful else []
         for i in range(r + 1):
-            output, weight, m = stages[i].client(output, weight, ctx, state[i])
+            if i in stateful:
+                j = stateful.index(i)
+                output, weight, m, rows[j] = stages[i].client(
+                    output, weight, ctx._replace(state=rows[j]), state[i])
+            else:
+                output, weight, m = stages[i].client(output, weight, ctx, state[i])
             metrics.update(m)
-        return output, weight, metrics
+        return (output, weight, metrics, tuple(rows)) if stateful else (output, weight, metrics)
+
+    client_state = None
+    if stateful:
+        def client_state(template):
+            return tuple(stages[i].client_state(template) for i in stateful)
+
+    def upload_bits(num_params):
+        # An encoder after a rotation sees the rotation's padded length, not the params'.
+        bits = None
+        for s in stages[:r]:
+            if s.upload_bits is not None:
+                bits = s.upload_bits(num_params)
+                if s.name == "hadamard_rotation":
+                    num_params = bits // 32
+        return bits
 
     def server(reduced, state, key):
         state, metrics = list(state), {}
@@ -135,8 +172,10 @@ def chain(*stages: Aggregator) -> Aggregator:
         for c in checks:
             c(cohort_size)
 
+    has_bits = any(s.upload_bits is not None for s in stages[:r])
     return Aggregator(init, client, server, stages[r].reduction, "chain", privacy,
-                      check=check if checks else None)
+                      check if checks else None, client_state,
+                      upload_bits if has_bits else None)
 
 
 def mask_nonfinite() -> Aggregator:

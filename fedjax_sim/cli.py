@@ -21,6 +21,7 @@ from fedjax_sim import (
     aggregators,
     algorithms,
     asynchronous,
+    compression,
     data,
     devices,
     evaluation,
@@ -181,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint every this many rounds (0: at the end and when stopped by "
         "SIGTERM or Ctrl-C)")
     add("--no-progress", action="store_true", help="no progress bar")
+    comp = run.add_argument_group("update compression (fs.compression): each client encodes "
+                                  "its update, the server decodes")
+    comp.add_argument("--compression", default="none",
+                      choices=["none", "quantize", "hadamard", "eden", "topk", "sign"],
+                      help="quantize: stochastic uniform to --bits; hadamard: a randomized "
+                      "Hadamard rotation, then quantize; eden: one bit per entry after a "
+                      "rotation (DRIVE/EDEN); topk: the --topk-fraction largest entries with "
+                      "error feedback; sign: signSGD with majority vote (--server-lr is the "
+                      "step)")
+    comp.add_argument("--bits", type=int, default=8,
+                      help="quantize/hadamard: bits per entry, in [1, 32]")
+    comp.add_argument("--topk-fraction", type=float, default=0.01,
+                      help="topk: the fraction of entries each client sends, in (0, 1]")
     dp = run.add_argument_group("user-level differential privacy (DP-FedAvg, McMahan et al. "
                                 "2018): clients Poisson-sampled at rate cohort / population")
     dp.add_argument("--dp-clip", type=_positive_float, default=None,
@@ -269,8 +283,10 @@ def run(args: argparse.Namespace) -> dict:
     train, test = data.synthetic(args.alpha, args.beta, num_clients=args.num_clients,
                                  seed=args.seed)
     model = MODELS[args.model](NUM_FEATURES, NUM_CLASSES)
-    robust_chain = robust_aggregator(args)  # its flags checked before DP's calibration
-    dp = _dp_settings(args, train.num_clients)
+    stages = compression.by_name(args.compression, bits=args.bits,
+                                 topk_fraction=args.topk_fraction)
+    robust_chain = robust_aggregator(args, stages)  # its flags checked before DP's calibration
+    dp = _dp_settings(args, train.num_clients, stages)
     algo = build_algorithm(args, model, robust_chain if dp is None else dp["aggregator"])
     output_dir = (Path(args.output_dir) if args.resume
                   else fresh_output_dir(args.output_dir, args.overwrite))
@@ -302,6 +318,8 @@ def run(args: argparse.Namespace) -> dict:
         "privacy": result.privacy,
         "virtual_time": final.get("virtual_time"),
         "aggregator": args.aggregator,
+        "uplink_bits": final["uplink_bits"],
+        "downlink_bits": final["downlink_bits"],
     }
     with open(output_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -328,6 +346,10 @@ def run(args: argparse.Namespace) -> dict:
               f"({final['virtual_time'] / len(h):.2f} s a round); clients dropped out "
               f"{sum(r['num_dropped'] for r in h)}, late {sum(r['num_late'] for r in h)} "
               f"of {sum(r['num_sampled'] for r in h)} drawn")
+    if args.compression != "none":
+        print(f"compression {args.compression}: {final['uplink_bits']:,} bits uploaded per "
+              f"client, {final['downlink_bits'] / final['uplink_bits']:.1f}x fewer than the "
+              f"{final['downlink_bits']:,} of the float32 update")
     evaluated = len(final["eval_clients"]["client_id"])
     print(f"per-client test accuracy over {evaluated} of {test.num_clients} clients "
           "(chance 0.10):")
@@ -439,8 +461,8 @@ def build_algorithm(args: argparse.Namespace, model, aggregator):
                                  head_steps=args.head_steps, **common)
     if name in ("hypcluster", "ifca"):
         if aggregator is not None:
-            raise ValueError(f"--algorithm {name} takes no DP flags or --aggregator (its k "
-                             "models share one sum)")
+            raise ValueError(f"--algorithm {name} takes no DP, compression or --aggregator "
+                             "flags (its k models share one sum)")
         return getattr(algorithms, name)(model, client, args.num_clusters, server,
                                          batch_size=args.batch_size, num_epochs=args.epochs)
     return algorithms.fedper(model, client, server, head=args.head, **common)
@@ -481,25 +503,25 @@ ROBUST_FLAGS = {"trim": ("trimmed_mean",), "krum_f": ("krum", "multi_krum"),
                 "cc_tau": ("centered_clipping",)}
 
 
-def robust_aggregator(args: argparse.Namespace) -> aggregators.Aggregator | None:
+def robust_aggregator(args: argparse.Namespace, stages=()) -> aggregators.Aggregator | None:
     """The --aggregator rule's chain, clients weighted by --weighting (default example
-    counts; the order statistics and Krum count each client once whatever the weights);
-    None for the plain mean."""
+    counts; the order statistics and Krum count each client once whatever the weights),
+    with the compression `stages` before the rule; None for the plain uncompressed mean."""
     name = args.aggregator
     for dest, rules in ROBUST_FLAGS.items():
         if getattr(args, dest) is not None and name not in rules:
             raise ValueError(f"--{dest.replace('_', '-')} is for --aggregator "
                              f"{' or '.join(rules)}, not {name}")
+    weighting = aggregators.weight_by(args.weighting or "num_examples")
     if name == "mean":
-        return None
+        return aggregators.chain(weighting, *stages, aggregators.mean()) if stages else None
     if args.dp_clip is not None:
         raise ValueError(f"--aggregator {name} replaces the mean DP-FedAvg noises: give "
                          "--dp-clip without it")
     or_default = lambda value, default: default if value is None else value
-    weighting = aggregators.weight_by(args.weighting or "num_examples")
     if name == "norm_bound":
         return aggregators.chain(robust.norm_bound(or_default(args.norm_bound, 1.0)),
-                                 weighting, aggregators.mean())
+                                 weighting, *stages, aggregators.mean())
     rule = {"median": robust.median,
             "trimmed_mean": lambda: robust.trimmed_mean(or_default(args.trim, 0.1)),
             "krum": lambda: robust.krum(or_default(args.krum_f, 1)),
@@ -507,12 +529,13 @@ def robust_aggregator(args: argparse.Namespace) -> aggregators.Aggregator | None
             "geometric_median": robust.geometric_median,
             "centered_clipping": lambda: robust.centered_clipping(or_default(args.cc_tau, 1.0)),
             }[name]()
-    return aggregators.chain(weighting, rule)
+    return aggregators.chain(weighting, *stages, rule)
 
 
-def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
-    """DP-FedAvg's chain and Poisson sampler from the flags (None when DP is off), the noise
-    calibrated to the target epsilon when not given."""
+def _dp_settings(args: argparse.Namespace, num_clients: int, stages=()) -> dict | None:
+    """DP-FedAvg's chain (with the compression `stages` after the clip) and Poisson sampler
+    from the flags (None when DP is off), the noise calibrated to the target epsilon when not
+    given."""
     if args.dp_clip is None:
         given = [f for f, v in (("--noise-multiplier", args.noise_multiplier),
                                 ("--target-epsilon", args.target_epsilon),
@@ -530,7 +553,7 @@ def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
         print(f"noise multiplier {z:.4g}: epsilon {args.target_epsilon:g} at delta "
               f"{delta:.3g} after {args.rounds} rounds")
     chain = aggregators.chain(aggregators.clip(args.dp_clip),
-                              aggregators.weight_by(args.weighting or "uniform"),
+                              aggregators.weight_by(args.weighting or "uniform"), *stages,
                               aggregators.dp_mean(z, args.dp_clip, args.cohort_size))
     return {"aggregator": chain, "noise_multiplier": z,
             "sampler": sampling.poisson(num_clients, args.cohort_size)}

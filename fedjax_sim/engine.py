@@ -151,6 +151,9 @@ def run_clients(
     states `[C, ...]`, in cohort order, or a whole store (`client_store.InScan`, one device
     only), gathered and scattered chunk by chunk; then the result's `states` is the new
     `ClientStore`.
+    With an aggregator that keeps per-client state (`Aggregator.client_state`), each row is
+    the pair (the algorithm's state, the aggregator's row): the update sees the first as
+    `ctx.state`, the aggregator's client part the second, and both come back new.
     """
     in_scan = isinstance(client_states, client_store.InScan)
     if in_scan and engine.mesh is not None:
@@ -160,11 +163,14 @@ def run_clients(
     arange_b = jnp.arange(b, dtype=jnp.int32)
     last = cohort.order.shape[0] - 1
     reduction = None if aggregator is None else aggregator.reduction
+    stateful_aggregator = aggregator is not None and aggregator.client_state is not None
 
     def one_client(bcast, rows, start, length, num_steps, weight, cid, num_examples, slot,
                    state):
         order, pool, participants = rows
         client_key = jax.random.fold_in(key, cid)
+        if stateful_aggregator:  # the store row is (the algorithm's, the aggregator's)
+            state, agg_row = state
         ctx = ClientContext(cid, jax.random.fold_in(client_key, 0), num_examples, num_steps,
                             state, slot, participants, key)
         local = update.init(bcast, ctx)
@@ -179,13 +185,18 @@ def run_clients(
         _, local = lax.while_loop(lambda c: c[0] < num_steps, body, (jnp.int32(0), local))
         result = update.finalize(bcast, local, ctx)
         metrics = dict(result.metrics or {})
-        output = ()
+        output, new_state = (), result.state
         if aggregator is not None:
-            output, weight, agg_metrics = aggregator.client(
-                result.output, weight, ctx._replace(key=jax.random.fold_in(client_key, 1)),
-                agg_state)
+            agg_ctx = ctx._replace(key=jax.random.fold_in(client_key, 1))
+            if stateful_aggregator:
+                output, weight, agg_metrics, agg_row = aggregator.client(
+                    result.output, weight, agg_ctx._replace(state=agg_row), agg_state)
+                new_state = (new_state, agg_row)
+            else:
+                output, weight, agg_metrics = aggregator.client(result.output, weight,
+                                                                agg_ctx, agg_state)
             metrics.update(agg_metrics)
-        return output, weight, result.state, metrics
+        return output, weight, new_state, metrics
 
     def chunk(bcast, rows, xs):
         if xs[0].shape[0] == 1:

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fedjax_sim import chunk_size as chunk_size_lib
-from fedjax_sim import privacy, sampling
+from fedjax_sim import compression, privacy, sampling
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState, tree_norm
 from fedjax_sim.checkpoints import Checkpoints
 from fedjax_sim.checks import (
@@ -260,10 +260,10 @@ class Simulation:
                             f"{client_store!r}"[:200])
         self.store = new_store(algorithm, train, params, one, where)
         self.round, self.history = 0, []
+        self.link_bits = _link_bits(algorithm, params)
         if devices is not None:  # what each client downloads and uploads, for its clock
-            self._download_bytes = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize
-                                       for x in jax.tree.leaves(params))
-            self._upload_bytes = _upload_bytes(algorithm, params, self._download_bytes)
+            self._download_bytes = self.link_bits["downlink_bits"] / 8
+            self._upload_bytes = self.link_bits["uplink_bits"] / 8
             self._plans: dict[int, RoundPlan] = {}
             self._plan_lock = threading.Lock()
         self.monitor = Monitor(sum(int(np.size(x)) for x in jax.tree.leaves(params)),
@@ -419,6 +419,7 @@ class Simulation:
                     del self._clock[k]
         record = _round_record(r, metrics, self.train, time.perf_counter() - self._start,
                                self.chunk_size, plan)
+        record.update(self.link_bits)
         if plan is not None:
             record.update(self.devices.record(plan))
         self.timings["rounds_s"] += time.perf_counter() - t
@@ -667,18 +668,6 @@ def _device_sampler(devices, train, sampler, cohort_size) -> tuple[Any, int | No
         f"devices(draw {drawn}, count {target})"), target
 
 
-def _upload_bytes(algorithm, params, download_bytes: int) -> float:
-    """A client's upload: the trained leaves (all params but a partial model's frozen ones),
-    or what the aggregator chain's encoding sends (`upload_bits(num_params)`) where it says."""
-    trained = algorithm.trained
-    num_params = (trained.params if trained is not None
-                  else sum(int(np.size(x)) for x in jax.tree.leaves(params)))
-    bits = getattr(algorithm.aggregator, "upload_bits", None)
-    if callable(bits):
-        return float(bits(num_params)) / 8
-    return float(trained.bytes if trained is not None else download_bytes)
-
-
 def _ledger(algorithm, sampler, delta, target_epsilon, accountant) -> privacy.Ledger | None:
     """The privacy ledger of a chain with a DP stage (None without one)."""
     event = getattr(algorithm.aggregator, "privacy", None)
@@ -746,12 +735,27 @@ def _round_record(r: int, metrics, data: FederatedData, wall_time: float,
     }
 
 
+def _link_bits(algorithm, params) -> dict:
+    """Bits per client each way: the upload as the aggregator chain encodes the trained
+    leaves (`Aggregator.upload_bits`; 32 bits an entry unencoded), the broadcast as the
+    params at their dtypes."""
+    leaves = jax.tree.leaves(params)
+    sent = (sum(int(np.size(x)) for x in leaves) if algorithm.trained is None
+            else algorithm.trained.params)
+    return {"uplink_bits": compression.upload_bits(algorithm.aggregator, sent),
+            "downlink_bits": sum(int(np.size(x)) * np.dtype(x.dtype).itemsize * 8
+                                 for x in leaves)}
+
+
 # Keys a record has of its own, which an `eval_extra` name must not shadow.
 _RECORD_KEYS = frozenset({"round", "wall_time", "train_loss", "num_included", "num_excluded",
                           "excluded_clients", "update_norm", "params_norm", "outlier_clients",
                           "chunk_size", "step_efficiency", "server", "clients", "epsilon",
                           "eval", "eval_clients", "eval_personal", "eval_personal_clients",
-                          "eval_fairness", "eval_personal_fairness"})
+                          "eval_fairness", "eval_personal_fairness", "uplink_bits",
+                          "downlink_bits", "virtual_time", "round_time", "num_sampled",
+                          "num_dropped", "num_late", "num_partial", "num_unselected",
+                          "num_available"})
 
 
 def _line(record: dict) -> dict:

@@ -61,18 +61,25 @@ def optimizer_client_update(model: Model, client_optimizer: ClientOptimizer, *,
     return ClientUpdate(init=init, step=step, finalize=finalize)
 
 
-def check_aggregator(aggregator, client_weighting) -> aggregators_lib.Aggregator:
+def check_aggregator(aggregator, client_weighting, *,
+                     client_state: bool = False) -> aggregators_lib.Aggregator:
     """The aggregator chain: the given chain, a single reduction weighted by
-    `client_weighting`, or FedAvg's default."""
+    `client_weighting`, or FedAvg's default. A chain whose stages keep per-client state
+    (top-k's error feedback) is refused unless the algorithm carries it (`client_state`)."""
     if aggregator is None:
         return aggregators_lib.default(client_weighting)
     if not isinstance(aggregator, aggregators_lib.Aggregator):
         raise TypeError(f"aggregator must be a fs.aggregators.Aggregator, e.g. "
                         f"fs.aggregators.mean(), got {type(aggregator).__name__} "
                         f"{aggregator!r}"[:300])
-    if aggregator.name == "chain":
-        return aggregator
-    return aggregators_lib.chain(aggregators_lib.weight_by(client_weighting), aggregator)
+    if aggregator.name != "chain":
+        aggregator = aggregators_lib.chain(aggregators_lib.weight_by(client_weighting),
+                                           aggregator)
+    if aggregator.client_state is not None and not client_state:
+        raise ValueError("this aggregator keeps per-client state in the client store (top_k's "
+                         "error feedback), which only the FedOpt family (fedopt, fedavg, "
+                         "fedprox) carries: use one of those, or top_k(error_feedback=False)")
+    return aggregator
 
 
 def delta_round(update: ClientUpdate, aggregator: aggregators_lib.Aggregator,
@@ -149,7 +156,7 @@ def fedopt(
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     check_optimizer(client_optimizer, "client_optimizer", allow_schedule=True)
     check_optimizer(server_optimizer, "server_optimizer")
-    aggregator = check_aggregator(aggregator, client_weighting)
+    aggregator = check_aggregator(aggregator, client_weighting, client_state=True)
     if example_dp is not None and not isinstance(example_dp, ExampleDP):
         raise TypeError(f"example_dp must be fs.algorithms.ExampleDP(clip_norm, "
                         f"noise_multiplier) or None, got {type(example_dp).__name__} "
@@ -173,19 +180,25 @@ def fedopt(
     def round_fn(state, inputs, client_states, *, engine: Engine):
         result, mean_delta, agg_state, agg_metrics = run_pass(
             update, aggregator, state, inputs, Broadcast.of(state),
-            engine=engine)
+            engine=engine, client_states=client_states)
         if trainable is not None:  # a zero pseudo-gradient for the frozen leaves
             frozen = filters.partition(state.params, trainable)[1]
             mean_delta = filters.combine(mean_delta, jax.tree.map(jnp.zeros_like, frozen))
         ok = included(inputs.cohort, result)
         state, updates = server_step(state, mean_delta, server_optimizer, ok.any())
-        return (state._replace(agg_state=agg_state), client_states,
+        return (state._replace(agg_state=agg_state), result.states,
                 round_metrics(inputs.cohort, result, state, updates, agg_metrics))
+
+    client_state = None
+    if aggregator.client_state is not None:  # the update is stateless: its part of a row is ()
+        def client_state(params):
+            sent = params if trainable is None else filters.partition(params, trainable)[0]
+            return ((), aggregator.client_state(sent))
 
     passes = (Batching(batch_size, num_epochs, max_steps, drop_remainder,
                        max_examples_per_client, shuffle, straggler_fraction, drop_stragglers),)
     return FederatedAlgorithm(init=init, round=round_fn, model=model, passes=passes,
-                              aggregator=aggregator, trained=trained)
+                              aggregator=aggregator, trained=trained, client_state=client_state)
 
 
 def fedavg(model: Model, client_optimizer: ClientOptimizer,
