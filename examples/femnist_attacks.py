@@ -98,7 +98,7 @@ def main() -> None:
     flat = lambda f: {**f, "x": f["x"].reshape(len(f["x"]), -1)}
     train, test = train.map(flat), test.map(flat)
     model = fs.models.mlp(784, 62, hidden=(200,))
-    door, flip = at.backdoor(0, image_shape=(28, 28)), at.label_flip(62)
+    door, flip = at.backdoor(0, 62, image_shape=(28, 28)), at.label_flip(62)
     attacks, names, fractions = ATTACKS, list(defences(args.cohort, 1)), (0.1, 0.3)
     if args.quick:
         args.rounds, attacks, names = 3, ["none", "scaling", "alie"], ["mean", "median"]

@@ -29,6 +29,7 @@ import numpy as np
 from fedjax_sim import aggregators as agg
 from fedjax_sim.checks import check_integer, check_number
 from fedjax_sim.data.federated import FederatedData, rows_of
+from fedjax_sim.evaluation import evaluate_pooled
 from fedjax_sim.sampling import Sampler
 
 
@@ -67,11 +68,14 @@ class Adversary:
         out[self.malicious] = True
         return out
 
-    def sampler(self, cohort_size: int, num_malicious: int) -> Sampler:
+    def sampler(self, cohort_size: int, num_malicious: int | None = None) -> Sampler:
         """Uniform cohorts of `cohort_size` holding exactly `num_malicious` malicious clients
-        each round (drawn from the malicious set, the rest from the benign, seeded by
-        (seed, round)); the cohort is shuffled, so the malicious are not all at its front."""
+        each round (default: the population's malicious share of the cohort, rounded), drawn
+        from the malicious set, the rest from the benign, seeded by (seed, round); the
+        cohort is shuffled, so the malicious are not all at its front."""
         cohort_size = check_integer("cohort_size", cohort_size, 1)
+        if num_malicious is None:
+            num_malicious = round(len(self.malicious) / self.num_clients * cohort_size)
         m = check_integer("num_malicious", num_malicious, 0)
         benign = np.flatnonzero(~self.mask)
         if m > cohort_size:
@@ -152,15 +156,17 @@ def label_flip(num_classes: int, *, source: int | None = None, target: int | Non
     return DataAttack(name, apply, success_data)
 
 
-def backdoor(target: int, *, image_shape: tuple[int, ...] = (28, 28), size: int = 4,
-             value: float = 1.0, fraction: float = 0.5, feature: str = "x",
+def backdoor(target: int, num_classes: int, *, image_shape: tuple[int, ...] = (28, 28),
+             size: int = 4, value: float = 1.0, fraction: float = 0.5, feature: str = "x",
              label: str = "y") -> DataAttack:
     """A pixel-pattern backdoor (Gu et al. 2017; Bagdasaryan et al. 2020; Sun et al. 2019 on
     EMNIST): a `size` x `size` square of `value` in the bottom-right corner of each image, on
     a `fraction` of every malicious client's examples (seeded), relabelled `target`. Images
     may be stored flat (`[n, prod(image_shape)]`) or shaped. Success: the share of triggered
-    test examples of another class that the model classifies as `target`."""
-    target = check_integer("target", target, 0)
+    test examples of another class that the model classifies as `target`. `value` 1.0 is
+    white ink on `fs.data.femnist`'s default (normalized: background 0) images."""
+    num_classes = check_integer("num_classes", num_classes, 2)
+    target = check_integer("target", target, 0, num_classes - 1)
     size = check_integer("size", size, 1)
     fraction = check_number("fraction", fraction, above=0, at_most=1)
     value = check_number("value", value)
@@ -203,6 +209,17 @@ def _relabelled(test: FederatedData, keep: np.ndarray, rewrite) -> FederatedData
     has = counts > 0
     return FederatedData(test.client_ids[has], features,
                          np.concatenate([[0], np.cumsum(counts[has])]))
+
+
+def success(model, params, attack: DataAttack, test: FederatedData, *,
+            batch_size: int = 1024) -> float:
+    """The attack success rate of `params`: its accuracy, pooled over examples, on
+    `attack.success_data(test)` (for a backdoor, the share of triggered images of another
+    class put in the target class; for label flipping, the share of the concerned test
+    examples put in their flipped class). In a run, `Simulation(eval_extra={"attack_success":
+    attack.success_data(test)})` records the same at every evaluation."""
+    return evaluate_pooled(model, params, attack.success_data(test),
+                           batch_size=batch_size)["accuracy"]
 
 
 # -- update attacks --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from scipy.stats import norm
 
 import fedjax_sim as fs
+import fedjax_sim.testing as fst
 from fedjax_sim import attacks as at
 from fedjax_sim.aggregators import Reduced
 from fedjax_sim.engine import ClientContext
@@ -76,7 +77,7 @@ def test_backdoor_stamps_a_fraction_of_the_malicious_examples():
     y = rng.integers(0, 5, 60).astype(np.int32)
     data = fs.data.from_arrays(np.repeat(np.arange(6), 10), {"x": x, "y": y})
     adv = at.Adversary(np.array([1, 4]), 6)
-    door = at.backdoor(3, size=3, fraction=0.5)
+    door = at.backdoor(3, 5, size=3, fraction=0.5)
     poisoned = at.poison(data, adv, door, seed=0)
     px, py = poisoned.features["x"], poisoned.features["y"]
     stamped = np.all(px[:, -3:, -3:] == 1.0, axis=(1, 2))
@@ -130,27 +131,95 @@ def test_update_attacks_follow_their_formulas_on_malicious_clients_only(adversar
                                   outputs[0]["w"])
 
 
-@pytest.mark.parametrize("mesh", [None, "all"])
-def test_sign_flip_in_a_simulation_on_1_and_8_devices(data, adversary, mesh):
-    """The server's norms see the attacked updates: a malicious client's update norm is
-    scale times the honest run's, a benign client's is the same."""
-    train, _ = data
+def _client_norms(train, chain, sampler, mesh):
     model = fs.models.logistic_regression(60, 10)
+    algo = fs.algorithms.fedavg(model, optax.sgd(0.05), aggregator=chain, batch_size=10)
+    result = fs.simulate(algo, train, rounds=1, sampler=sampler, seed=0, chunk_size=2,
+                         mesh=mesh, progress=False)
+    c = result.history[0]["clients"]
+    ids = train.index_of(c["client_id"]).tolist()
+    delta = jax.tree.map(jnp.subtract, result.params, model.init(jax.random.key(0)))
+    return dict(zip(ids, c["update_norm"], strict=True)), c, delta
+
+
+@pytest.mark.parametrize("mesh", [None, "all"])
+def test_update_attacks_in_a_simulation_on_1_and_8_devices(data, mesh):
+    """Sign flip, scaling and Gaussian noise on three disjoint malicious pairs in one cohort:
+    the server's per-client norms are scale times, factor times the honest run's, and
+    stddev sqrt(d) for the noise; every benign client's is the same as in the honest run."""
+    train, _ = data
     mesh = None if mesh is None else fs.client_mesh()
-    norms = {}
-    for name, first in (("honest", ()), ("attacked", (at.sign_flip(adversary, 3.0),))):
-        chain = A.chain(*first, A.mask_nonfinite(), A.weight_by("uniform"), A.mean())
-        algo = fs.algorithms.fedavg(model, optax.sgd(0.05), aggregator=chain, batch_size=10)
-        rec = fs.simulate(algo, train, rounds=1, sampler=adversary.sampler(8, 3), seed=0,
-                          chunk_size=1, mesh=mesh, progress=False).history[0]
-        c = rec["clients"]
-        norms[name] = dict(zip(train.index_of(c["client_id"]).tolist(), c["update_norm"],
-                               strict=True))
-        if name == "attacked":
-            assert sum(c["malicious"]) == 3
-    for cid, honest in norms["honest"].items():
-        factor = 3.0 if adversary.mask[cid] else 1.0
-        np.testing.assert_allclose(norms["attacked"][cid], factor * honest, rtol=1e-5)
+    flip, boost, noise = (at.Adversary(np.array(ids), N) for ids in ([1, 7], [4, 9], [2, 11]))
+    everyone = at.Adversary(np.array([1, 7, 4, 9, 2, 11]), N)
+    sampler = everyone.sampler(10, 6)  # all six malicious and four benign each round
+    tail = (A.mask_nonfinite(), A.weight_by("uniform"), A.mean())
+    honest, _, _ = _client_norms(train, A.chain(*tail), sampler, mesh)
+    attacked, _, _ = _client_norms(
+        train, A.chain(at.sign_flip(flip, 3.0), at.scaling(boost, 5.0),
+                       at.gaussian(noise, 0.1), *tail), sampler, mesh)
+    assert set(honest) == set(attacked) and len(honest) == 10
+    d = 60 * 10 + 10
+    for cid, was in honest.items():
+        if flip.mask[cid]:
+            np.testing.assert_allclose(attacked[cid], 3.0 * was, rtol=1e-5)
+        elif boost.mask[cid]:
+            np.testing.assert_allclose(attacked[cid], 5.0 * was, rtol=1e-5)
+        elif noise.mask[cid]:  # chi with d degrees of freedom: within a few percent
+            np.testing.assert_allclose(attacked[cid], 0.1 * np.sqrt(d), rtol=0.1)
+        else:
+            np.testing.assert_allclose(attacked[cid], was, rtol=1e-6)
+
+
+def test_sign_flip_of_every_client_flips_the_mean_and_composes_with_clipping(data):
+    """With the whole cohort malicious the mean is -scale times the honest mean (the sign
+    the norms cannot show); a clip after the attack, before the median (a robust rule after
+    DP clipping), bounds exactly the boosted clients."""
+    train, _ = data
+    everyone = at.Adversary(np.arange(N), N)
+    tail = (A.mask_nonfinite(), A.weight_by("uniform"), A.mean())
+    _, _, honest = _client_norms(train, A.chain(*tail), everyone.sampler(8), None)
+    _, c, flipped = _client_norms(train, A.chain(at.sign_flip(everyone, 2.0), *tail),
+                                  everyone.sampler(8), None)
+    assert all(c["malicious"])
+    fst.assert_trees_close(flipped, jax.tree.map(lambda h: -2.0 * h, honest))
+    adv = at.Adversary(np.array([3, 5, 8]), N)
+    # The health monitor names the boosted clients, as it sees what they sent.
+    with pytest.warns(UserWarning, match="outlier_clients") as caught:
+        norms, c, delta = _client_norms(
+            train, A.chain(at.scaling(adv, 1000.0), A.mask_nonfinite(), A.clip(20.0),
+                           A.weight_by("uniform"), A.median()), adv.sampler(8, 3), None)
+    assert len(caught) == 3
+    bad = adv.mask[train.index_of(c["client_id"])]
+    assert bad.sum() == 3 and np.array_equal(np.asarray(c["malicious"]), bad)
+    np.testing.assert_array_equal(np.asarray(c["clipped"]), bad)
+    assert min(v for k, v in norms.items() if adv.mask[k]) > 20.0  # sent boosted, then clipped
+    assert float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(delta)))) < 20.0
+
+
+def test_success_on_a_hand_made_model():
+    """A linear model on 4x4 images that answers class 2 when the trigger is on, unless
+    pixel 0 (weight 10 toward class 1) outvotes it: success is the share of non-target test
+    images whose pixel 0 is off."""
+    rng = np.random.default_rng(1)
+    x = rng.random((40, 16)).astype(np.float32) * 0.01
+    x[::3, 0] = 1.0
+    y = rng.integers(0, 3, 40).astype(np.int32)
+    test = fs.data.from_arrays(np.repeat(np.arange(4), 10), {"x": x, "y": y})
+    model = fs.models.logistic_regression(16, 3)
+    w = np.zeros((16, 3), np.float32)
+    w[[10, 11, 14, 15], 2] = 1.0  # the 2x2 bottom-right corner
+    w[0, 1] = 10.0
+    params = {"w": jnp.asarray(w), "b": jnp.array([0.5, 0.0, 0.0])}
+    door = at.backdoor(2, 3, image_shape=(4, 4), size=2)
+    other = y != 2
+    want = np.sum(other & (x[:, 0] < 0.5)) / np.sum(other)
+    assert 0.2 < want < 0.9
+    np.testing.assert_allclose(at.success(model, params, door, test), want, rtol=1e-6)
+    # Label flipping 0 -> 1: the class-0 images with pixel 0 on are put in class 1.
+    flip = at.label_flip(3, source=0, target=1)
+    zero = y == 0
+    np.testing.assert_allclose(at.success(model, params, flip, test),
+                               np.sum(zero & (x[:, 0] > 0.5)) / np.sum(zero), rtol=1e-6)
 
 
 def test_alie_crafts_mu_minus_z_sigma_of_the_benign_rows():
@@ -207,12 +276,21 @@ def test_bad_input(adversary, data):
         adversary.sampler(10, 7)
     with pytest.raises(ValueError, match="target"):
         at.label_flip(10, source=1, target=10)
+    with pytest.raises(ValueError, match="target"):
+        at.backdoor(62, 62)
+    with pytest.raises(ValueError, match="fraction"):
+        at.backdoor(1, 62, fraction=0.0)
+    with pytest.raises(ValueError, match="fraction"):
+        at.Adversary.choose(N, -0.1)
+    with pytest.raises(ValueError, match="for 24 clients"):
+        at.poison(fs.data.synthetic(1.0, 1.0, num_clients=5, seed=0)[0], adversary,
+                  at.label_flip(10))
     with pytest.raises(ValueError, match="both source and target"):
         at.label_flip(10, source=1)
     with pytest.raises(ValueError, match="does not fit"):
-        at.backdoor(1, image_shape=(28, 28), size=29)
+        at.backdoor(1, 62, image_shape=(28, 28), size=29)
     with pytest.raises(ValueError, match="not images"):
-        at.poison(data[0], adversary, at.backdoor(1))
+        at.poison(data[0], adversary, at.backdoor(1, 10))
     with pytest.raises(TypeError, match="one reduction stage"):
         at.alie(adversary, A.default())
     with pytest.raises(TypeError, match="reduction stage"):
