@@ -17,7 +17,17 @@ from pathlib import Path
 
 import optax
 
-from fedjax_sim import aggregators, algorithms, data, devices, evaluation, models, privacy, sampling
+from fedjax_sim import (
+    aggregators,
+    algorithms,
+    attacks,
+    data,
+    devices,
+    evaluation,
+    models,
+    privacy,
+    sampling,
+)
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
 from fedjax_sim.evaluation import format_summary
 from fedjax_sim.health import DivergedError
@@ -37,6 +47,8 @@ SERVER_OPTIMIZERS = {
 }
 RUN_FILES = ("history.jsonl", "summary.json", "checkpoints")
 ALGORITHMS = ("fedavg", "ditto", "apfl", "pfedme", "fedrep", "fedper", "hypcluster", "ifca")
+ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "label_flip", "alie")
+DEFENCES = ("mean", "median")
 MODELS = {
     "logistic": lambda f, c: models.logistic_regression(f, c),
     "mlp": lambda f, c: models.mlp(f, c),
@@ -190,6 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
                      "from a seeded phase, and cohorts are drawn among the available")
     dev.add_argument("--day-length", type=_positive_float, default=86400.0,
                      help="the diurnal period in virtual seconds")
+    attack = run.add_argument_group(
+        "attacks: a seeded set of malicious clients, the same share of every cohort")
+    attack.add_argument("--attack", choices=ATTACKS, default="none",
+                        help="sign_flip: minus the honest update; scaling: the update boosted "
+                        "(model replacement); gaussian: N(0, s^2) noise in its place; "
+                        "label_flip: labels l -> 9 - l; alie: 'a little is enough' against "
+                        "the --defence (the pixel backdoor needs images: "
+                        "examples/femnist_attacks.py)")
+    attack.add_argument("--malicious-fraction", type=_finite_float, default=0.1,
+                        help="the malicious share of the population and of each cohort")
+    attack.add_argument("--attack-scale", type=_positive_float, default=None,
+                        help="sign_flip's scale (default 1), scaling's factor (default the "
+                        "cohort size over --server-lr), gaussian's stddev (default 1)")
+    attack.add_argument("--defence", choices=DEFENCES, default="mean",
+                        help="the server's rule: the (weighted) mean, or the coordinate-wise "
+                        "median")
     run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
     return parser
 
@@ -225,13 +253,19 @@ def run(args: argparse.Namespace) -> dict:
                                  seed=args.seed)
     model = MODELS[args.model](NUM_FEATURES, NUM_CLASSES)
     dp = _dp_settings(args, train.num_clients)
-    algo = build_algorithm(args, model, None if dp is None else dp["aggregator"])
+    attack = _attack_settings(args, train, test, dp)
+    if attack is not None:
+        train = attack["train"]
+    aggregator = attack["aggregator"] if attack else dp["aggregator"] if dp else None
+    algo = build_algorithm(args, model, aggregator)
     output_dir = (Path(args.output_dir) if args.resume
                   else fresh_output_dir(args.output_dir, args.overwrite))
     print(f"Synthetic({args.alpha:g},{args.beta:g}): train {train}\n  test {test}")
     device_model = build_device_model(args, train.num_clients)
     sampler = dict(cohort_size=args.cohort_size) if dp is None else dict(
         sampler=dp["sampler"], delta=args.delta, target_epsilon=args.target_epsilon)
+    if attack is not None and dp is None:
+        sampler = dict(sampler=attack["sampler"])
     # A personalization algorithm's clients are evaluated with their own models as they are.
     tune = (evaluation.FineTune(CLIENT_OPTIMIZERS[args.client_optimizer](args.client_lr),
                                 args.fine_tune_steps, args.batch_size)
@@ -239,6 +273,7 @@ def run(args: argparse.Namespace) -> dict:
     result = simulate(algo, train, rounds=args.rounds, **sampler, seed=args.seed,
                       eval_data=test, eval_every=args.eval_every, fine_tune=tune,
                       eval_clients=args.eval_clients, eval_rolling=args.eval_rolling,
+                      eval_extra=attack["eval_extra"] if attack else None,
                       chunk_size=args.chunk_size, output_dir=output_dir,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.no_progress, devices=device_model)
@@ -255,6 +290,10 @@ def run(args: argparse.Namespace) -> dict:
         "eval_personal": final.get("eval_personal"),
         "privacy": result.privacy,
         "virtual_time": final.get("virtual_time"),
+        "attack": None if attack is None else {
+            "attack": args.attack, "defence": args.defence,
+            "malicious_clients": attack["malicious"],
+            "success": final.get("attack_success", {}).get("accuracy")},
     }
     with open(output_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -295,6 +334,11 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  {tuned:<{width}}{format_summary(own)}")
         gain = final["eval_personal_fairness"]
         print(f"  {what} helps {gain['helped']:.0%} of clients, hurts {gain['hurt']:.0%}")
+    if attack is not None:
+        print(f"attack {args.attack} against the {args.defence}: {attack['description']}")
+        if "attack_success" in final:
+            print(f"  attack success {final['attack_success']['accuracy']:.3f} (the share of "
+                  "test examples the global model puts in their flipped class)")
     if args.alpha > 0 and acc["p50"] < 0.5 * acc["weighted_mean"]:
         print("  (Synthetic(alpha, beta) draws each client's labels from its own model: one "
               "global model serves the large clients, and the median client needs its own; "
@@ -388,11 +432,54 @@ def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
                                          args.rounds, delta, accountant="rdp")
         print(f"noise multiplier {z:.4g}: epsilon {args.target_epsilon:g} at delta "
               f"{delta:.3g} after {args.rounds} rounds")
-    chain = aggregators.chain(aggregators.clip(args.dp_clip),
-                              aggregators.weight_by(args.weighting or "uniform"),
-                              aggregators.dp_mean(z, args.dp_clip, args.cohort_size))
-    return {"aggregator": chain, "noise_multiplier": z,
+    stages = (aggregators.clip(args.dp_clip), aggregators.weight_by(args.weighting or "uniform"),
+              aggregators.dp_mean(z, args.dp_clip, args.cohort_size))
+    return {"aggregator": aggregators.chain(*stages), "stages": stages, "noise_multiplier": z,
             "sampler": sampling.poisson(num_clients, args.cohort_size)}
+
+
+def _attack_settings(args: argparse.Namespace, train, test, dp: dict | None) -> dict | None:
+    """The attack's chain, its exact-share sampler, the (poisoned) training data and the
+    success set from the flags (None without an attack and a defence)."""
+    if args.attack == "none" and args.defence == "mean":
+        return None
+    if dp is not None and args.defence != "mean":
+        raise ValueError(f"--defence {args.defence} has no DP noise: with --dp-clip the "
+                         "server's rule is DP-FedAvg's noised mean")
+    if not 0 <= args.malicious_fraction <= 1:
+        raise ValueError(f"--malicious-fraction must be in [0, 1], got "
+                         f"{args.malicious_fraction:g}")
+    fraction = 0.0 if args.attack == "none" else args.malicious_fraction
+    adversary = attacks.Adversary.choose(train.num_clients, fraction, seed=args.seed)
+    m = round(fraction * args.cohort_size)
+    sampler = adversary.sampler(args.cohort_size, m)  # raises when m is too many
+    scale = args.attack_scale
+    update = {
+        "sign_flip": lambda: attacks.sign_flip(adversary, scale or 1.0),
+        "scaling": lambda: attacks.scaling(adversary,
+                                           scale or args.cohort_size / args.server_lr),
+        "gaussian": lambda: attacks.gaussian(adversary, scale or 1.0),
+    }.get(args.attack)
+    if dp is not None:
+        stages = list(dp["stages"])
+    else:
+        stages = [aggregators.weight_by(args.weighting or "num_examples"),
+                  aggregators.mean() if args.defence == "mean" else aggregators.median()]
+    if args.attack == "alie":
+        stages[-1] = attacks.alie(adversary, stages[-1])
+    first = [update(), aggregators.mask_nonfinite()] if update else []
+    extra, poisoned = None, train
+    if args.attack == "label_flip":
+        flip = attacks.label_flip(NUM_CLASSES)
+        poisoned = attacks.poison(train, adversary, flip, seed=args.seed)
+        extra = {"attack_success": flip.success_data(test)}
+    where = ("each cohort's malicious are whichever Poisson sampling draws" if dp is not None
+             else f"{m} of the {args.cohort_size} clients of each round malicious")
+    return {"aggregator": aggregators.chain(*first, *stages), "sampler": sampler,
+            "train": poisoned, "eval_extra": extra,
+            "malicious": adversary.malicious.tolist(),
+            "description": f"{len(adversary.malicious)} of {train.num_clients} clients "
+                           f"malicious, {where}"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -313,3 +313,35 @@ def test_femnist_attacks_example_quick(tmp_path, monkeypatch):
     assert all(0 <= c["accuracy"] <= 1 for c in cells)
     assert all(c["success"] is not None for c in cells if c["attack"] == "scaling")
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+CLI_ARGS = ["run", "--rounds", "2", "--num-clients", "30", "--cohort-size", "10",
+            "--eval-every", "0", "--fine-tune-steps", "0", "--no-progress", "--chunk-size", "2"]
+
+
+def test_cli_runs_an_attack_against_a_defence_and_reports_its_success(tmp_path, capsys):
+    from fedjax_sim import cli
+
+    assert cli.main(CLI_ARGS + ["--attack", "label_flip", "--malicious-fraction", "0.3",
+                                "--defence", "median", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "attack label_flip against the median: 9 of 30 clients malicious, 3 of the 10" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())["attack"]
+    assert len(summary["malicious_clients"]) == 9 and 0 <= summary["success"] <= 1
+    # ALIE wraps the defence; an update attack goes first, before the mask.
+    args = cli.build_parser().parse_args(CLI_ARGS + ["--attack", "alie", "--defence", "median"])
+    train, test = fs.data.synthetic(1.0, 1.0, num_clients=30, seed=0)
+    chain = cli._attack_settings(args, train, test, None)["aggregator"]
+    assert chain.reduction == "rows"
+    args = cli.build_parser().parse_args(CLI_ARGS + ["--attack", "scaling"])
+    settings = cli._attack_settings(args, train, test, None)
+    assert settings["aggregator"].reduction == "sum"
+    assert sum(at.Adversary(np.array(settings["malicious"]), 30).mask[
+        settings["sampler"].sample(0, 1)]) == 1  # round(0.1 x 10)
+    for flags, message in [(["--malicious-fraction", "1.5"], "must be in \\[0, 1\\]"),
+                           (["--defence", "median", "--dp-clip", "1", "--noise-multiplier",
+                             "1"], "has no DP noise")]:
+        with pytest.raises(SystemExit):
+            cli.main(CLI_ARGS + ["--attack", "sign_flip", *flags, "--output-dir",
+                                 str(tmp_path / "x")])
+        assert message.replace("\\", "") in capsys.readouterr().err
