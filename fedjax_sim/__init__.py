@@ -21,6 +21,7 @@ from fedjax_sim import (
     health,
     models,
     privacy,
+    robust,
     sampling,
     secagg,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "health",
     "models",
     "privacy",
+    "robust",
     "sampling",
     "secagg",
     "simulate",

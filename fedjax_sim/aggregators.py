@@ -50,6 +50,9 @@ class Aggregator(NamedTuple):
       name: a short name, for error messages.
       privacy: a DP stage's `(participation, rounds) -> dp_accounting.DpEvent` for the
         accountant (`fs.privacy.Ledger`); None for a stage that guarantees nothing.
+      check: `(cohort_size) -> None`, raising ValueError when the stage cannot work with
+        cohorts of up to that many clients (Krum's n > 2f + 2); `fs.Simulation` calls it with
+        the sampler's largest cohort before anything compiles. None: any cohort will do.
     """
 
     init: Callable[[Any], Any]
@@ -58,6 +61,7 @@ class Aggregator(NamedTuple):
     reduction: Literal["sum", "rows"] | None = None
     name: str = "stage"
     privacy: Callable[..., Any] | None = None
+    check: Callable[[int], None] | None = None
 
 
 def _identity_client(output, weight, ctx, state):
@@ -69,17 +73,17 @@ def _identity_server(value, state, key):
 
 
 def stage(name: str, *, client=_identity_client, server=_identity_server,
-          init=lambda template: (), reduction=None, privacy=None) -> Aggregator:
+          init=lambda template: (), reduction=None, privacy=None, check=None) -> Aggregator:
     """An `Aggregator` stage from its parts (identity where not given)."""
-    return Aggregator(init, client, server, reduction, name, privacy)
+    return Aggregator(init, client, server, reduction, name, privacy, check=check)
 
 
 def chain(*stages: Aggregator) -> Aggregator:
     """Composes stages into one aggregator; exactly one must be a reduction.
 
     The state is the tuple of the stages' states; metrics of all stages are merged (later
-    names win); the DP stages' events compose. `mask_nonfinite()` is put first unless the
-    chain has it.
+    names win); the DP stages' events compose, and so do the stages' cohort checks.
+    `mask_nonfinite()` is put first unless the chain has it.
     """
     if not any(s.name == "mask_nonfinite" for s in stages):
         stages = (mask_nonfinite(), *stages)
@@ -125,7 +129,14 @@ def chain(*stages: Aggregator) -> Aggregator:
             import dp_accounting
             return dp_accounting.ComposedDpEvent([e(participation, rounds) for e in events])
 
-    return Aggregator(init, client, server, stages[r].reduction, "chain", privacy)
+    checks = [s.check for s in stages if s.check is not None]
+
+    def check(cohort_size: int) -> None:
+        for c in checks:
+            c(cohort_size)
+
+    return Aggregator(init, client, server, stages[r].reduction, "chain", privacy,
+                      check=check if checks else None)
 
 
 def mask_nonfinite() -> Aggregator:
@@ -342,27 +353,6 @@ def local_dp(noise_multiplier: float, clip_norm: float) -> Aggregator:
     return stage("local_dp", client=client)
 
 
-def median() -> Aggregator:
-    """The coordinate-wise median over the clients with weight > 0 (unweighted), a rows
-    reduction: every output reaches the server as `[C, ...]` (zero if none counts).
-
-    References: Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal
-      Statistical Rates", ICML 2018.
-    """
-
-    def server(reduced, state, key):
-        counts = reduced.weight > 0
-
-        def one(rows):
-            x = jnp.where(counts.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, jnp.nan)
-            return jnp.where(jnp.any(counts),
-                             jnp.nanmedian(x.astype(_accumulator(x.dtype)), axis=0), 0.0)
-
-        return jax.tree.map(one, reduced.output), state, {"weight_sum": jnp.sum(reduced.weight)}
-
-    return stage("median", server=server, reduction="rows")
-
-
 def _accumulate(output, weight, ctx, state):
     """A streamed sum's client part: the output in its accumulator dtype (the reduction
     weights it, `weighted_sum_rows`)."""
@@ -451,3 +441,7 @@ def _select_sum_rows(w: jax.Array, x: jax.Array) -> jax.Array:
 def default(client_weighting: Literal["num_examples", "uniform"] = "num_examples") -> Aggregator:
     """FedAvg's aggregation: non-finite clients masked, weighted, averaged."""
     return chain(mask_nonfinite(), weight_by(client_weighting), mean())
+
+
+# The coordinate-wise median lives with the other robust rules; importable here as before.
+from fedjax_sim.robust import median  # noqa: E402, F401

@@ -324,4 +324,5 @@ def alie(adversary: Adversary, reduction: agg.Aggregator, z: float | None = None
         return value, state, {**metrics, "alie_z": zz}
 
     return agg.stage(f"alie({reduction.name})", client=client, server=server,
-                     init=reduction.init, reduction="rows", privacy=reduction.privacy)
+                     init=reduction.init, reduction="rows", privacy=reduction.privacy,
+                     check=reduction.check)

@@ -26,6 +26,7 @@ from fedjax_sim import (
     evaluation,
     models,
     privacy,
+    robust,
     sampling,
 )
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
@@ -46,9 +47,10 @@ SERVER_OPTIMIZERS = {
     "adagrad": lambda lr: algorithms.fedadagrad(lr),
 }
 RUN_FILES = ("history.jsonl", "summary.json", "checkpoints")
+ROBUST_AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum",
+                      "geometric_median", "norm_bound", "centered_clipping")
 ALGORITHMS = ("fedavg", "ditto", "apfl", "pfedme", "fedrep", "fedper", "hypcluster", "ifca")
 ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "label_flip", "alie")
-DEFENCES = ("mean", "median")
 MODELS = {
     "logistic": lambda f, c: models.logistic_regression(f, c),
     "mlp": lambda f, c: models.mlp(f, c),
@@ -208,16 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sign_flip: minus the honest update; scaling: the update boosted "
                         "(model replacement); gaussian: N(0, s^2) noise in its place; "
                         "label_flip: labels l -> 9 - l; alie: 'a little is enough' against "
-                        "the --defence (the pixel backdoor needs images: "
+                        "the --aggregator (the pixel backdoor needs images: "
                         "examples/femnist_attacks.py)")
     attack.add_argument("--malicious-fraction", type=_finite_float, default=0.1,
                         help="the malicious share of the population and of each cohort")
     attack.add_argument("--attack-scale", type=_positive_float, default=None,
                         help="sign_flip's scale (default 1), scaling's factor (default the "
                         "cohort size over --server-lr), gaussian's stddev (default 1)")
-    attack.add_argument("--defence", choices=DEFENCES, default="mean",
-                        help="the server's rule: the (weighted) mean, or the coordinate-wise "
-                        "median")
+    rb = run.add_argument_group("robust aggregation (fs.robust): a rule in place of the mean")
+    rb.add_argument("--aggregator", choices=ROBUST_AGGREGATORS, default="mean",
+                    help="how the clients' updates are combined")
+    rb.add_argument("--trim", type=_non_negative_float, default=None,
+                    help="trimmed_mean: the fraction dropped at each end, in [0, 0.5) "
+                    "(unset: 0.1)")
+    rb.add_argument("--krum-f", type=_non_negative_int, default=None,
+                    help="krum, multi_krum: the Byzantine clients tolerated, cohort > 2f + 2 "
+                    "(unset: 1)")
+    rb.add_argument("--krum-m", type=_positive_int, default=None,
+                    help="multi_krum: the clients averaged, at most cohort - f (unset: "
+                    "cohort - f)")
+    rb.add_argument("--norm-bound", type=_positive_float, default=None,
+                    help="norm_bound: each update clipped to this L2 norm before the mean "
+                    "(unset: 1.0)")
+    rb.add_argument("--cc-tau", type=_positive_float, default=None,
+                    help="centered_clipping: the clipping radius around the last aggregate "
+                    "(unset: 1.0)")
     run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
     return parser
 
@@ -252,11 +269,13 @@ def run(args: argparse.Namespace) -> dict:
     train, test = data.synthetic(args.alpha, args.beta, num_clients=args.num_clients,
                                  seed=args.seed)
     model = MODELS[args.model](NUM_FEATURES, NUM_CLASSES)
+    robust_stages = robust_aggregator(args)  # its flags checked before DP's calibration
     dp = _dp_settings(args, train.num_clients)
-    attack = _attack_settings(args, train, test, dp)
+    attack = _attack_settings(args, train, test, dp, robust_stages)
     if attack is not None:
         train = attack["train"]
-    aggregator = attack["aggregator"] if attack else dp["aggregator"] if dp else None
+    aggregator = (attack["aggregator"] if attack else dp["aggregator"] if dp
+                  else None if robust_stages is None else aggregators.chain(*robust_stages))
     algo = build_algorithm(args, model, aggregator)
     output_dir = (Path(args.output_dir) if args.resume
                   else fresh_output_dir(args.output_dir, args.overwrite))
@@ -291,9 +310,10 @@ def run(args: argparse.Namespace) -> dict:
         "privacy": result.privacy,
         "virtual_time": final.get("virtual_time"),
         "attack": None if attack is None else {
-            "attack": args.attack, "defence": args.defence,
+            "attack": args.attack, "aggregator": args.aggregator,
             "malicious_clients": attack["malicious"],
             "success": final.get("attack_success", {}).get("accuracy")},
+        "aggregator": args.aggregator,
     }
     with open(output_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -335,7 +355,8 @@ def run(args: argparse.Namespace) -> dict:
         gain = final["eval_personal_fairness"]
         print(f"  {what} helps {gain['helped']:.0%} of clients, hurts {gain['hurt']:.0%}")
     if attack is not None:
-        print(f"attack {args.attack} against the {args.defence}: {attack['description']}")
+        print(f"attack {args.attack} against the {args.aggregator}: "
+              f"{attack['description']}")
         if "attack_success" in final:
             print(f"  attack success {final['attack_success']['accuracy']:.3f} (the share of "
                   "test examples the global model puts in their flipped class)")
@@ -377,8 +398,8 @@ def build_algorithm(args: argparse.Namespace, model, aggregator):
                                  head_steps=args.head_steps, **common)
     if name in ("hypcluster", "ifca"):
         if aggregator is not None:
-            raise ValueError(f"--algorithm {name} takes no DP flags (its k models share one "
-                             "sum)")
+            raise ValueError(f"--algorithm {name} takes no DP flags or --aggregator (its k "
+                             "models share one sum)")
         return getattr(algorithms, name)(model, client, args.num_clusters, server,
                                          batch_size=args.batch_size, num_epochs=args.epochs)
     return algorithms.fedper(model, client, server, head=args.head, **common)
@@ -413,6 +434,42 @@ def build_device_model(args: argparse.Namespace,
                                availability=availability, keep_partial=args.keep_partial)
 
 
+# Each rule's own flags: one given with another --aggregator is refused, not ignored.
+ROBUST_FLAGS = {"trim": ("trimmed_mean",), "krum_f": ("krum", "multi_krum"),
+                "krum_m": ("multi_krum",), "norm_bound": ("norm_bound",),
+                "cc_tau": ("centered_clipping",)}
+
+
+def robust_aggregator(args: argparse.Namespace) -> tuple | None:
+    """The --aggregator rule's chain stages, clients weighted by --weighting (default example
+    counts; the order statistics and Krum count each client once whatever the weights);
+    None for the plain mean. Stages, not a chain, so an attack can go first or wrap the
+    rule."""
+    name = args.aggregator
+    for dest, rules in ROBUST_FLAGS.items():
+        if getattr(args, dest) is not None and name not in rules:
+            raise ValueError(f"--{dest.replace('_', '-')} is for --aggregator "
+                             f"{' or '.join(rules)}, not {name}")
+    if name == "mean":
+        return None
+    if args.dp_clip is not None:
+        raise ValueError(f"--aggregator {name} replaces the mean DP-FedAvg noises: give "
+                         "--dp-clip without it")
+    or_default = lambda value, default: default if value is None else value
+    weighting = aggregators.weight_by(args.weighting or "num_examples")
+    if name == "norm_bound":
+        return (robust.norm_bound(or_default(args.norm_bound, 1.0)), weighting,
+                aggregators.mean())
+    rule = {"median": robust.median,
+            "trimmed_mean": lambda: robust.trimmed_mean(or_default(args.trim, 0.1)),
+            "krum": lambda: robust.krum(or_default(args.krum_f, 1)),
+            "multi_krum": lambda: robust.multi_krum(or_default(args.krum_f, 1), args.krum_m),
+            "geometric_median": robust.geometric_median,
+            "centered_clipping": lambda: robust.centered_clipping(or_default(args.cc_tau, 1.0)),
+            }[name]()
+    return (weighting, rule)
+
+
 def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
     """DP-FedAvg's chain and Poisson sampler from the flags (None when DP is off), the noise
     calibrated to the target epsilon when not given."""
@@ -438,18 +495,17 @@ def _dp_settings(args: argparse.Namespace, num_clients: int) -> dict | None:
             "sampler": sampling.poisson(num_clients, args.cohort_size)}
 
 
-def _attack_settings(args: argparse.Namespace, train, test, dp: dict | None) -> dict | None:
-    """The attack's chain, its exact-share sampler, the (poisoned) training data and the
-    success set from the flags (None without an attack and a defence)."""
-    if args.attack == "none" and args.defence == "mean":
+def _attack_settings(args: argparse.Namespace, train, test, dp: dict | None,
+                     rule: tuple | None) -> dict | None:
+    """The attack's chain (in front of, or for ALIE around, the `rule` stages or DP's), its
+    exact-share sampler, the (poisoned) training data and the success set from the flags
+    (None without an attack)."""
+    if args.attack == "none":
         return None
-    if dp is not None and args.defence != "mean":
-        raise ValueError(f"--defence {args.defence} has no DP noise: with --dp-clip the "
-                         "server's rule is DP-FedAvg's noised mean")
     if not 0 <= args.malicious_fraction <= 1:
         raise ValueError(f"--malicious-fraction must be in [0, 1], got "
                          f"{args.malicious_fraction:g}")
-    fraction = 0.0 if args.attack == "none" else args.malicious_fraction
+    fraction = args.malicious_fraction
     adversary = attacks.Adversary.choose(train.num_clients, fraction, seed=args.seed)
     m = round(fraction * args.cohort_size)
     sampler = adversary.sampler(args.cohort_size, m)  # raises when m is too many
@@ -460,11 +516,8 @@ def _attack_settings(args: argparse.Namespace, train, test, dp: dict | None) -> 
                                            scale or args.cohort_size / args.server_lr),
         "gaussian": lambda: attacks.gaussian(adversary, scale or 1.0),
     }.get(args.attack)
-    if dp is not None:
-        stages = list(dp["stages"])
-    else:
-        stages = [aggregators.weight_by(args.weighting or "num_examples"),
-                  aggregators.mean() if args.defence == "mean" else aggregators.median()]
+    stages = list(dp["stages"] if dp is not None else rule if rule is not None else
+                  (aggregators.weight_by(args.weighting or "num_examples"), aggregators.mean()))
     if args.attack == "alie":
         stages[-1] = attacks.alie(adversary, stages[-1])
     first = [update(), aggregators.mask_nonfinite()] if update else []

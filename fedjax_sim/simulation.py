@@ -236,6 +236,10 @@ class Simulation:
         if algorithm.check_data is not None:
             algorithm.check_data(train)
         check_some_client_trains(algorithm.batching, train)
+        # A stage that needs enough clients (Krum's n > 2f + 2) is checked before compiling.
+        cohort_check = getattr(algorithm.aggregator, "check", None)
+        if cohort_check is not None:
+            cohort_check(sampler.max_size)
         self.ledger = _ledger(algorithm, sampler, delta, target_epsilon, accountant)
 
         self.algorithm, self.train, self.sampler, self.seed = algorithm, train, sampler, seed

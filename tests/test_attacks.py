@@ -323,24 +323,24 @@ def test_cli_runs_an_attack_against_a_defence_and_reports_its_success(tmp_path, 
     from fedjax_sim import cli
 
     assert cli.main(CLI_ARGS + ["--attack", "label_flip", "--malicious-fraction", "0.3",
-                                "--defence", "median", "--output-dir", str(tmp_path)]) == 0
+                                "--aggregator", "median", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "attack label_flip against the median: 9 of 30 clients malicious, 3 of the 10" in out
     summary = json.loads((tmp_path / "summary.json").read_text())["attack"]
     assert len(summary["malicious_clients"]) == 9 and 0 <= summary["success"] <= 1
     # ALIE wraps the defence; an update attack goes first, before the mask.
-    args = cli.build_parser().parse_args(CLI_ARGS + ["--attack", "alie", "--defence", "median"])
+    args = cli.build_parser().parse_args(CLI_ARGS + ["--attack", "alie", "--aggregator", "median"])
     train, test = fs.data.synthetic(1.0, 1.0, num_clients=30, seed=0)
-    chain = cli._attack_settings(args, train, test, None)["aggregator"]
-    assert chain.reduction == "rows"
+    settings = cli._attack_settings(args, train, test, None, cli.robust_aggregator(args))
+    assert settings["aggregator"].reduction == "rows"
     args = cli.build_parser().parse_args(CLI_ARGS + ["--attack", "scaling"])
-    settings = cli._attack_settings(args, train, test, None)
+    settings = cli._attack_settings(args, train, test, None, None)
     assert settings["aggregator"].reduction == "sum"
     assert sum(at.Adversary(np.array(settings["malicious"]), 30).mask[
         settings["sampler"].sample(0, 1)]) == 1  # round(0.1 x 10)
     for flags, message in [(["--malicious-fraction", "1.5"], "must be in \\[0, 1\\]"),
-                           (["--defence", "median", "--dp-clip", "1", "--noise-multiplier",
-                             "1"], "has no DP noise")]:
+                           (["--aggregator", "median", "--dp-clip", "1", "--noise-multiplier",
+                             "1"], "replaces the mean DP-FedAvg noises")]:
         with pytest.raises(SystemExit):
             cli.main(CLI_ARGS + ["--attack", "sign_flip", *flags, "--output-dir",
                                  str(tmp_path / "x")])

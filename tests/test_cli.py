@@ -144,3 +144,31 @@ def test_device_flags_run_the_virtual_clock_and_bad_ones_are_named(tmp_path, cap
         with pytest.raises(SystemExit):
             cli.main(ARGS + extra + ["--output-dir", str(tmp_path / "bad")])
         assert message in capsys.readouterr().err
+
+
+def test_a_robust_aggregator_replaces_the_mean(tmp_path, capsys):
+    code = cli.main(ARGS + ["--chunk-size", "2", "--output-dir", str(tmp_path),
+                            "--aggregator", "krum", "--krum-f", "2"])
+    assert code == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["aggregator"] == "krum"
+    rounds = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [r["server"]["krum_selected"] for r in rounds] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--aggregator", "krum", "--krum-f", "4"],
+     "krum with f = 4 Byzantine clients needs a cohort of n > 2f + 2 = 10 clients, got n = 10"),
+    (["--aggregator", "trimmed_mean", "--trim", "0.5"], "must be in [0, 0.5), got 0.5"),
+    (["--aggregator", "median", "--trim", "0.1"],
+     "--trim is for --aggregator trimmed_mean, not median"),
+    (["--krum-m", "3"], "--krum-m is for --aggregator multi_krum, not mean"),
+    (["--aggregator", "geometric_median", "--dp-clip", "1.0", "--noise-multiplier", "1.0"],
+     "--aggregator geometric_median replaces the mean DP-FedAvg noises"),
+])
+def test_robust_flags_that_do_not_fit_are_refused_before_training(flags, error, tmp_path,
+                                                                  capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(ARGS + ["--output-dir", str(tmp_path)] + flags)
+    assert e.value.code == 2
+    assert error in capsys.readouterr().err
+    assert not (tmp_path / "history.jsonl").exists()
