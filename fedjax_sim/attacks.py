@@ -13,7 +13,10 @@ it works.
   `chain(sign_flip(adv), mask_nonfinite(), weight_by("uniform"), median())`.
 - `alie` ("a little is enough") needs the benign clients' statistics, so it wraps the
   chain's reduction: a rows reduction that crafts the malicious rows, then hands all rows to
-  the wrapped rule (or sums them for a streamed one such as the mean).
+  the wrapped rule (`fs.robust`'s, or sums them for a streamed one such as the mean).
+- `success(model, params, attack, test)`: the attack success rate of a model; in a run,
+  `Simulation(eval_extra={"attack_success": attack.success_data(test)})` records it at every
+  evaluation.
 """
 
 from __future__ import annotations
@@ -268,10 +271,11 @@ def alie(adversary: Adversary, reduction: agg.Aggregator, z: float | None = None
          ) -> agg.Aggregator:
     """"A little is enough" (Baruch et al. 2019) against the reduction `reduction` (mean,
     median, trimmed mean, Krum, ...): every malicious client sends `mu - z sigma`, the
-    benign clients' per-coordinate mean and standard deviation (the paper's attacker knows
-    them; its colluders estimate them from their own honest updates), small enough to pass
-    for benign. `z` defaults to the paper's z_max = Phi^-1((n - s) / n) with s =
-    floor(n / 2 + 1) - m, for the round's n counted clients of which m are malicious.
+    benign clients' per-coordinate mean and standard deviation (over the benign rows, 1/n;
+    the paper's attacker knows them, as here, or its colluders estimate them from their own
+    honest updates), small enough to pass for benign. `z` defaults to the paper's z_max =
+    Phi^-1((n - s) / n) with s = floor(n / 2 + 1) - m, for the round's n counted clients of
+    which m are malicious.
 
     A rows reduction: the crafted rows replace the malicious ones after the chain's
     per-client stages, so a per-client defence before it (a norm bound) bounds the benign

@@ -248,6 +248,33 @@ def test_alie_crafts_mu_minus_z_sigma_of_the_benign_rows():
     assert fixed.reduction == "rows"
 
 
+@pytest.mark.parametrize("rule", [fs.robust.trimmed_mean(0.2), fs.robust.krum(1),
+                                  fs.robust.multi_krum(1, 4), fs.robust.geometric_median(),
+                                  fs.robust.centered_clipping(0.5)], ids=lambda r: r.name)
+def test_alie_hands_the_crafted_rows_to_any_robust_rule(rule):
+    """One code path: ALIE in front of a rule gives what the rule gives on the benign rows
+    with the malicious ones replaced by the crafted update (z given), and keeps its cohort
+    check."""
+    adv = at.Adversary(np.array([0, 3]), 10)
+    rows = np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32)
+    ids, weights = np.arange(8), np.ones(8, np.float32)
+    benign = rows[~np.isin(ids, [0, 3])]
+    crafted = rows.copy()
+    crafted[[0, 3]] = benign.mean(0) - 1.5 * benign.std(0)
+    stage = at.alie(adv, rule, z=1.5)
+    outs = [stage.client({"w": jnp.asarray(r)}, jnp.float32(1), ctx, ())
+            for r, ctx in zip(rows, _contexts(ids), strict=True)]
+    out = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[0] for o in outs])
+    state = stage.init({"w": jnp.zeros(4)})
+    got, _, _ = stage.server(Reduced(out, jnp.asarray(weights)), state, jax.random.key(0))
+    want, _, _ = rule.server(Reduced({"w": jnp.asarray(crafted)}, jnp.asarray(weights)),
+                             rule.init({"w": jnp.zeros(4)}), jax.random.key(0))
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5, atol=1e-6)
+    if rule.check is not None:
+        with pytest.raises(ValueError, match="krum"):
+            at.alie(adv, rule, z=1.5).check(3)
+
+
 def test_eval_extra_records_the_attack_success(data, adversary):
     train, test = data
     model = fs.models.logistic_regression(60, 10)
