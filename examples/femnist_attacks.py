@@ -92,7 +92,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="3 rounds, mean and median, three attacks (a smoke test)")
     parser.add_argument("--out", default=str(DOCS / "femnist_attacks"))
+    parser.add_argument("--from-json", action="store_true",
+                        help="no training: the table and plot again from --out's JSON")
     args = parser.parse_args()
+    if args.from_json:
+        return write(Path(args.out), **json.loads(Path(args.out).with_suffix(".json")
+                                                  .read_text()))
     # The health monitor names the boosted and noised clients every round: expected here.
     warnings.filterwarnings("ignore", message=".*sent an update of norm")
     train, test = fs.data.femnist(args.path)
@@ -125,7 +130,15 @@ def main() -> None:
                         "model": "MLP 784-200-62", "seconds": time.perf_counter() - start}
                 out.with_suffix(".json").write_text(json.dumps({"setup": meta, "cells": cells},
                                                                indent=1))
-    out.with_suffix(".md").write_text(table(cells, names, attacks, fractions, meta))
+    write(out, meta, cells)
+
+
+def write(out: Path, setup: dict, cells: list) -> None:
+    """The table and the plot of `cells`, their rows, columns and fractions as they ran."""
+    order = lambda key: list(dict.fromkeys(c[key] for c in cells))
+    names, attacks = order("defence"), order("attack")
+    fractions = tuple(f for f in order("fraction") if f > 0)
+    out.with_suffix(".md").write_text(table(cells, names, attacks, fractions, setup))
     plot(cells, names, attacks, fractions, out.with_suffix(".png"))
     print(f"wrote {out}.json, .md, .png")
 
@@ -145,7 +158,39 @@ def table(cells, names, attacks, fractions, meta) -> str:
                 row.append("" if c is None else f"{c['accuracy']:.3f}" + (
                     "" if c["success"] is None else f" / {c['success']:.3f}"))
             lines.append(f"| {attack} | " + " | ".join(row) + " |")
+    lines += ["", "**The literature's qualitative results, checked on these cells** "
+              "(broken: backdoor success >= 0.5; robust: success <= 0.2; hurt: accuracy "
+              "0.05 or more below the same defence without attack)", ""]
+    lines += [f"- {claim}" for claim in literature_checks(find, fractions)]
     return "\n".join(lines) + "\n"
+
+
+def literature_checks(find, fractions) -> list[str]:
+    """Mean broken by scaling (Bagdasaryan et al. 2020), median and Krum robust to it (Yin et
+    al. 2018; Blanchard et al. 2017), "a little is enough" hurting both (Baruch et al.
+    2019): whether each shows, with the numbers, so a rerun states its own result."""
+    def cell(attack, defence, f):
+        return find.get((attack, defence, 0.0 if attack == "none" else f))
+
+    out = []
+    for f in fractions:
+        mean = cell("scaling", "mean", f)
+        if mean is not None:
+            out.append(f"{f:.0%}: scaling breaks the mean: "
+                       f"{'yes' if mean['success'] >= 0.5 else 'no'} (success "
+                       f"{mean['success']:.2f})")
+        for d in ("median", "krum"):
+            c = cell("scaling", d, f)
+            if c is not None:
+                out.append(f"{f:.0%}: {d} robust to scaling: "
+                           f"{'yes' if c['success'] <= 0.2 else 'no'} (success "
+                           f"{c['success']:.2f})")
+            a, base = cell("alie", d, f), cell("none", d, f)
+            if a is not None and base is not None:
+                drop = base["accuracy"] - a["accuracy"]
+                out.append(f"{f:.0%}: ALIE hurts {d}: {'yes' if drop >= 0.05 else 'no'} "
+                           f"(accuracy {base['accuracy']:.3f} -> {a['accuracy']:.3f})")
+    return out
 
 
 def plot(cells, names, attacks, fractions, path) -> None:

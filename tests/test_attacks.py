@@ -340,6 +340,7 @@ def test_femnist_attacks_example_quick(tmp_path, monkeypatch):
     assert all(0 <= c["accuracy"] <= 1 for c in cells)
     assert all(c["success"] is not None for c in cells if c["attack"] == "scaling")
     assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "scaling breaks the mean: " in out.with_suffix(".md").read_text()
 
 
 CLI_ARGS = ["run", "--rounds", "2", "--num-clients", "30", "--cohort-size", "10",
