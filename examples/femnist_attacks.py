@@ -194,31 +194,37 @@ def literature_checks(find, fractions) -> list[str]:
 
 
 def plot(cells, names, attacks, fractions, path) -> None:
+    """Heat maps: accuracy (colours spread over 0 to the best cell, as the cells differ by
+    a few points) for every attack, success for the targeted ones."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     find = {(c["attack"], c["defence"], c["fraction"]): c for c in cells}
-    fig, axes = plt.subplots(2, len(fractions), figsize=(6 * len(fractions), 9),
-                             squeeze=False)
+    targeted = [a for a in attacks if any(c["attack"] == a and c["success"] is not None
+                                          for c in cells)]
+    best = max(c["accuracy"] for c in cells)
+    fig, axes = plt.subplots(2, len(fractions), figsize=(6 * len(fractions), 8.5),
+                             squeeze=False, height_ratios=[len(attacks), max(len(targeted), 1)])
     for j, fraction in enumerate(fractions):
-        for i, (key, title) in enumerate((("accuracy", "test accuracy"),
-                                          ("success", "attack success"))):
-            grid = np.full((len(attacks), len(names)), np.nan)
-            for a, attack in enumerate(attacks):
+        for i, (key, title, rows, vmax, cmap) in enumerate((
+                ("accuracy", "test accuracy", attacks, best, "viridis"),
+                ("success", "attack success", targeted, 1.0, "magma_r"))):
+            grid = np.full((max(len(rows), 1), len(names)), np.nan)
+            for a, attack in enumerate(rows):
                 for d, name in enumerate(names):
                     c = find.get((attack, name, 0.0 if attack == "none" else fraction))
                     if c is not None and c[key] is not None:
                         grid[a, d] = c[key]
             ax = axes[i, j]
-            cmap = "viridis" if key == "accuracy" else "magma_r"
-            im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto")
+            im = ax.imshow(grid, vmin=0, vmax=vmax, cmap=cmap, aspect="auto")
             for (a, d), v in np.ndenumerate(grid):
                 if np.isfinite(v):
+                    dark = (v < 0.5 * vmax) == (key == "accuracy")
                     ax.text(d, a, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if (v < 0.5) == (key == "accuracy") else "black")
+                            color="white" if dark else "black")
             ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-            ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
+            ax.set_yticks(range(len(rows)), rows, fontsize=8)
             ax.set_title(f"{title}, {fraction:.0%} malicious", fontsize=10)
             fig.colorbar(im, ax=ax, fraction=0.04)
     fig.suptitle("FedAvg on FEMNIST-105 under attack (none: no malicious client)")
