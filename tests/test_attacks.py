@@ -248,6 +248,27 @@ def test_alie_crafts_mu_minus_z_sigma_of_the_benign_rows():
     assert fixed.reduction == "rows"
 
 
+def test_alie_in_a_simulation_moves_the_mean_not_the_median(data):
+    """Through a round: 3 of 10 clients sending mu - 100 sigma drag the mean 100 times
+    further than honest clients would and leave the median among the benign values."""
+    train, _ = data
+    adv = at.Adversary(np.arange(6), N)
+    model = fs.models.logistic_regression(60, 10)
+    norms = {}
+    for name, rule in (("mean", A.mean()), ("median", A.median())):
+        for z in (0.0, 100.0):
+            algo = fs.algorithms.fedavg(
+                model, optax.sgd(0.05), batch_size=10,
+                aggregator=A.chain(A.weight_by("uniform"), at.alie(adv, rule, z=z)))
+            rec = fs.simulate(algo, train, rounds=1, sampler=adv.sampler(10, 3), seed=0,
+                              chunk_size=2, progress=False)
+            assert rec.history[0]["server"]["alie_z"] == z
+            assert sum(rec.history[0]["clients"]["malicious"]) == 3
+            norms[name, z] = float(np.linalg.norm(rec.params["w"]))
+    assert norms["mean", 100.0] > 30 * norms["mean", 0.0]
+    assert norms["median", 100.0] < 2 * norms["median", 0.0]
+
+
 @pytest.mark.parametrize("rule", [fs.robust.trimmed_mean(0.2), fs.robust.krum(1),
                                   fs.robust.multi_krum(1, 4), fs.robust.geometric_median(),
                                   fs.robust.centered_clipping(0.5)], ids=lambda r: r.name)
