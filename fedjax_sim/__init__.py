@@ -11,6 +11,7 @@ Example:
 from fedjax_sim import (
     aggregators,
     algorithms,
+    asynchronous,
     attacks,
     auditing,
     client_store,
@@ -41,6 +42,7 @@ __all__ = [
     "SimulationResult",
     "aggregators",
     "algorithms",
+    "asynchronous",
     "attacks",
     "auditing",
     "client_mesh",

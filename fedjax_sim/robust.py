@@ -36,16 +36,76 @@ from jax import lax
 
 from fedjax_sim.aggregators import Aggregator, _accumulator, clip, stage
 
+# Column block of the order statistics on XLA:CPU: 64 coordinates x the cohort (256 KB at
+# 1,000 clients) stay in a core's L2 cache for all of a selection's passes. Measured on the
+# loaded 2-core CPU, the median of [1000, 16384] float32: 0.10 s at 64, 0.28 s at 128, 0.18 s
+# at 256, 0.30 s at 1024, 1.24 s unblocked; a sort along the client axis took 6.1 s.
+_CPU_BLOCK = 64
 
-def _client_mask(counts: jax.Array, rows: jax.Array) -> jax.Array:
-    """`counts` (bool[C]) shaped to broadcast against `rows` ([C, ...])."""
-    return counts.reshape((-1,) + (1,) * (rows.ndim - 1))
+
+def _sort_keys(x: jax.Array) -> jax.Array:
+    """Unsigned integers ordered as the floats `x` are (the sign bit flipped for positives,
+    every bit for negatives), so an order statistic is found by integer compares."""
+    width = jnp.finfo(x.dtype).bits
+    signed, unsigned = jnp.dtype(f"int{width}"), jnp.dtype(f"uint{width}")
+    bits = lax.bitcast_convert_type(x, signed)
+    key = jnp.where(bits >= 0, bits, bits ^ jnp.asarray(jnp.iinfo(signed).max, signed))
+    return lax.bitcast_convert_type(key, unsigned) ^ (jnp.asarray(1, unsigned) << (width - 1))
 
 
-def _sorted_counted(rows: jax.Array, counts: jax.Array) -> jax.Array:
-    """`rows` sorted along the client axis, coordinate by coordinate, with the uncounted
-    rows (as +inf) after every counted one: positions [0, n) hold the n counted values."""
-    return jnp.sort(jnp.where(_client_mask(counts, rows), rows, jnp.inf), axis=0)
+def _from_sort_keys(key: jax.Array, dtype) -> jax.Array:
+    """The floats of `_sort_keys`' integers."""
+    width = jnp.finfo(dtype).bits
+    signed = jnp.dtype(f"int{width}")
+    bits = lax.bitcast_convert_type(key ^ (jnp.asarray(1, key.dtype) << (width - 1)), signed)
+    return lax.bitcast_convert_type(jnp.where(bits >= 0, bits,
+                                              bits ^ jnp.asarray(jnp.iinfo(signed).max, signed)),
+                                    dtype)
+
+
+def _select(keys: jax.Array, rank: jax.Array) -> jax.Array:
+    """The `rank`-th smallest (from 0) of `keys` ([C, b]) in each column: [b].
+
+    Bit by bit from the top, the largest a with fewer than rank + 1 keys below it, which is
+    the order statistic itself: one compare-and-count pass over the cohort per bit, exact (an
+    element of the column). One rank a call: two ranks stacked in one pass (a [2, C, b]
+    count) ran 4x slower than one on XLA:CPU.
+    """
+    width = jnp.iinfo(keys.dtype).bits
+    one = jnp.asarray(1, keys.dtype)
+
+    def bit(i, ans):
+        cand = ans | (one << (width - 1 - i).astype(keys.dtype))
+        below = jnp.sum(keys < cand, axis=0, dtype=jnp.int32)
+        return jnp.where(below <= rank, cand, ans)
+
+    return lax.fori_loop(0, width, bit, jnp.zeros(keys.shape[1], keys.dtype))
+
+
+def _by_coordinates(fn, rows: jax.Array) -> jax.Array:
+    """`fn` (`[C, b]` -> `[b]`) over a leaf's coordinates, in column blocks on the CPU (one
+    block elsewhere, where the passes run in parallel over the whole leaf): the leaf's shape
+    without the client axis."""
+    x = rows.reshape(rows.shape[0], -1)
+    p = x.shape[1]
+    block = _CPU_BLOCK if jax.default_backend() == "cpu" else p
+    full = p // block
+    parts = []
+    if full:
+        blocks = lax.map(lambda j: fn(lax.dynamic_slice_in_dim(x, j * block, block, axis=1)),
+                         jnp.arange(full))
+        parts.append(blocks.reshape(-1))
+    if p % block:
+        parts.append(fn(x[:, full * block:]))
+    return jnp.concatenate(parts).reshape(rows.shape[1:]) if len(parts) > 1 else \
+        parts[0].reshape(rows.shape[1:])
+
+
+def _counted_keys(block: jax.Array, counts: jax.Array) -> jax.Array:
+    """The block's sort keys in its accumulator dtype, uncounted rows as the largest key
+    (after every finite value: counted outputs are finite, `mask_nonfinite`)."""
+    keys = _sort_keys(block.astype(_accumulator(block.dtype)))
+    return jnp.where(counts[:, None], keys, jnp.asarray(jnp.iinfo(keys.dtype).max, keys.dtype))
 
 
 def _weighted_rows(coef: jax.Array, rows: jax.Array) -> jax.Array:
@@ -79,6 +139,10 @@ def median() -> Aggregator:
     rows reduction (zero if none counts). For an odd number n of counted clients it is
     exactly the middle client's coordinate; for an even n the mean of the two middle ones.
 
+    The middle values are selected bit by bit (`_select`: a compare-and-count pass over the
+    cohort per bit of the float, on column blocks that stay in cache on the CPU), not sorted:
+    XLA:CPU's sort along the client axis was 15x slower.
+
     References: Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning:
       Towards Optimal Statistical Rates", ICML 2018 (coordinate-wise median).
 
@@ -89,13 +153,22 @@ def median() -> Aggregator:
     def server(reduced, state, key):
         counts = reduced.weight > 0
         n = jnp.sum(counts, dtype=jnp.int32)
-        lo, hi = jnp.maximum((n - 1) // 2, 0), jnp.maximum(n // 2, 0)
+        lo_rank = jnp.maximum((n - 1) // 2, 0)
+
+        def column(block):
+            # One selection, s_lo; for an even n the next value s_lo+1 is s_lo itself when
+            # enough keys tie with it, else the least key above it (one pass, not 32).
+            keys = _counted_keys(block, counts)
+            lo_key = _select(keys, lo_rank)
+            ties = jnp.sum(keys <= lo_key, axis=0, dtype=jnp.int32)
+            top = jnp.asarray(jnp.iinfo(keys.dtype).max, keys.dtype)
+            above = jnp.min(jnp.where(keys > lo_key, keys, top), axis=0)
+            hi_key = jnp.where(ties > n // 2, lo_key, above)
+            lo, hi = _from_sort_keys(jnp.stack([lo_key, hi_key]), _accumulator(block.dtype))
+            return jnp.where(n == 0, 0.0, jnp.where(lo_key == hi_key, lo, (lo + hi) / 2))
 
         def one(rows):
-            s = _sorted_counted(rows, counts).astype(_accumulator(rows.dtype))
-            mid = (lax.dynamic_index_in_dim(s, lo, keepdims=False)
-                   + lax.dynamic_index_in_dim(s, hi, keepdims=False)) / 2
-            return jnp.where(n > 0, mid, jnp.zeros_like(mid))
+            return _by_coordinates(column, rows)
 
         return jax.tree.map(one, reduced.output), state, {"weight_sum": jnp.sum(reduced.weight)}
 
@@ -109,6 +182,8 @@ def trimmed_mean(beta: float) -> Aggregator:
 
     n is traced, so the trim is looked up at runtime in a table of floor(beta n) for every
     possible n (exact in float64, where `beta * n` in float32 could round across an integer).
+    The two cut values are selected as the median's are, then one pass sums what lies
+    between them (ties at a cut counted as often as they fall inside).
 
     References: Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning:
       Towards Optimal Statistical Rates", ICML 2018 (Section 3, trimmed mean).
@@ -128,20 +203,55 @@ def trimmed_mean(beta: float) -> Aggregator:
         n = jnp.sum(counts, dtype=jnp.int32)
         cohort = reduced.weight.shape[0]
         t = jnp.asarray(np.floor(beta * np.arange(cohort + 1)).astype(np.int32))[n]
-        position = jnp.arange(cohort)
-        kept = (position >= t) & (position < n - t)
-        denom = jnp.maximum(n - 2 * t, 1).astype(jnp.float32)
+        hi_rank = jnp.maximum(n - t - 1, 0)
+        kept = jnp.maximum(n - 2 * t, 1)
+
+        def column(block):
+            # The kept positions [t, n - t) hold lo = s_t and hi = s_(n-t-1) at their ends,
+            # every value strictly between, and as many copies of lo (hi) as fall inside.
+            keys = _counted_keys(block, counts)
+            lo_key, hi_key = _select(keys, t), _select(keys, hi_rank)
+            lo, hi = _from_sort_keys(jnp.stack([lo_key, hi_key]), _accumulator(block.dtype))
+            x = block.astype(lo.dtype)
+            inside = jnp.sum(jnp.where((keys > lo_key) & (keys < hi_key), x, 0), axis=0)
+            lows = jnp.sum(keys <= lo_key, axis=0, dtype=jnp.int32) - t
+            highs = n - t - jnp.sum(keys < hi_key, axis=0, dtype=jnp.int32)
+            total = inside + lo * lows + hi * highs
+            mean = jnp.where(lo_key == hi_key, lo, total / kept.astype(lo.dtype))
+            return jnp.where(n == 0, 0.0, mean)
 
         def one(rows):
-            s = _sorted_counted(rows, counts)
-            total = jnp.sum(jnp.where(_client_mask(kept, s), s, 0), axis=0,
-                            dtype=_accumulator(rows.dtype))
-            return total / denom
+            return _by_coordinates(column, rows)
 
         return jax.tree.map(one, reduced.output), state, {
             "weight_sum": jnp.sum(reduced.weight), "trimmed": t.astype(jnp.float32)}
 
     return stage("trimmed_mean", server=server, reduction="rows")
+
+
+# Row blocks of Krum's Gram matrix: only the blocks on and above the diagonal are multiplied,
+# (B + 1) / 2B of the full product's work (0.56 at 8), the rest is their transpose. Blocks
+# of fewer than 64 clients are not worth their extra compile and copies.
+_GRAM_BLOCKS, _GRAM_MIN_ROWS = 8, 64
+
+
+def _gram(x: jax.Array, blocks: int | None = None) -> jax.Array:
+    """`x x^T` ([C, P] -> [C, C]) in the accumulator dtype, from the upper triangle of
+    `blocks` row blocks (default: up to 8 of at least 64 clients each)."""
+    x = x.astype(_accumulator(x.dtype))
+    c = x.shape[0]
+    if blocks is None:
+        blocks = min(_GRAM_BLOCKS, max(1, c // _GRAM_MIN_ROWS))
+    if blocks == 1:
+        return jnp.dot(x, x.T, precision=lax.Precision.HIGHEST)
+    size = -(-c // blocks)
+    starts = range(0, c, size)
+    upper = jnp.concatenate([
+        jnp.concatenate([jnp.zeros((min(size, c - s), s), x.dtype),
+                         jnp.dot(x[s:s + size], x[s:].T, precision=lax.Precision.HIGHEST)],
+                        axis=1) for s in starts])
+    block = jnp.arange(c) // size
+    return jnp.where(block[:, None] <= block[None, :], upper, upper.T)
 
 
 def _krum_stage(name: str, f: int, m: int | None) -> Aggregator:
@@ -160,11 +270,9 @@ def _krum_stage(name: str, f: int, m: int | None) -> Aggregator:
         rows, counts = reduced.output, reduced.weight > 0
         cohort = counts.shape[0]
         n = jnp.sum(counts, dtype=jnp.int32)
-        # Pairwise squared distances over all leaves flattened together as one matmul:
-        # ||a||^2 + ||b||^2 - 2 a.b (the Gram matrix), never a [C, C, P] difference.
-        gram = sum(jnp.dot(x.reshape(cohort, -1).astype(_accumulator(x.dtype)),
-                           x.reshape(cohort, -1).astype(_accumulator(x.dtype)).T,
-                           precision=lax.Precision.HIGHEST) for x in jax.tree.leaves(rows))
+        # Pairwise squared distances over all leaves flattened together from the Gram
+        # matrix: ||a||^2 + ||b||^2 - 2 a.b, never a [C, C, P] difference.
+        gram = sum(_gram(x.reshape(cohort, -1)) for x in jax.tree.leaves(rows))
         sq = jnp.diagonal(gram)
         dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0.0)
         neighbour = counts[None, :] & ~jnp.eye(cohort, dtype=bool)
@@ -192,7 +300,8 @@ def krum(f: int) -> Aggregator:
     squared L2 distance over all leaves) are closest in sum, a rows reduction. Tolerates f
     Byzantine clients among n > 2f + 2.
 
-    The pairwise distances are one `[C, P] x [P, C]` matmul. The cohort is checked against
+    The pairwise distances come from the Gram matrix, a matmul over the upper block
+    triangle (`_gram`, about half the `[C, P] x [P, C]` product). The cohort is checked against
     n > 2f + 2 before compiling (`check`); in a round where fewer than 2f + 3 clients count
     (dropouts) there is no Krum choice, and the rule falls back to the (unweighted) mean of
     the counted clients, reported as "krum_fallback" = 1. Reports "krum_selected" (clients
@@ -252,26 +361,24 @@ def geometric_median(iters: int = 3, eps: float = 1e-5, smoothing: float = 1e-6)
 
     def server(reduced, state, key):
         rows, alpha = reduced.output, _normalized(reduced.weight)
-        objective = lambda v: jnp.sum(alpha * _row_distances(rows, v))
 
-        def weiszfeld(v):
-            beta = alpha / jnp.maximum(nu, _row_distances(rows, v))
-            beta = beta / jnp.where(jnp.sum(beta) > 0, jnp.sum(beta), 1.0)
-            return jax.tree.map(lambda x: _weighted_rows(beta, x), rows)
+        def at(v):  # (v, each client's distance to it, the objective): distances carried
+            d = _row_distances(rows, v)
+            return v, d, jnp.sum(alpha * d)
 
         def body(carry):
-            i, v, obj, _ = carry
-            new = weiszfeld(v)
-            new_obj = objective(new)
-            return i + 1, new, new_obj, jnp.abs(obj - new_obj) <= eps * new_obj
+            i, (_, d, obj), _ = carry
+            beta = alpha / jnp.maximum(nu, d)
+            beta = beta / jnp.where(jnp.sum(beta) > 0, jnp.sum(beta), 1.0)
+            new = at(jax.tree.map(lambda x: _weighted_rows(beta, x), rows))
+            return i + 1, new, jnp.abs(obj - new[2]) <= eps * new[2]
 
         def cond(carry):
-            i, _, _, converged = carry
+            i, _, converged = carry
             return (i < iters) & ~converged
 
-        start = jax.tree.map(lambda x: _weighted_rows(alpha, x), rows)
-        i, v, obj, _ = lax.while_loop(cond, body, (jnp.int32(0), start, objective(start),
-                                                   jnp.bool_(False)))
+        start = at(jax.tree.map(lambda x: _weighted_rows(alpha, x), rows))
+        i, (v, _, obj), _ = lax.while_loop(cond, body, (jnp.int32(0), start, jnp.bool_(False)))
         return v, state, {"weight_sum": jnp.sum(reduced.weight),
                           "gm_iterations": i.astype(jnp.float32), "gm_objective": obj}
 

@@ -1,7 +1,7 @@
 """Federated algorithms: FedAvg, FedSGD, the FedOpt family, FedProx, SCAFFOLD, Mime, MimeLite,
 FedNova, FedDyn, q-FFL and agnostic FedAvg; personalization: Ditto, APFL, pFedMe, FedRep,
 FedPer and, clustered, HypCluster and IFCA; `ExampleDP`: DP-SGD in the FedOpt family's local
-steps."""
+steps; asynchronous FedBuff (`fedbuff`, run by `fs.asynchronous`)."""
 
 from fedjax_sim.algorithms.agnostic import agnostic_fedavg
 from fedjax_sim.algorithms.apfl import apfl
@@ -16,6 +16,7 @@ from fedjax_sim.algorithms.clustered import hypcluster, ifca, stacked_model
 from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.dp_sgd import ExampleDP
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt, fedsgd, optimizer_client_update
+from fedjax_sim.algorithms.fedbuff import BufferedAlgorithm, fedbuff
 from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
@@ -33,6 +34,7 @@ from fedjax_sim.algorithms.server_optimizers import (
 )
 
 __all__ = [
+    "BufferedAlgorithm",
     "ExampleDP",
     "agnostic_fedavg",
     "apfl",
@@ -45,6 +47,7 @@ __all__ = [
     "fedadam",
     "fedavg",
     "fedavgm",
+    "fedbuff",
     "feddyn",
     "fednova",
     "fedper",

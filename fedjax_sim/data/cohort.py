@@ -169,7 +169,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _unit(seed: int, round_num: int, ids: np.ndarray, salt: int) -> np.ndarray:
+def _unit(seed: int, round_num: int | np.ndarray, ids: np.ndarray, salt: int) -> np.ndarray:
     """Uniform [0, 1) draws per client from (seed, round, client id, salt): counter-based,
     like the shuffles, so a client's draw does not depend on the rest of the cohort."""
     h = _mix(_mix(np.uint64(seed) ^ (np.uint64(round_num) << np.uint64(32))
@@ -190,7 +190,8 @@ def _argsort_within(segment: np.ndarray, key: np.ndarray, num_segments: int) -> 
 
 
 def _planned(batching: Batching, n: np.ndarray, batch_size: int, indices: np.ndarray,
-             seed: int, round_num: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             seed: int, round_num: int | np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each client's straggler flag, local steps and `order` entries this round."""
     straggler = np.zeros(len(indices), bool)
     epochs = None
@@ -219,7 +220,7 @@ def pack_cohort(
     shape: CohortShape,
     *,
     seed: int,
-    round_num: int,
+    round_num: int | np.ndarray,
     sort: bool = True,
     max_steps: np.ndarray | None = None,
 ) -> tuple[Cohort, np.ndarray]:
@@ -228,7 +229,9 @@ def pack_cohort(
     Clients are sorted by step count (`sort`), or kept in the given order (another pass of a
     round whose clients must line up with the first's). `max_steps` caps each client's local
     steps (one per index: the device model's budget for a client cut off by a deadline), as
-    `Batching.max_steps` caps everyone's.
+    `Batching.max_steps` caps everyone's. `round_num` may be one per client (aligned with
+    `indices`): FedBuff trains clients sent at different times in one call, each shuffled as
+    the round it was sent in would shuffle it.
 
     Returns the cohort and `rows`: the population rows of the cohort's clients, concatenated in
     cohort order. `cohort.order` indexes `rows` (a host-packed pool is `features[rows]`); for a
@@ -244,7 +247,8 @@ def pack_cohort(
             f"client(s) {data.client_ids[indices[n == 0]][:5].tolist()} have zero examples"
         )
     b = shape.batch_size
-    straggler, steps, length = _planned(batching, n, b, indices, seed, round_num)
+    rounds = np.broadcast_to(np.asarray(round_num, np.uint64), (c,))
+    straggler, steps, length = _planned(batching, n, b, indices, seed, rounds)
     if max_steps is not None:  # a step budget cuts the order too, so masked batches stay right
         cap = np.asarray(max_steps, np.int64)
         if cap.shape != (c,) or np.any(cap < 0):
@@ -254,9 +258,9 @@ def pack_cohort(
 
     if sort:  # Largest clients first: chunks of similar step counts waste fewer masked steps.
         by_steps = np.lexsort((indices, -steps))
-        indices, n, steps, length, straggler = (indices[by_steps], n[by_steps],
-                                                steps[by_steps], length[by_steps],
-                                                straggler[by_steps])
+        indices, n, steps, length, straggler, rounds = (
+            indices[by_steps], n[by_steps], steps[by_steps], length[by_steps],
+            straggler[by_steps], rounds[by_steps])
 
     # Pool rows: each client's first n examples (the cap keeps the first ones).
     full_counts = data.num_examples[indices]
@@ -275,7 +279,7 @@ def pack_cohort(
     seg_of = np.repeat(np.arange(len(seg_len)), seg_len)
     j = np.arange(total) - np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
     if batching.shuffle:
-        base = _mix(_mix(np.uint64(seed) ^ (np.uint64(round_num) << np.uint64(32))) ^
+        base = _mix(_mix(np.uint64(seed) ^ (rounds[seg_client] << np.uint64(32))) ^
                     indices[seg_client].astype(np.uint64))
         key = _mix(_mix(base ^ (seg_epoch.astype(np.uint64) << np.uint64(40)))[seg_of] ^
                    j.astype(np.uint64))
