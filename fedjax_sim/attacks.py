@@ -13,7 +13,10 @@ it works.
   `chain(sign_flip(adv), mask_nonfinite(), weight_by("uniform"), median())`.
 - `alie` ("a little is enough") needs the benign clients' statistics, so it wraps the
   chain's reduction: a rows reduction that crafts the malicious rows, then hands all rows to
-  the wrapped rule (or sums them for a streamed one such as the mean).
+  the wrapped rule (`fs.robust`'s, or sums them for a streamed one such as the mean).
+- `success(model, params, attack, test)`: the attack success rate of a model; in a run,
+  `Simulation(eval_extra={"attack_success": attack.success_data(test)})` records it at every
+  evaluation.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 from fedjax_sim import aggregators as agg
 from fedjax_sim.checks import check_integer, check_number
 from fedjax_sim.data.federated import FederatedData, rows_of
+from fedjax_sim.evaluation import evaluate_pooled
 from fedjax_sim.sampling import Sampler
 
 
@@ -67,11 +71,14 @@ class Adversary:
         out[self.malicious] = True
         return out
 
-    def sampler(self, cohort_size: int, num_malicious: int) -> Sampler:
+    def sampler(self, cohort_size: int, num_malicious: int | None = None) -> Sampler:
         """Uniform cohorts of `cohort_size` holding exactly `num_malicious` malicious clients
-        each round (drawn from the malicious set, the rest from the benign, seeded by
-        (seed, round)); the cohort is shuffled, so the malicious are not all at its front."""
+        each round (default: the population's malicious share of the cohort, rounded), drawn
+        from the malicious set, the rest from the benign, seeded by (seed, round); the
+        cohort is shuffled, so the malicious are not all at its front."""
         cohort_size = check_integer("cohort_size", cohort_size, 1)
+        if num_malicious is None:
+            num_malicious = round(len(self.malicious) / self.num_clients * cohort_size)
         m = check_integer("num_malicious", num_malicious, 0)
         benign = np.flatnonzero(~self.mask)
         if m > cohort_size:
@@ -152,15 +159,17 @@ def label_flip(num_classes: int, *, source: int | None = None, target: int | Non
     return DataAttack(name, apply, success_data)
 
 
-def backdoor(target: int, *, image_shape: tuple[int, ...] = (28, 28), size: int = 4,
-             value: float = 1.0, fraction: float = 0.5, feature: str = "x",
+def backdoor(target: int, num_classes: int, *, image_shape: tuple[int, ...] = (28, 28),
+             size: int = 4, value: float = 1.0, fraction: float = 0.5, feature: str = "x",
              label: str = "y") -> DataAttack:
     """A pixel-pattern backdoor (Gu et al. 2017; Bagdasaryan et al. 2020; Sun et al. 2019 on
     EMNIST): a `size` x `size` square of `value` in the bottom-right corner of each image, on
     a `fraction` of every malicious client's examples (seeded), relabelled `target`. Images
     may be stored flat (`[n, prod(image_shape)]`) or shaped. Success: the share of triggered
-    test examples of another class that the model classifies as `target`."""
-    target = check_integer("target", target, 0)
+    test examples of another class that the model classifies as `target`. `value` 1.0 is
+    white ink on `fs.data.femnist`'s default (normalized: background 0) images."""
+    num_classes = check_integer("num_classes", num_classes, 2)
+    target = check_integer("target", target, 0, num_classes - 1)
     size = check_integer("size", size, 1)
     fraction = check_number("fraction", fraction, above=0, at_most=1)
     value = check_number("value", value)
@@ -203,6 +212,17 @@ def _relabelled(test: FederatedData, keep: np.ndarray, rewrite) -> FederatedData
     has = counts > 0
     return FederatedData(test.client_ids[has], features,
                          np.concatenate([[0], np.cumsum(counts[has])]))
+
+
+def success(model, params, attack: DataAttack, test: FederatedData, *,
+            batch_size: int = 1024) -> float:
+    """The attack success rate of `params`: its accuracy, pooled over examples, on
+    `attack.success_data(test)` (for a backdoor, the share of triggered images of another
+    class put in the target class; for label flipping, the share of the concerned test
+    examples put in their flipped class). In a run, `Simulation(eval_extra={"attack_success":
+    attack.success_data(test)})` records the same at every evaluation."""
+    return evaluate_pooled(model, params, attack.success_data(test),
+                           batch_size=batch_size)["accuracy"]
 
 
 # -- update attacks --------------------------------------------------------------------------
@@ -251,10 +271,11 @@ def alie(adversary: Adversary, reduction: agg.Aggregator, z: float | None = None
          ) -> agg.Aggregator:
     """"A little is enough" (Baruch et al. 2019) against the reduction `reduction` (mean,
     median, trimmed mean, Krum, ...): every malicious client sends `mu - z sigma`, the
-    benign clients' per-coordinate mean and standard deviation (the paper's attacker knows
-    them; its colluders estimate them from their own honest updates), small enough to pass
-    for benign. `z` defaults to the paper's z_max = Phi^-1((n - s) / n) with s =
-    floor(n / 2 + 1) - m, for the round's n counted clients of which m are malicious.
+    benign clients' per-coordinate mean and standard deviation (over the benign rows, 1/n;
+    the paper's attacker knows them, as here, or its colluders estimate them from their own
+    honest updates), small enough to pass for benign. `z` defaults to the paper's z_max =
+    Phi^-1((n - s) / n) with s = floor(n / 2 + 1) - m, for the round's n counted clients of
+    which m are malicious.
 
     A rows reduction: the crafted rows replace the malicious ones after the chain's
     per-client stages, so a per-client defence before it (a norm bound) bounds the benign
@@ -307,4 +328,5 @@ def alie(adversary: Adversary, reduction: agg.Aggregator, z: float | None = None
         return value, state, {**metrics, "alie_z": zz}
 
     return agg.stage(f"alie({reduction.name})", client=client, server=server,
-                     init=reduction.init, reduction="rows", privacy=reduction.privacy)
+                     init=reduction.init, reduction="rows", privacy=reduction.privacy,
+                     check=reduction.check)

@@ -22,6 +22,7 @@ from fedjax_sim import (
     algorithms,
     asynchronous,
     compression,
+    attacks,
     data,
     devices,
     evaluation,
@@ -52,6 +53,7 @@ ROBUST_AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum",
                       "geometric_median", "norm_bound", "centered_clipping")
 ALGORITHMS = ("fedavg", "ditto", "apfl", "pfedme", "fedrep", "fedper", "hypcluster", "ifca",
               "fedbuff")
+ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "label_flip", "alie")
 MODELS = {
     "logistic": lambda f, c: models.logistic_regression(f, c),
     "mlp": lambda f, c: models.mlp(f, c),
@@ -229,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "from a seeded phase, and cohorts are drawn among the available")
     dev.add_argument("--day-length", type=_positive_float, default=86400.0,
                      help="the diurnal period in virtual seconds")
+    attack = run.add_argument_group(
+        "attacks: a seeded set of malicious clients, the same share of every cohort")
+    attack.add_argument("--attack", choices=ATTACKS, default="none",
+                        help="sign_flip: minus the honest update; scaling: the update boosted "
+                        "(model replacement); gaussian: N(0, s^2) noise in its place; "
+                        "label_flip: labels l -> 9 - l; alie: 'a little is enough' against "
+                        "the --aggregator (the pixel backdoor needs images: "
+                        "examples/femnist_attacks.py)")
+    attack.add_argument("--malicious-fraction", type=_finite_float, default=0.1,
+                        help="the malicious share of the population and of each cohort")
+    attack.add_argument("--attack-scale", type=_positive_float, default=None,
+                        help="sign_flip's scale (default 1), scaling's factor (default the "
+                        "cohort size over --server-lr), gaussian's stddev (default 1)")
     rb = run.add_argument_group("robust aggregation (fs.robust): a rule in place of the mean")
     rb.add_argument("--aggregator", choices=ROBUST_AGGREGATORS, default="mean",
                     help="how the clients' updates are combined")
@@ -285,15 +300,22 @@ def run(args: argparse.Namespace) -> dict:
     model = MODELS[args.model](NUM_FEATURES, NUM_CLASSES)
     stages = compression.by_name(args.compression, bits=args.bits,
                                  topk_fraction=args.topk_fraction)
-    robust_chain = robust_aggregator(args, stages)  # its flags checked before DP's calibration
+    robust_stages = robust_aggregator(args, stages)  # its flags checked before DP's calibration
     dp = _dp_settings(args, train.num_clients, stages)
-    algo = build_algorithm(args, model, robust_chain if dp is None else dp["aggregator"])
+    attack = _attack_settings(args, train, test, dp, robust_stages)
+    if attack is not None:
+        train = attack["train"]
+    aggregator = (attack["aggregator"] if attack else dp["aggregator"] if dp
+                  else None if robust_stages is None else aggregators.chain(*robust_stages))
+    algo = build_algorithm(args, model, aggregator)
     output_dir = (Path(args.output_dir) if args.resume
                   else fresh_output_dir(args.output_dir, args.overwrite))
     print(f"Synthetic({args.alpha:g},{args.beta:g}): train {train}\n  test {test}")
     device_model = build_device_model(args, train.num_clients)
     sampler = dict(cohort_size=args.cohort_size) if dp is None else dict(
         sampler=dp["sampler"], delta=args.delta, target_epsilon=args.target_epsilon)
+    if attack is not None and dp is None:
+        sampler = dict(sampler=attack["sampler"])
     # A personalization algorithm's clients are evaluated with their own models as they are.
     tune = (evaluation.FineTune(CLIENT_OPTIMIZERS[args.client_optimizer](args.client_lr),
                                 args.fine_tune_steps, args.batch_size)
@@ -301,6 +323,7 @@ def run(args: argparse.Namespace) -> dict:
     result = simulate(algo, train, rounds=args.rounds, **sampler, seed=args.seed,
                       eval_data=test, eval_every=args.eval_every, fine_tune=tune,
                       eval_clients=args.eval_clients, eval_rolling=args.eval_rolling,
+                      eval_extra=attack["eval_extra"] if attack else None,
                       chunk_size=args.chunk_size, output_dir=output_dir,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.no_progress, devices=device_model)
@@ -317,6 +340,10 @@ def run(args: argparse.Namespace) -> dict:
         "eval_personal": final.get("eval_personal"),
         "privacy": result.privacy,
         "virtual_time": final.get("virtual_time"),
+        "attack": None if attack is None else {
+            "attack": args.attack, "aggregator": args.aggregator,
+            "malicious_clients": attack["malicious"],
+            "success": final.get("attack_success", {}).get("accuracy")},
         "aggregator": args.aggregator,
         "uplink_bits": final["uplink_bits"],
         "downlink_bits": final["downlink_bits"],
@@ -364,6 +391,12 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  {tuned:<{width}}{format_summary(own)}")
         gain = final["eval_personal_fairness"]
         print(f"  {what} helps {gain['helped']:.0%} of clients, hurts {gain['hurt']:.0%}")
+    if attack is not None:
+        print(f"attack {args.attack} against the {args.aggregator}: "
+              f"{attack['description']}")
+        if "attack_success" in final:
+            print(f"  attack success {final['attack_success']['accuracy']:.3f} (the share of "
+                  "test examples the global model puts in their flipped class)")
     if args.alpha > 0 and acc["p50"] < 0.5 * acc["weighted_mean"]:
         print("  (Synthetic(alpha, beta) draws each client's labels from its own model: one "
               "global model serves the large clients, and the median client needs its own; "
@@ -377,7 +410,8 @@ def run_async(args: argparse.Namespace) -> dict:
     """`--algorithm fedbuff`: FedBuff in virtual time, beside synchronous FedAvg's clock for
     as many rounds on the same device model."""
     refused = [flag for flag, value in (("--resume", args.resume), ("--dp-clip", args.dp_clip),
-                                        ("--trainable", args.trainable))
+                                        ("--trainable", args.trainable),
+                                        ("--attack", args.attack != "none" or None))
                if value not in (None, False)]
     if refused:
         raise ValueError(f"--algorithm fedbuff does not take {', '.join(refused)}")
@@ -503,10 +537,11 @@ ROBUST_FLAGS = {"trim": ("trimmed_mean",), "krum_f": ("krum", "multi_krum"),
                 "cc_tau": ("centered_clipping",)}
 
 
-def robust_aggregator(args: argparse.Namespace, stages=()) -> aggregators.Aggregator | None:
-    """The --aggregator rule's chain, clients weighted by --weighting (default example
-    counts; the order statistics and Krum count each client once whatever the weights),
-    with the compression `stages` before the rule; None for the plain uncompressed mean."""
+def robust_aggregator(args: argparse.Namespace, stages=()) -> tuple | None:
+    """The --aggregator rule's chain stages, clients weighted by --weighting (default example
+    counts; the order statistics and Krum count each client once whatever the weights), with
+    the compression `stages` before the rule; None for the plain uncompressed mean. Stages,
+    not a chain, so an attack can go first or wrap the rule."""
     name = args.aggregator
     for dest, rules in ROBUST_FLAGS.items():
         if getattr(args, dest) is not None and name not in rules:
@@ -514,14 +549,14 @@ def robust_aggregator(args: argparse.Namespace, stages=()) -> aggregators.Aggreg
                              f"{' or '.join(rules)}, not {name}")
     weighting = aggregators.weight_by(args.weighting or "num_examples")
     if name == "mean":
-        return aggregators.chain(weighting, *stages, aggregators.mean()) if stages else None
+        return (weighting, *stages, aggregators.mean()) if stages else None
     if args.dp_clip is not None:
         raise ValueError(f"--aggregator {name} replaces the mean DP-FedAvg noises: give "
                          "--dp-clip without it")
     or_default = lambda value, default: default if value is None else value
     if name == "norm_bound":
-        return aggregators.chain(robust.norm_bound(or_default(args.norm_bound, 1.0)),
-                                 weighting, *stages, aggregators.mean())
+        return (robust.norm_bound(or_default(args.norm_bound, 1.0)), weighting, *stages,
+                aggregators.mean())
     rule = {"median": robust.median,
             "trimmed_mean": lambda: robust.trimmed_mean(or_default(args.trim, 0.1)),
             "krum": lambda: robust.krum(or_default(args.krum_f, 1)),
@@ -529,7 +564,7 @@ def robust_aggregator(args: argparse.Namespace, stages=()) -> aggregators.Aggreg
             "geometric_median": robust.geometric_median,
             "centered_clipping": lambda: robust.centered_clipping(or_default(args.cc_tau, 1.0)),
             }[name]()
-    return aggregators.chain(weighting, *stages, rule)
+    return (weighting, *stages, rule)
 
 
 def _dp_settings(args: argparse.Namespace, num_clients: int, stages=()) -> dict | None:
@@ -552,11 +587,50 @@ def _dp_settings(args: argparse.Namespace, num_clients: int, stages=()) -> dict 
                                          args.rounds, delta, accountant="rdp")
         print(f"noise multiplier {z:.4g}: epsilon {args.target_epsilon:g} at delta "
               f"{delta:.3g} after {args.rounds} rounds")
-    chain = aggregators.chain(aggregators.clip(args.dp_clip),
-                              aggregators.weight_by(args.weighting or "uniform"), *stages,
-                              aggregators.dp_mean(z, args.dp_clip, args.cohort_size))
-    return {"aggregator": chain, "noise_multiplier": z,
+    stages = (aggregators.clip(args.dp_clip), aggregators.weight_by(args.weighting or "uniform"),
+              *stages, aggregators.dp_mean(z, args.dp_clip, args.cohort_size))
+    return {"aggregator": aggregators.chain(*stages), "stages": stages, "noise_multiplier": z,
             "sampler": sampling.poisson(num_clients, args.cohort_size)}
+
+
+def _attack_settings(args: argparse.Namespace, train, test, dp: dict | None,
+                     rule: tuple | None) -> dict | None:
+    """The attack's chain (in front of, or for ALIE around, the `rule` stages or DP's), its
+    exact-share sampler, the (poisoned) training data and the success set from the flags
+    (None without an attack)."""
+    if args.attack == "none":
+        return None
+    if not 0 <= args.malicious_fraction <= 1:
+        raise ValueError(f"--malicious-fraction must be in [0, 1], got "
+                         f"{args.malicious_fraction:g}")
+    fraction = args.malicious_fraction
+    adversary = attacks.Adversary.choose(train.num_clients, fraction, seed=args.seed)
+    m = round(fraction * args.cohort_size)
+    sampler = adversary.sampler(args.cohort_size, m)  # raises when m is too many
+    scale = args.attack_scale
+    update = {
+        "sign_flip": lambda: attacks.sign_flip(adversary, scale or 1.0),
+        "scaling": lambda: attacks.scaling(adversary,
+                                           scale or args.cohort_size / args.server_lr),
+        "gaussian": lambda: attacks.gaussian(adversary, scale or 1.0),
+    }.get(args.attack)
+    stages = list(dp["stages"] if dp is not None else rule if rule is not None else
+                  (aggregators.weight_by(args.weighting or "num_examples"), aggregators.mean()))
+    if args.attack == "alie":
+        stages[-1] = attacks.alie(adversary, stages[-1])
+    first = [update(), aggregators.mask_nonfinite()] if update else []
+    extra, poisoned = None, train
+    if args.attack == "label_flip":
+        flip = attacks.label_flip(NUM_CLASSES)
+        poisoned = attacks.poison(train, adversary, flip, seed=args.seed)
+        extra = {"attack_success": flip.success_data(test)}
+    where = ("each cohort's malicious are whichever Poisson sampling draws" if dp is not None
+             else f"{m} of the {args.cohort_size} clients of each round malicious")
+    return {"aggregator": aggregators.chain(*first, *stages), "sampler": sampler,
+            "train": poisoned, "eval_extra": extra,
+            "malicious": adversary.malicious.tolist(),
+            "description": f"{len(adversary.malicious)} of {train.num_clients} clients "
+                           f"malicious, {where}"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -144,6 +144,8 @@ def test_device_flags_run_the_virtual_clock_and_bad_ones_are_named(tmp_path, cap
         with pytest.raises(SystemExit):
             cli.main(ARGS + extra + ["--output-dir", str(tmp_path / "bad")])
         assert message in capsys.readouterr().err
+
+
 def test_a_robust_aggregator_replaces_the_mean(tmp_path, capsys):
     code = cli.main(ARGS + ["--chunk-size", "2", "--output-dir", str(tmp_path),
                             "--aggregator", "krum", "--krum-f", "2"])
