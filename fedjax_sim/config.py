@@ -460,6 +460,33 @@ class FedjaxSqlite(Dataset, name="fedjax_sqlite"):
 
 
 @dataclass(frozen=True)
+class Npy(Dataset, name="npy"):
+    """fs.data.storage.load_npy: a population saved by `save_npy`, memory-mapped and read
+    per cohort (populations larger than memory).
+
+    Attributes:
+      path: the directory `save_npy` wrote.
+      test_path: the test population's directory (None: no test set).
+    """
+
+    path: str = ""
+    test_path: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreSqlite(Dataset, name="store_sqlite"):
+    """fs.data.storage.load_sqlite: a population saved by `save_sqlite`, read per cohort.
+
+    Attributes:
+      path: the SQLite file `save_sqlite` wrote.
+      test_path: the test population's file (None: no test set).
+    """
+
+    path: str = ""
+    test_path: str | None = None
+
+
+@dataclass(frozen=True)
 class EmnistTff(Dataset, name="emnist_tff"):
     """fs.data.emnist_tff: TFF's EMNIST SQLite (3,400 writers).
 
@@ -544,6 +571,7 @@ class Partition(Dataset, name="partition"):
     Attributes:
       path: the .npz of centralized arrays (or give `pool`).
       pool: a data set name whose training examples are pooled (e.g. "femnist").
+      pool_path: the pooled data set's path (None: its loader's default).
       scheme: iid, dirichlet (label skew), quantity_skew, shards (McMahan et al.'s
         pathological split) or natural (an id column).
       num_clients: the clients to deal to (not for natural).
@@ -558,6 +586,7 @@ class Partition(Dataset, name="partition"):
 
     path: str | None = None
     pool: str | None = None
+    pool_path: str | None = None
     scheme: Literal["iid", "dirichlet", "quantity_skew", "shards", "natural"] = "iid"
     num_clients: int = 100
     alpha: float = 0.5
@@ -1460,12 +1489,15 @@ class Backdoor(DataAttack, name="backdoor"):
       size: the square's side in pixels.
       value: the square's pixel value.
       fraction: the share of a malicious client's examples triggered.
+      image_shape: the images' shape (None: the data set's, before a dense model flattens
+        it).
     """
 
     target: int = 0
     size: int = 4
     value: float = 1.0
     fraction: float = 0.5
+    image_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from fedjax_sim import (
 )
 from fedjax_sim import config as C
 from fedjax_sim.config import ConfigError
+from fedjax_sim.data import storage
 from fedjax_sim.simulation import Simulation, SimulationResult
 
 # What a run writes; a directory holding any of them holds an earlier run.
@@ -92,7 +93,11 @@ def _pooled_features(spec: C.Partition, seed: int) -> dict:
     if spec.pool not in C.Dataset.registry or spec.pool == "partition":
         raise ConfigError(f"data.pool: {spec.pool!r} is not a data set "
                           f"({C._kinds(C.Dataset)})")
-    pooled = load_data(C.Dataset.registry[spec.pool](), seed).train
+    kind = C.Dataset.registry[spec.pool]
+    options = {} if spec.pool_path is None else {"path": spec.pool_path}
+    if options and "path" not in {f.name for f in dataclasses.fields(kind)}:
+        raise ConfigError(f"data.pool_path: data set {spec.pool!r} takes no path")
+    pooled = load_data(kind(**options), seed).train
     return {k: np.asarray(v) for k, v in pooled.pooled().items()}
 
 
@@ -163,6 +168,10 @@ def load_data(spec: C.Dataset, seed: int) -> Data:
             test = data.load_fedjax_sqlite(spec.test_path)
         else:
             train, test = _split(train, spec.test_fraction, seed)
+    elif isinstance(spec, C.Npy | C.StoreSqlite):
+        load = storage.load_npy if isinstance(spec, C.Npy) else storage.load_sqlite
+        train = load(spec.path)
+        test = None if spec.test_path is None else load(spec.test_path)
     elif isinstance(spec, C.EmnistTff):
         train, test = data.emnist_tff(spec.path, only_digits=spec.only_digits,
                                       normalize=spec.normalize)
@@ -526,8 +535,11 @@ def _privacy_stages(cfg: C.Config, sampler, n: int, stages: list):
     return None, None
 
 
-def build_chain(cfg: C.Config, train, test) -> Chain:
-    """The aggregation chain, the sampler and the attack's data of a config."""
+def build_chain(cfg: C.Config, loaded: Data, test, image_shape=None) -> Chain:
+    """The aggregation chain, the sampler and the attack's data of a config (`test`: the
+    evaluated population, for the attack's success set; `image_shape`: the images' shape
+    before flattening, for a backdoor)."""
+    train = loaded.train
     agg, n = cfg.aggregation, train.num_clients
     sampler = build_sampler(cfg, train)
     stages = compression_stages(agg.compression)
@@ -574,7 +586,7 @@ def build_chain(cfg: C.Config, train, test) -> Chain:
     if first:
         first.append(aggregators.mask_nonfinite())
     poisoned, extra = train, None
-    poison = _data_attack(attack.data, train)
+    poison = _data_attack(attack.data, loaded, image_shape)
     if poison is not None:
         poisoned = attacks.poison(train, adversary, poison, seed=cfg.run.seed)
         extra = {"attack_success": poison.success_data(test)} if test is not None else None
@@ -582,16 +594,15 @@ def build_chain(cfg: C.Config, train, test) -> Chain:
                  per_round)
 
 
-def _data_attack(spec: C.DataAttack, train):
+def _data_attack(spec: C.DataAttack, loaded: Data, image_shape):
     if isinstance(spec, C.NoDataAttack):
         return None
-    y = np.asarray(train.features["y"])
-    num_classes = int(y.max()) + 1
+    num_classes = loaded.num_classes or int(np.max(loaded.train.features["y"])) + 1
     if isinstance(spec, C.LabelFlip):
         return attacks.label_flip(num_classes, source=spec.source, target=spec.target)
     if isinstance(spec, C.Backdoor):
-        return attacks.backdoor(spec.target, num_classes,
-                                image_shape=tuple(np.shape(train.features["x"])[1:]),
+        shape = spec.image_shape or image_shape or tuple(np.shape(loaded.train.features["x"])[1:])
+        return attacks.backdoor(spec.target, num_classes, image_shape=tuple(shape),
                                 size=spec.size, value=spec.value, fraction=spec.fraction)
     raise TypeError(f"no builder for data attack {spec.name!r}")
 
@@ -686,6 +697,8 @@ def build(cfg: C.Config) -> Experiment:
     """
     seed = cfg.run.seed
     loaded = load_data(cfg.data, seed)
+    x = loaded.train.features.get("x")
+    image_shape = None if x is None else tuple(np.shape(x)[1:])
     if isinstance(cfg.model, _DENSE):
         loaded = flatten(loaded)
     model = build_model(cfg.model, loaded)
@@ -697,7 +710,7 @@ def build(cfg: C.Config) -> Experiment:
         algo = build_algorithm(cfg, model, None)
         chain = Chain(None, {}, loaded.train)
         return Experiment(cfg, loaded, loaded.train, eval_data, model, algo, chain, {})
-    chain = build_chain(cfg, loaded.train, eval_data)
+    chain = build_chain(cfg, loaded, eval_data, image_shape)
     algo = build_algorithm(cfg, model, chain.aggregator)
     ev = cfg.evaluation
     tune = None
