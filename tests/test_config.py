@@ -222,7 +222,7 @@ def _buildable(path: Path) -> list[str]:
         overrides.append(f"{key}={str(needed)!r}")
     if isinstance(cfg.data, C.Synthetic) and cfg.data.num_clients > 10_000:
         overrides.append("data.num_clients=2000")
-    if isinstance(cfg.aggregation.privacy, C.DpFtrl):
+    if isinstance(cfg.aggregation.privacy, C.DpFtrl | C.DpFedAvg):
         overrides.append("aggregation.privacy.noise_multiplier=1.0")  # no calibration search
     return overrides
 
