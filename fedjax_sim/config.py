@@ -1989,7 +1989,7 @@ def _merge(base: dict, update: Mapping) -> dict:
         if isinstance(value, Mapping) and isinstance(old, str):
             old = {"name": old}
         if isinstance(value, Mapping) and isinstance(old, Mapping):
-            if "name" in value and value["name"] != old.get("name"):
+            if "name" in value and "name" in old and value["name"] != old["name"]:
                 out[key] = dict(value)
             else:
                 out[key] = _merge(old, value)

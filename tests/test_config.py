@@ -70,6 +70,9 @@ def test_another_kind_replaces_the_old_kinds_options_and_keeps_the_rest():
     changed = C.load(text=C.dumps(base), overrides=["aggregation.rule=median"])
     assert changed.aggregation.rule == C.Median()
     assert changed.aggregation.weighting == "uniform"
+    for order in (["aggregation.rule.f=2", "aggregation.rule.name=krum"],
+                  ["aggregation.rule.name=krum", "aggregation.rule.f=2"]):
+        assert C.load(overrides=order).aggregation.rule == C.Krum(f=2)
 
 
 @pytest.mark.parametrize("overrides, message", [
