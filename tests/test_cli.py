@@ -163,7 +163,7 @@ def test_a_robust_aggregator_replaces_the_mean(tmp_path, capsys):
      "--trim is for --aggregator trimmed_mean, not median"),
     (["--krum-m", "3"], "--krum-m is for --aggregator multi_krum, not mean"),
     (["--aggregator", "geometric_median", "--dp-clip", "1.0", "--noise-multiplier", "1.0"],
-     "--aggregator geometric_median replaces the mean DP-FedAvg noises"),
+     "aggregation.rule 'geometric_median' replaces the mean that dp_fedavg noises"),
 ])
 def test_robust_flags_that_do_not_fit_are_refused_before_training(flags, error, tmp_path,
                                                                   capsys):
