@@ -21,16 +21,18 @@ from fedjax_sim import (
     aggregators,
     algorithms,
     asynchronous,
-    compression,
     attacks,
+    compression,
     data,
     devices,
     evaluation,
     models,
+    plots,
     privacy,
     robust,
     sampling,
 )
+from fedjax_sim import sinks as sinks_lib
 from fedjax_sim.data.synthetic import NUM_CLASSES, NUM_FEATURES
 from fedjax_sim.evaluation import format_summary
 from fedjax_sim.health import DivergedError
@@ -48,7 +50,8 @@ SERVER_OPTIMIZERS = {
     "yogi": lambda lr: algorithms.fedyogi(lr),
     "adagrad": lambda lr: algorithms.fedadagrad(lr),
 }
-RUN_FILES = ("history.jsonl", "summary.json", "checkpoints")
+RUN_FILES = ("history.jsonl", "summary.json", "checkpoints", "clients.jsonl", "history.csv",
+             "clients.csv", "tensorboard", "wandb_run_id")
 ROBUST_AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum",
                       "geometric_median", "norm_bound", "centered_clipping")
 ALGORITHMS = ("fedavg", "ditto", "apfl", "pfedme", "fedrep", "fedper", "hypcluster", "ifca",
@@ -178,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where history.jsonl and summary.json go; one holding an earlier run is kept "
         "and this run goes to the next free <dir>-N")
     add("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
+    add("--sinks", type=_sink_names, default="jsonl",
+        help=f"where the records go in --output-dir, comma-separated, of "
+        f"{', '.join(sinks_lib.SINKS)} (fs.sinks; jsonl is what `fedjax-sim plot` reads)")
     add("--resume", action="store_true",
         help="continue the run in --output-dir from its newest checkpoint, up to --rounds")
     add("--checkpoint-every", type=_non_negative_int, default=0,
@@ -263,7 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="centered_clipping: the clipping radius around the last aggregate "
                     "(unset: 1.0)")
     run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
+    plot = sub.add_parser("plot", help="plot run directories (curves, per-client "
+                          "distributions, seeds as mean and band)",
+                          description=plots.__doc__.split("\n\n")[0],
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    plots.add_arguments(plot)
+    plot.set_defaults(subparser=plot)
     return parser
+
+
+def _sink_names(text: str) -> tuple[str, ...]:
+    try:
+        return sinks_lib.names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def fresh_output_dir(path: str | Path, overwrite: bool) -> Path:
@@ -324,7 +343,7 @@ def run(args: argparse.Namespace) -> dict:
                       eval_data=test, eval_every=args.eval_every, fine_tune=tune,
                       eval_clients=args.eval_clients, eval_rolling=args.eval_rolling,
                       eval_extra=attack["eval_extra"] if attack else None,
-                      chunk_size=args.chunk_size, output_dir=output_dir,
+                      chunk_size=args.chunk_size, output_dir=output_dir, sinks=args.sinks,
                       checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.no_progress, devices=device_model)
     final = result.history[-1]
@@ -401,8 +420,8 @@ def run(args: argparse.Namespace) -> dict:
         print("  (Synthetic(alpha, beta) draws each client's labels from its own model: one "
               "global model serves the large clients, and the median client needs its own; "
               "see the README)")
-    print(f"history: {output_dir}/history.jsonl; rerun exactly with --seed {args.seed} "
-          f"--chunk-size {result.chunk_size}")
+    print(f"records: {_written(output_dir, args.sinks)}; rerun exactly with --seed "
+          f"{args.seed} --chunk-size {result.chunk_size}")
     return summary
 
 
@@ -436,11 +455,7 @@ def run_async(args: argparse.Namespace) -> dict:
     result = asynchronous.simulate_async(
         algo, train, devices, concurrency=m, num_aggregations=args.rounds, seed=args.seed,
         eval_data=test, eval_every=args.eval_every, eval_clients=args.eval_clients,
-        chunk_size=args.chunk_size or 1)
-    with open(output_dir / "history.jsonl", "w") as f:
-        for record in result.history:
-            f.write(json.dumps({k: v for k, v in record.items()
-                                if k not in ("clients", "eval_clients")}) + "\n")
+        chunk_size=args.chunk_size or 1, output_dir=output_dir, sinks=args.sinks)
     final = result.history[-1]
     fedavg_time = float(asynchronous.fedavg_round_times(
         algo, train, devices, cohort_size=m, rounds=args.rounds, seed=args.seed).sum())
@@ -462,8 +477,14 @@ def run_async(args: argparse.Namespace) -> dict:
     print(f"per-client test accuracy over {len(final['eval_clients']['client_id'])} of "
           f"{test.num_clients} clients (chance 0.10):")
     print(f"  global model: {format_summary(final['eval']['accuracy'])}")
-    print(f"history: {output_dir}/history.jsonl")
+    print(f"records: {_written(output_dir, args.sinks)}")
     return summary
+
+
+def _written(output_dir: Path, names: Sequence[str]) -> str:
+    """The sinks' files in the run directory, for the closing line."""
+    files = [f"{output_dir}/{f}" for n in names for f in sinks_lib.SINKS[n].files]
+    return ", ".join(files) or "none (--sinks is empty)"
 
 
 def build_algorithm(args: argparse.Namespace, model, aggregator):
@@ -640,11 +661,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         try:
             run(args)
-        except (ValueError, TypeError) as e:  # a bad combination of flags: say which, not where
+        except (ValueError, TypeError, ImportError) as e:  # bad flags: say which, not where
             args.subparser.error(str(e))
         except DivergedError as e:
             print(f"fedjax-sim run: error: {e}", file=sys.stderr)
             return 1
+    elif args.command == "plot":
+        try:
+            plots.main(args)
+        except (ValueError, ImportError) as e:
+            args.subparser.error(str(e))
     return 0
 
 
