@@ -354,7 +354,8 @@ def curves_figure(groups: Sequence[Group], metrics: Sequence[str], x: str = "ste
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
-    _legend_once(axes[0], groups)
+    title = "mean and 95% CI over seeds" if any(len(g.runs) > 1 for g in groups) else None
+    _legend_below(fig, axes[0], title)
     return fig
 
 
@@ -366,6 +367,8 @@ def quantiles_figure(groups: Sequence[Group], metric: str = "accuracy"):
       >>> fig = quantiles_figure(group_runs(runs))  # doctest: +SKIP
     """
     figure = _figure_class()
+    from matplotlib.colors import to_rgba
+
     cols = min(3, len(groups))
     rows = -(-len(groups) // cols)
     fig = figure(figsize=(4.6 * cols, 3.4 * rows), layout="constrained")
@@ -377,18 +380,20 @@ def quantiles_figure(groups: Sequence[Group], metric: str = "accuracy"):
             if not len(steps):
                 continue
             what = "global model" if evaluation == "eval_clients" else "own models"
-            ax.fill_between(steps, q[0], q[4], color=color, alpha=0.18, linewidth=0,
-                            label=f"{what}: 10-90th pct")
-            ax.fill_between(steps, q[1], q[3], color=color, alpha=0.35, linewidth=0,
-                            label=f"{what}: 25-75th pct")
+            # Edges drawn opaque: where two models' bands overlap, each keeps its outline.
+            edge = to_rgba(color, 0.9)
+            ax.fill_between(steps, q[0], q[4], facecolor=to_rgba(color, 0.15), edgecolor=edge,
+                            linewidth=0.6, label=f"{what}: 10-90th pct")
+            ax.fill_between(steps, q[1], q[3], facecolor=to_rgba(color, 0.35), edgecolor=edge,
+                            linewidth=0.6, label=f"{what}: 25-75th pct")
             ax.plot(steps, q[2], color=color, label=f"{what}: median")
         ax.set_title(_legend(g), fontsize="medium")
         ax.set_xlabel(step)
         ax.set_ylabel(f"per-client {metric}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
     for ax in axes[len(groups):]:
         ax.set_visible(False)
+    _legend_below(fig, axes[0])
     return fig
 
 
@@ -408,14 +413,17 @@ def cdf_figure(groups: Sequence[Group], metric: str = "accuracy"):
             if cdf is None:
                 continue
             step, xs, frac = cdf
-            own = "" if evaluation == "eval_clients" else ", own models"
-            ax.step(xs, frac, where="post", linestyle=style, color=f"C{i % 10}",
-                    label=f"{_legend(g)}{own} ({g.runs[0].step} {step})")
+            own = "global model" if evaluation == "eval_clients" else "own models"
+            # From 0 below the smallest value: the steps then rise by each client's share.
+            ax.step(np.concatenate([xs[:1], xs]), np.concatenate([[0.0], frac]), where="post",
+                    linestyle=style, color=f"C{i % 10}",
+                    label=f"{_legend(g)}: {own}, {g.runs[0].step} {step}")
+    ax.set_title(f"per-client {metric} at the last evaluation", fontsize="medium")
     ax.set_xlabel(f"per-client {metric}")
-    ax.set_ylabel("fraction of clients")
+    ax.set_ylabel("fraction of clients at or below")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend_below(fig, ax, ncols=1)
     return fig
 
 
@@ -549,11 +557,12 @@ def _legend(group: Group) -> str:
     return group.label if n == 1 else f"{group.label} ({n} seeds)"
 
 
-def _legend_once(ax, groups: Sequence[Group]) -> None:
+def _legend_below(fig, ax, title: str | None = None, ncols: int = 3) -> None:
+    """One legend for the figure, under its panels (never over the data)."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        title = "mean, 95% CI" if any(len(g.runs) > 1 for g in groups) else None
-        ax.legend(fontsize="small", title=title, title_fontsize="small")
+        fig.legend(handles, labels, loc="outside lower center", fontsize="small",
+                   ncols=min(ncols, len(handles)), title=title, title_fontsize="small")
 
 
 def _step_label(groups: Sequence[Group]) -> str:

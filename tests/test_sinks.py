@@ -202,7 +202,7 @@ def test_wandb_logs_each_round_once_across_a_resume(run, tmp_path, monkeypatch):
                                  entity=None, name=None, config={"lr": 0.05}, mode="offline")
     logged = fake.runs[run_id]
     assert [s for s, _ in logged] == [0, 1, 2, 3]
-    for (step, data), record in zip(logged, history, strict=True):
+    for (_, data), record in zip(logged, history, strict=True):
         numbers = {k: v for k, v in data.items() if not isinstance(v, FakeWandb.Histogram)}
         assert numbers == {k.replace(".", "/"): v for k, v in sinks.scalars(record).items()}
         hists = {k: v.values for k, v in data.items() if isinstance(v, FakeWandb.Histogram)}
