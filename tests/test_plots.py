@@ -245,12 +245,15 @@ def test_cli_run_with_sinks_then_plot_it(tmp_path, capsys):
     assert f"records: {run_dir}/history.jsonl, {run_dir}/clients.jsonl" in \
         capsys.readouterr().out
     assert {"history.csv", "clients.csv", "clients.jsonl"} <= {p.name for p in run_dir.iterdir()}
-    written = plots.plot_runs([run_dir], run_dir / "plots")
-    assert {p.name for p in written} == {"curves.png", "clients_accuracy.png",
-                                         "clients_accuracy_cdf.png"}
-    (g,) = plots.group_runs(plots.load_runs([run_dir]))
+    runs = plots.load_runs([run_dir])
+    assert plots.default_metrics(runs) == ["train_loss", "eval.accuracy", "eval.loss",
+                                           "eval_personal.accuracy", "eval_personal.loss"]
+    (g,) = plots.group_runs(runs)
+    assert g.label == "run"
     steps, q = plots.client_quantiles(g, evaluation="eval_personal_clients")
     assert steps.tolist() == [1, 3] and np.all((0 <= q) & (q <= 1))
+    fig = plots.quantiles_figure([g])
+    assert len(fig.axes[0].lines) == 2  # the global model's median and the fine-tuned one's
     with pytest.raises(SystemExit):
         cli.main(["run", "--sinks", "jsonl,tensorbord"])
     assert "unknown sink 'tensorbord' (did you mean 'tensorboard'?)" in capsys.readouterr().err

@@ -24,9 +24,9 @@ def _algo():
                                 batch_size=10)
 
 
-def _kwargs(test):
+def _kwargs(test, **more):
     return dict(cohort_size=4, chunk_size=2, eval_data=test, eval_every=2, eval_clients=6,
-                fine_tune=fs.evaluation.FineTune(optax.sgd(0.05), 2), progress=False)
+                progress=False, **more)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def run(population, tmp_path_factory):
     train, test = population
     out = tmp_path_factory.mktemp("run")
     result = fs.simulate(_algo(), train, rounds=4, output_dir=out,
-                         sinks=("jsonl", "csv", "tensorboard"), **_kwargs(test))
+                         sinks=("jsonl", "csv", "tensorboard"),
+                         **_kwargs(test, fine_tune=fs.evaluation.FineTune(optax.sgd(0.05), 2)))
     return out, result.history
 
 
@@ -223,7 +224,7 @@ def test_a_stopped_and_resumed_run_leaves_every_sink_holding_each_round_once(
     train, test = population
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
     names = ("jsonl", "csv", "tensorboard")
-    kwargs = dict(_kwargs(test), checkpoint_every=2)
+    kwargs = _kwargs(test, checkpoint_every=2)
     whole = fs.simulate(_algo(), train, rounds=6, output_dir=tmp_path / "whole",
                         sinks=names, **kwargs)
 
@@ -327,6 +328,18 @@ def test_without_an_output_dir_nothing_is_written_and_with_an_empty_list_no_hist
     fs.simulate(_algo(), train, rounds=1, cohort_size=4, chunk_size=2, progress=False,
                 output_dir=tmp_path, sinks=())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+def test_an_earlier_runs_files_without_checkpoints_are_overwritten_with_a_warning(population,
+                                                                                tmp_path):
+    train, _ = population
+    (tmp_path / "history.csv").write_text("round\n0\n")
+    with pytest.warns(UserWarning, match=r"holds an earlier run's history.csv; this run "
+                      r"overwrites it"):
+        fs.Simulation(_algo(), train, cohort_size=4, chunk_size=2, progress=False,
+                      output_dir=tmp_path, sinks="jsonl,csv")
+    assert (tmp_path / "history.csv").read_text() == ""  # opened on the empty history
+    assert (tmp_path / "history.jsonl").read_text() == ""
 
 
 @pytest.mark.slow
