@@ -24,10 +24,12 @@ from fedjax_sim import (
     filters,
     health,
     models,
+    plots,
     privacy,
     robust,
     sampling,
     secagg,
+    sinks,
 )
 from fedjax_sim.engine import ClientContext, ClientResult, ClientUpdate, Engine, client_mesh
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
@@ -61,9 +63,11 @@ __all__ = [
     "filters",
     "health",
     "models",
+    "plots",
     "privacy",
     "robust",
     "sampling",
     "secagg",
     "simulate",
+    "sinks",
 ]

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import sampling
+from fedjax_sim import sinks as sinks_lib
 from fedjax_sim.algorithms.fedbuff import BufferedAlgorithm, StartRows, staleness_weights
 from fedjax_sim.checkpoints import Checkpoints
 from fedjax_sim.checks import (
@@ -49,6 +51,7 @@ from fedjax_sim.checks import (
     check_mesh,
     check_model_fits,
     check_not_empty,
+    check_output_dir,
     check_some_client_trains,
 )
 from fedjax_sim.data.cohort import Batching, pack_cohort
@@ -251,6 +254,9 @@ class AsyncSimulation:
       chunk_size: K_vmap, clients vectorized side by side (results agree whatever it is, to
         float summation order).
       mesh: `fs.client_mesh()` to split each aggregation's clients over devices.
+      output_dir, sinks: where the records go as the run goes, as `fs.Simulation` writes
+        them (`fs.sinks`; default history.jsonl and clients.jsonl in `output_dir`), each
+        record's step its "aggregation"; `restore` rewrites them to the restored history.
     """
 
     def __init__(self, algorithm: BufferedAlgorithm, train: FederatedData, devices: Devices,
@@ -258,7 +264,9 @@ class AsyncSimulation:
                  params: Any = None, eval_data: FederatedData | None = None,
                  eval_every: int = 0, eval_clients: int | None = None,
                  eval_batch_size: int = 64, chunk_size: int = 1,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None,
+                 output_dir: str | os.PathLike | None = None,
+                 sinks: str | Sequence[str | sinks_lib.Sink] | None = None):
         if not isinstance(algorithm, BufferedAlgorithm):
             raise TypeError(f"algorithm must be fs.algorithms.fedbuff(...), got "
                             f"{type(algorithm).__name__}")
@@ -283,6 +291,9 @@ class AsyncSimulation:
                              f"device(s)); use chunk_size <= {per_device}")
         if eval_data is None and (eval_every or eval_clients is not None):
             raise ValueError("eval_every or eval_clients is set but no eval_data was given")
+        if output_dir is not None:
+            output_dir = check_output_dir(output_dir)
+        sinks = sinks_lib.resolve(sinks, output_dir)
         if params is None:
             params = algorithm.model.init(jax.random.key(seed))
         # The resident pool holds the whole population, so every value is checked up front.
@@ -320,6 +331,9 @@ class AsyncSimulation:
         self._start = time.perf_counter()
         self.aggregation, self.history = 0, []
         self.timings = {"compile_s": 0.0, "aggregations_s": 0.0, "eval_s": 0.0}
+        self.recorder = None if not sinks else sinks_lib.Recorder(sinks, output_dir)
+        if self.recorder is not None:
+            self.recorder.open(self.history)
 
     def _order(self, a: Aggregation) -> np.ndarray:
         """Cohort order: most steps first, then by id (a synchronous cohort's sort, so K = M
@@ -382,6 +396,8 @@ class AsyncSimulation:
                                                    ev.clients["num_examples"])
             self.timings["eval_s"] += time.perf_counter() - t
         self.history.append(record)
+        if self.recorder is not None:
+            self.recorder.write(record, self.history)
         return record
 
     def run(self, num_aggregations: int | None = None) -> AsyncResult:
@@ -392,13 +408,18 @@ class AsyncSimulation:
         n = left if num_aggregations is None else check_integer(
             "num_aggregations", num_aggregations, 0, left)
         end = self.aggregation + n
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjax_sim-async") as pool:
-            upcoming = pool.submit(self.pack, self.aggregation) if n else None
-            while self.aggregation < end:
-                packed = upcoming.result()
-                if self.aggregation + 1 < end:
-                    upcoming = pool.submit(self.pack, self.aggregation + 1)
-                self.step(packed)
+        try:
+            with ThreadPoolExecutor(max_workers=1,
+                                    thread_name_prefix="fedjax_sim-async") as pool:
+                upcoming = pool.submit(self.pack, self.aggregation) if n else None
+                while self.aggregation < end:
+                    packed = upcoming.result()
+                    if self.aggregation + 1 < end:
+                        upcoming = pool.submit(self.pack, self.aggregation + 1)
+                    self.step(packed)
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()
         return self.result()
 
     def _fingerprint(self) -> dict:
@@ -433,6 +454,9 @@ class AsyncSimulation:
                              f"({'; '.join(diff)})")
         self.state, self.versions = state, versions
         self.aggregation, self.history = int(meta["aggregation"]), list(meta["history"])
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder.open(self.history)
         return True
 
     def result(self) -> AsyncResult:

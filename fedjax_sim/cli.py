@@ -5,7 +5,8 @@
 Synthetic(1,1) task (1,000 clients, generated in-process, cohort 100) and prints the
 per-client accuracy distribution. The run's flags are shorthands for config keys and apply
 over the config; `--set` applies last. `fedjax-sim list` prints every data set, model,
-algorithm, aggregator, compressor, attack, sampler and optimizer a config can name.
+algorithm, aggregator, compressor, attack, sampler and optimizer a config can name;
+`fedjax-sim plot RUN_DIR [RUN_DIR ...]` plots run directories (`fedjax_sim.plots`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 from collections.abc import Sequence
 
 from fedjax_sim import config as C
-from fedjax_sim import experiment
+from fedjax_sim import experiment, plots
+from fedjax_sim import sinks as sinks_lib
 from fedjax_sim.evaluation import format_summary
 from fedjax_sim.health import DivergedError
 
@@ -74,6 +76,13 @@ def _int_at_least(minimum: int):
 
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
+def _sink_names(text: str) -> tuple[str, ...]:
+    try:
+        return sinks_lib.names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 # The flags that set one config key each: (flag, type, key, help). Their defaults are the
 # quick start's (`config.QUICK_START`), shown in --help; a flag not given changes nothing.
 KEY_FLAGS = (
@@ -123,6 +132,9 @@ KEY_FLAGS = (
     ("--seed", _non_negative_int, "run.seed", "the seed every random choice derives from"),
     ("--output-dir", str, "output.dir", "the run directory; one holding an earlier run is "
      "kept and this run goes to the next free <dir>-N"),
+    ("--sinks", _sink_names, "output.sinks", "where the records go in the run directory, "
+     f"comma-separated, of {', '.join(sinks_lib.SINKS)} (fs.sinks; jsonl is what "
+     "`fedjax-sim plot` reads)"),
     ("--checkpoint-every", _non_negative_int, "checkpoint.every",
      "a checkpoint every this many rounds (0: at the end and when stopped by SIGTERM or "
      "Ctrl-C)"),
@@ -254,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _, text in SWITCHES:
         add(flag, action="store_true", default=None, help=text)
     run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
+    plot = sub.add_parser("plot", help="plot run directories (curves, per-client "
+                          "distributions, seeds as mean and band)",
+                          description=plots.__doc__.split("\n\n")[0],
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    plots.add_arguments(plot)
+    plot.set_defaults(subparser=plot)
     return parser
 
 
@@ -390,7 +408,7 @@ def report(outcome: experiment.Outcome) -> None:
               f"fewer than the {final['downlink_bits']:,} of the float32 update")
     if "eval" in final:
         _report_eval(exp, final)
-    print(f"history: {outcome.output_dir}/history.jsonl; rerun exactly with --seed "
+    print(f"records: {_written(outcome)}; rerun exactly with --seed "
           f"{cfg.run.seed} --chunk-size {result.chunk_size}, or `fedjax-sim run "
           f"{outcome.output_dir}/config.toml`")
 
@@ -447,7 +465,14 @@ def _report_async(outcome: experiment.Outcome) -> None:
         print(f"per-client {cfg.evaluation.on} accuracy over "
               f"{len(final['eval_clients']['client_id'])} of {exp.eval_data.num_clients} "
               f"clients:\n  global model: {format_summary(final['eval']['accuracy'])}")
-    print(f"history: {outcome.output_dir}/history.jsonl")
+    print(f"records: {_written(outcome)}")
+
+
+def _written(outcome: experiment.Outcome) -> str:
+    """The sinks' files in the run directory, for the closing line."""
+    names = outcome.experiment.config.output.sinks
+    files = [f"{outcome.output_dir}/{f}" for n in names for f in sinks_lib.SINKS[n].files]
+    return ", ".join(files) or "none (output.sinks is empty)"
 
 
 def _describe_data(exp: experiment.Experiment) -> str:
@@ -479,9 +504,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         print(C.describe(), end="")
         return 0
+    if args.command == "plot":
+        try:
+            plots.main(args)
+        except (ValueError, ImportError) as e:
+            args.subparser.error(str(e))
+        return 0
     try:
         run(args)
-    except (ValueError, TypeError) as e:  # a bad config or combination: say which, not where
+    except (ValueError, TypeError, ImportError) as e:  # a bad config: say which, not where
         args.subparser.error(str(e))
     except DivergedError as e:
         print(f"fedjax-sim run: error: {e}", file=sys.stderr)

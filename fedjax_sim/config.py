@@ -35,6 +35,8 @@ from typing import Any, ClassVar, Literal
 
 import tomli_w
 
+from fedjax_sim import sinks
+
 
 class ConfigError(ValueError):
     """A config that does not fit the schema, or whose options do not fit together."""
@@ -1806,9 +1808,12 @@ class Output:
     Attributes:
       dir: the run directory; one holding an earlier run is kept and this run goes to the
         next free <dir>-N.
+      sinks: where the records go in the run directory, of jsonl (history.jsonl and
+        clients.jsonl, what `fedjax-sim plot` reads), csv, tensorboard and wandb (`fs.sinks`).
     """
 
     dir: str = "runs/synthetic"
+    sinks: tuple[str, ...] = ("jsonl",)
 
 
 @dataclass(frozen=True)
@@ -2116,6 +2121,12 @@ def check(config: Config) -> None:
     if config.server_optimizer.schedule.over == "rounds":
         raise ConfigError("server_optimizer.schedule.over: the server steps once a round, so "
                           "its schedule is over steps (\"rounds\" is for client optimizers)")
+    for name in config.output.sinks:
+        if name not in sinks.SINKS:
+            close = difflib.get_close_matches(name, sinks.SINKS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"output.sinks: unknown sink {name!r}{hint}; the sinks are "
+                              f"{', '.join(sinks.SINKS)}")
     _check_paths(config)
 
 

@@ -1,7 +1,8 @@
 """A run from its config: the data, the model, the algorithm and the Simulation's arguments a
 `fedjax_sim.config.Config` describes (`build`), and the run itself with its run directory
-(`run`): config.toml (the resolved config), history.jsonl, summary.json (with the
-environment, the seed and the chunk size used), params.msgpack and the checkpoints.
+(`run`): config.toml (the resolved config), the sinks' records (history.jsonl and
+clients.jsonl by default), summary.json (with the environment, the seed and the chunk size
+used), params.msgpack and the checkpoints.
 
 Every kind the schema registers has its builder here, found by the kind's class; building
 reads the data and makes the objects but compiles nothing (`build`), so a config can be
@@ -51,12 +52,14 @@ from fedjax_sim import (
     secagg,
 )
 from fedjax_sim import config as C
+from fedjax_sim import sinks as sinks_lib
 from fedjax_sim.config import ConfigError
 from fedjax_sim.data import storage
 from fedjax_sim.simulation import Simulation, SimulationResult
 
 # What a run writes; a directory holding any of them holds an earlier run.
-RUN_FILES = ("config.toml", "history.jsonl", "summary.json", "params.msgpack", "checkpoints")
+RUN_FILES = ("config.toml", "summary.json", "params.msgpack", "checkpoints",
+             *(f for sink in sinks_lib.SINKS.values() for f in sink.files))
 
 
 # --- data --------------------------------------------------------------------------------
@@ -783,7 +786,7 @@ def environment() -> dict:
 
 def write_config(cfg: C.Config, output_dir: Path) -> None:
     """RUN_DIR/config.toml: the resolved config, its output dir the run's own."""
-    cfg = C.replace(cfg, output=C.Output(dir=str(output_dir)))
+    cfg = C.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(output_dir)))
     (output_dir / "config.toml").write_text(
         "# The resolved config of this run: `fedjax-sim run config.toml` reruns it.\n"
         + C.dumps(cfg))
@@ -824,7 +827,7 @@ def run(cfg: C.Config, *, overwrite: bool = False, resume: bool = False,
         result, summary, fedavg_time = _run_async(exp, output_dir)
     else:
         sim = Simulation(exp.algorithm, exp.train, output_dir=output_dir, resume=resume,
-                         progress=progress, **exp.simulation)
+                         progress=progress, sinks=cfg.output.sinks, **exp.simulation)
         result = sim.run(cfg.run.rounds)
         summary, fedavg_time = _summary(exp, result), None
     summary.update(seed=cfg.run.seed, chunk_size=result.chunk_size, environment=environment())
@@ -871,11 +874,7 @@ def _run_async(exp: Experiment, output_dir: Path) -> tuple[Any, dict, float]:
         exp.algorithm, exp.train, profiles, concurrency=m, num_aggregations=cfg.run.rounds,
         seed=seed, eval_data=exp.eval_data, eval_every=cfg.evaluation.every,
         eval_clients=cfg.evaluation.clients, eval_batch_size=cfg.evaluation.batch_size,
-        chunk_size=cfg.run.chunk_size or 1)
-    with open(output_dir / "history.jsonl", "w") as f:
-        for record in result.history:
-            f.write(json.dumps({k: v for k, v in record.items()
-                                if k not in ("clients", "eval_clients")}) + "\n")
+        chunk_size=cfg.run.chunk_size or 1, output_dir=output_dir, sinks=cfg.output.sinks)
     final = result.history[-1]
     fedavg_time = float(asynchronous.fedavg_round_times(
         exp.algorithm, exp.train, profiles, cohort_size=m, rounds=cfg.run.rounds,

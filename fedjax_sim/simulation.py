@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import signal
 import threading
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from fedjax_sim import chunk_size as chunk_size_lib
 from fedjax_sim import compression, privacy, sampling
+from fedjax_sim import sinks as sinks_lib
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState, tree_norm
 from fedjax_sim.checkpoints import Checkpoints
 from fedjax_sim.checks import (
@@ -138,7 +138,11 @@ class Simulation:
       client_store: where a stateful algorithm's per-client states live: "device", "host"
         (host memory; each round sends its cohort's rows), a directory (host, memory-mapped
         `.npy` files there), or None: on the device when the table fits `resident_limit`.
-      output_dir: where `history.jsonl` (written as the run goes) and `checkpoints/` go.
+      output_dir: where the sinks' files (written as the run goes) and `checkpoints/` go.
+      sinks: where the records go, in `output_dir`: names ("jsonl", "csv", "tensorboard",
+        "wandb") or `fs.sinks.Sink` objects (`fs.sinks`); default "jsonl" (history.jsonl
+        and clients.jsonl, the per-client metrics of each evaluation) when there is an
+        `output_dir`. A resumed run's sinks hold each round once.
       checkpoint_every: with `output_dir`, a checkpoint every this many rounds (0: only at
         the end of a run and when it is stopped by SIGTERM or Ctrl-C); the newest
         `keep_checkpoints` are kept.
@@ -172,8 +176,10 @@ class Simulation:
                  chunk_size: int | None = None,
                  mesh: jax.sharding.Mesh | None = None, resident: bool | None = None,
                  client_store: str | os.PathLike | None = None,
-                 output_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
-                 keep_checkpoints: int = 3, resume: bool = False, progress: bool = True,
+                 output_dir: str | os.PathLike | None = None,
+                 sinks: str | Sequence[str | sinks_lib.Sink] | None = None,
+                 checkpoint_every: int = 0, keep_checkpoints: int = 3,
+                 resume: bool = False, progress: bool = True,
                  callbacks: Sequence[Callback] = (), delta: float | None = None,
                  target_epsilon: float | None = None,
                  accountant: privacy.Accountant | None = None,
@@ -221,6 +227,7 @@ class Simulation:
             output_dir = check_output_dir(output_dir)
         elif resume:
             raise ValueError("resume=True needs the output_dir holding the checkpoints")
+        sinks = sinks_lib.resolve(sinks, output_dir)
         if params is None:
             try:
                 params = algorithm.model.init(jax.random.key(seed))
@@ -325,12 +332,13 @@ class Simulation:
             runner = RoundRunner(algorithm, train, sampler.max_size, Engine(chunk_size, mesh),
                                  seed, self.pool, donate=self.store is not None)
         self.runner, self.chunk_size, self.chunk_size_source = runner, chunk_size, source
-        self._sink_path = None if output_dir is None else output_dir / "history.jsonl"
-        if self._sink_path is not None:
-            if not resume and self._sink_path.exists():
+        self.recorder = None if not sinks else sinks_lib.Recorder(sinks, output_dir)
+        if self.recorder is not None:
+            earlier = self.recorder.existing()
+            if not resume and earlier:
                 warnings.warn(f"output_dir {str(output_dir)!r} holds an earlier run's "
-                              "history.jsonl; this run overwrites it", stacklevel=2)
-            self._write_history()
+                              f"{', '.join(earlier)}; this run overwrites it", stacklevel=2)
+            self.recorder.open(self.history)
         self._stop: int | None = None
         self._saved: int | None = None  # the round of this run's newest checkpoint
 
@@ -401,6 +409,12 @@ class Simulation:
 
     def step(self, packed=None, *, evaluate: bool | None = None) -> dict:
         """Runs one round (on `packed`, default packed now) and returns its record."""
+        record = self._round(packed, evaluate)
+        self._commit(record)
+        return record
+
+    def _round(self, packed, evaluate: bool | None) -> dict:
+        """Runs one round and appends its record to the history."""
         r = self.round
         if self._over_budget(r + 1):
             raise RuntimeError(f"round {r} would spend epsilon {self.ledger.epsilon(r + 1):.4g}"
@@ -434,9 +448,12 @@ class Simulation:
             record.update(self._evaluate())
             self.timings["eval_s"] += time.perf_counter() - t
         self.history.append(record)
-        if self._sink_path is not None:
-            with open(self._sink_path, "a") as sink:
-                sink.write(json.dumps(_line(record)) + "\n")
+        return record
+
+    def _commit(self, record: dict) -> None:
+        """The round's record final: to the sinks, then its checks and checkpoint."""
+        if self.recorder is not None:
+            self.recorder.write(record, self.history)
         _check_secure_aggregation(record)
         if self.checkpoints is not None and self.checkpoint_every and \
                 self.round % self.checkpoint_every == 0:
@@ -445,7 +462,6 @@ class Simulation:
             error = self.monitor.stuck
             error.result = self.result()
             raise error
-        return record
 
     # -- many rounds ----------------------------------------------------------------------
     def run(self, num_rounds: int) -> SimulationResult:
@@ -471,15 +487,15 @@ class Simulation:
                 last = self.round + 1 == end or self._over_budget(self.round + 2)
                 if not last:
                     upcoming = prefetch.submit(self._prepare, self.round + 1, end)
-                record = self.step(packed, evaluate=True if last else None)
+                record = self._round(packed, evaluate=True if last else None)
                 bar.update(1)
                 bar.set_postfix(_postfix(record), refresh=False)
-                stop = [bool(cb(self, record)) for cb in self.callbacks]
-                if self._stop is not None or last:
-                    break
-                if any(stop):
-                    if self.evaluator is not None and "eval" not in record:
-                        record.update(self._evaluate())
+                stop = any([bool(cb(self, record)) for cb in self.callbacks])
+                # An early stop evaluates its last round before the sinks see the record.
+                if stop and not last and self.evaluator is not None and "eval" not in record:
+                    record.update(self._evaluate())
+                self._commit(record)
+                if self._stop is not None or last or stop:
                     break
             if self.checkpoints is not None and self._saved != self.round:
                 self.save()
@@ -487,6 +503,8 @@ class Simulation:
             bar.close()
             prefetch.shutdown(wait=True, cancel_futures=True)
             restore_signals()
+            if self.recorder is not None:
+                self.recorder.close()
         if self._stop is not None:
             signum, self._stop = self._stop, None
             if signum == signal.SIGINT:
@@ -578,11 +596,6 @@ class Simulation:
         if self.devices is not None:
             out["devices"] = self.devices.name()
         return out
-
-    def _write_history(self) -> None:
-        with open(self._sink_path, "w") as sink:
-            for record in self.history:
-                sink.write(json.dumps(_line(record)) + "\n")
 
     def _catch_signals(self) -> Callable[[], None]:
         """SIGTERM and a first Ctrl-C set a flag the round loop stops at; returns a function
@@ -756,12 +769,6 @@ _RECORD_KEYS = frozenset({"round", "wall_time", "train_loss", "num_included", "n
                           "downlink_bits", "virtual_time", "round_time", "num_sampled",
                           "num_dropped", "num_late", "num_partial", "num_unselected",
                           "num_available"})
-
-
-def _line(record: dict) -> dict:
-    """A record as history.jsonl keeps it (per-client lists apart)."""
-    return {k: v for k, v in record.items()
-            if k not in ("clients", "eval_clients", "eval_personal_clients")}
 
 
 def _postfix(record: dict) -> dict:

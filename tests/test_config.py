@@ -107,6 +107,8 @@ def test_another_kind_replaces_the_old_kinds_options_and_keeps_the_rest():
      "devices.deadline is a policy of synchronous rounds"),
     (["aggregation.attack.malicious_fraction=1.5"], "malicious_fraction must be in [0, 1]"),
     (["server_optimizer.schedule.over=rounds"], "the server steps once a round"),
+    (["output.sinks=['jsonl', 'tensorbord']"],
+     "output.sinks: unknown sink 'tensorbord' (did you mean 'tensorboard'?)"),
 ])
 def test_bad_input_is_refused_with_a_message_naming_it(overrides, message):
     with pytest.raises(C.ConfigError) as e:

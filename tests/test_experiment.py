@@ -27,15 +27,23 @@ def _records(run_dir: Path) -> list[dict]:
 def first_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "a"
     cfg = C.load(overrides=[*TINY, "aggregation.rule=median", "model=mlp", "model.hidden=[8]",
-                            "run.chunk_size=2",
+                            "run.chunk_size=2", "output.sinks=['jsonl', 'csv']",
                             f"output.dir={str(out)!r}"])
     return E.run(cfg, progress=False, announce=lambda _: None)
 
 
 def test_the_run_directory_holds_what_reproduces_the_run(first_run):
     run_dir = first_run.output_dir
-    assert {p.name for p in run_dir.iterdir()} >= {"config.toml", "history.jsonl",
-                                                  "summary.json", "params.msgpack"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.toml", "history.jsonl", "clients.jsonl", "history.csv", "clients.csv",
+        "summary.json", "params.msgpack"}
+    # Each evaluation's per-client metrics, every test client: after the second round and
+    # the last (records count rounds from 0).
+    lines = (run_dir / "clients.jsonl").read_text().splitlines()
+    clients = [json.loads(line) for line in lines]
+    assert sorted({c["round"] for c in clients}) == [1, 2]
+    n = first_run.experiment.eval_data.num_clients
+    assert [len(c["eval_clients"]["client_id"]) for c in clients] == [n, n]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["seed"] == 0 and summary["chunk_size"] == first_run.result.chunk_size
     env = summary["environment"]
@@ -43,7 +51,7 @@ def test_the_run_directory_holds_what_reproduces_the_run(first_run):
     assert env["jax"] == jax.__version__ and env["devices"][0].startswith("cpu")
     written = C.load(run_dir / "config.toml")
     assert written.run.chunk_size == first_run.result.chunk_size == 2
-    assert written.output.dir == str(run_dir)
+    assert written.output.dir == str(run_dir) and written.output.sinks == ("jsonl", "csv")
     assert written.aggregation.rule == C.Median() and written.model == C.Mlp(hidden=(8,))
     params = flax.serialization.from_bytes(
         first_run.experiment.model.init(jax.random.key(0)),
