@@ -46,6 +46,7 @@ from fedjax_sim.checks import (
 )
 from fedjax_sim.client_store import HostStore
 from fedjax_sim.data.cohort import planned_work
+from fedjax_sim.data.device_cohort import check_packable
 from fedjax_sim.data.federated import FederatedData, check_labels
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.devices import DeviceModel, RoundPlan
@@ -193,6 +194,7 @@ class Simulation:
         train = check_not_empty(check_data("train", train), "train")
         self.rounds_per_call = check_integer("rounds_per_call", rounds_per_call, 1)
         if rounds_per_call > 1:
+            check_packable(train, algorithm.passes)
             sampler = _scan_sampler(train, sampler, cohort_size, devices=devices,
                                     target_epsilon=target_epsilon, resident=resident,
                                     client_store=client_store)

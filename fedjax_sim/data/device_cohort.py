@@ -84,6 +84,17 @@ def steps_and_length(batching: Batching, n: jax.Array, batch_size: int):
     return -(-length // batch_size), length
 
 
+def check_packable(data: FederatedData, passes) -> None:
+    """Refuses what cohorts packed on the device cannot hold, before anything compiles."""
+    if any(b.straggler_fraction for b in passes):
+        raise ValueError("straggler_fraction draws stragglers on the host: cohorts packed on "
+                         "the device (rounds_per_call > 1) cannot have them; use "
+                         "rounds_per_call=1")
+    if data.total_examples >= 2**31:
+        raise ValueError(f"a population of {data.total_examples} examples is past the int32 "
+                         "row indices a resident pool uses")
+
+
 @dataclasses.dataclass(frozen=True)
 class DevicePacking:
     """What packing one pass's cohorts on the device needs, all of it static.
@@ -107,13 +118,7 @@ class DevicePacking:
     def for_population(data: FederatedData, batching: Batching, shape: CohortShape,
                        cohort_size: int, seed: int) -> DevicePacking:
         """The packing of `cohort_size` clients of `data` into `shape`."""
-        if batching.straggler_fraction:
-            raise ValueError("straggler_fraction draws stragglers on the host: cohorts packed "
-                             "on the device (rounds_per_call > 1) cannot have them; use "
-                             "rounds_per_call=1")
-        if data.total_examples >= 2**31:
-            raise ValueError(f"a population of {data.total_examples} examples is past the "
-                             "int32 row indices a resident pool uses")
+        check_packable(data, (batching,))
         n = batching.examples_used(data.num_examples)
         _, length = batching.steps_and_length(n, shape.batch_size)
         run = n * -(-length // n)
@@ -138,12 +143,12 @@ class DevicePacking:
         if c > shape.size:
             raise ValueError(f"cohort of {c} clients does not fit the padded size {shape.size}")
         ids = ids.astype(jnp.int32)
-        n = tables["num_examples"][ids]
+        n = jnp.asarray(tables["num_examples"])[ids]
         steps, length = steps_and_length(self.batching, n, b)
         if sort:  # largest first, then by id: pack_cohort's lexsort((ids, -steps))
             _, _, perm = lax.sort((-steps, ids, jnp.arange(c, dtype=jnp.int32)), num_keys=2)
             ids, n, steps, length = ids[perm], n[perm], steps[perm], length[perm]
-        row0 = tables["offsets"][ids]
+        row0 = jnp.asarray(tables["offsets"])[ids]
 
         # Each client's epochs back to back (run), one (client, epoch) segment per epoch.
         epochs = -(-length // n)
