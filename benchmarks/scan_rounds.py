@@ -14,6 +14,8 @@ Every program is compiled first (`sim.compile()`); then each repeat times `sim.r
 each system in turn (wall clock, records and history built, as a user gets them), so load
 from other processes falls on all alike. Rows give the median over repeats and the ratio of
 the host-sampler run to each; the machine's load average is recorded before and after.
+A second cohort (`--small-cohort`, default 10) shows the same systems where the host's share
+of a round is larger (0 to skip it).
 
   python benchmarks/scan_rounds.py             # ~2 min on a loaded 2-core CPU
   python benchmarks/scan_rounds.py --quick     # 20 rounds, 2 repeats: a smoke test
@@ -44,8 +46,12 @@ from workloads import SEED, WORKLOADS  # noqa: E402
 import fedjax_sim as fs  # noqa: E402
 
 
+def mesh():
+    return fs.client_mesh() if jax.device_count() > 1 else None
+
+
 def systems(algo, train, cohort: int, rounds: int, chunk_size: int) -> dict:
-    common = dict(seed=SEED, chunk_size=chunk_size, progress=False)
+    common = dict(seed=SEED, chunk_size=chunk_size, progress=False, mesh=mesh())
     return {
         "round by round, host sampler": fs.Simulation(algo, train, cohort_size=cohort,
                                                       **common),
@@ -56,26 +62,11 @@ def systems(algo, train, cohort: int, rounds: int, chunk_size: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--population", type=int, default=1000)
-    parser.add_argument("--cohort", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per timed run")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--chunk-size", type=int, default=None)
-    args = parser.parse_args()
-    no_caches()
-    rounds = args.rounds or (20 if args.quick else 100)
-    repeats = args.repeats or (2 if args.quick else 5)
-    w = WORKLOADS["W2"]
-    algo, train = build(w, args.population)
-    load_before = os.getloadavg()
-    k = args.chunk_size
-    if k is None:
-        k = fs.Simulation(algo, train, cohort_size=args.cohort, seed=SEED,
-                          progress=False).chunk_size
-    sims = systems(algo, train, args.cohort, rounds, k)
+def measure(algo, train, cohort: int, rounds: int, chunk_size: int,
+            repeats: int) -> tuple[list[dict], bool]:
+    """Rows of the three systems at `cohort`, and whether the scan's final params equal its
+    round-by-round twin's."""
+    sims = systems(algo, train, cohort, rounds, chunk_size)
     compile_s = {name: sim.compile() for name, sim in sims.items()}
     times = {name: [] for name in sims}
     for _ in range(repeats):
@@ -84,21 +75,53 @@ def main() -> None:
             result = sim.run(rounds)
             jax.block_until_ready(result.state)
             times[name].append(time.perf_counter() - t)
-    finals = [sim.state.params for sim in sims.values()]
-    on_device, scanned = finals[1], finals[2]  # the scan equals its round-by-round twin
+    _, on_device, scanned = (sim.state.params for sim in sims.values())
     same = all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in
                zip(jax.tree.leaves(on_device), jax.tree.leaves(scanned), strict=True))
     base = statistics.median(times["round by round, host sampler"])
-    rows = [{"system": name, "s_per_run": statistics.median(ts),
+    return [{"cohort": cohort, "chunk_size": chunk_size, "system": name,
+             "s_per_run": statistics.median(ts),
              "ms_per_round": 1000 * statistics.median(ts) / rounds,
              "speedup": base / statistics.median(ts), "compile_s": compile_s[name],
-             "runs_s": ts} for name, ts in times.items()]
+             "runs_s": ts} for name, ts in times.items()], same
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--population", type=int, default=1000)
+    parser.add_argument("--cohort", type=int, default=100)
+    parser.add_argument("--small-cohort", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per timed run")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="XLA host devices to split the cohort over (CPU only)")
+    args = parser.parse_args()
+    if args.devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.devices)  # before JAX's backend starts
+    no_caches()
+    rounds = args.rounds or (20 if args.quick else 100)
+    repeats = args.repeats or (2 if args.quick else 5)
+    w = WORKLOADS["W2"]
+    algo, train = build(w, args.population)
+    load_before = os.getloadavg()
+    rows, same, chunk_sizes = [], True, {}
+    for cohort in [args.cohort] + ([args.small_cohort] if args.small_cohort else []):
+        k = args.chunk_size
+        if k is None or k * jax.device_count() > cohort:
+            k = fs.Simulation(algo, train, cohort_size=cohort, seed=SEED, progress=False,
+                              mesh=mesh()).chunk_size
+        chunk_sizes[cohort] = k
+        cohort_rows, equal = measure(algo, train, cohort, rounds, k, repeats)
+        rows += cohort_rows
+        same = same and equal
     human, slug = machine_name()
     out = Path(__file__).resolve().parent / "results" / (
-        f"scan_rounds-{slug}{'-quick' if args.quick else ''}")
+        f"scan_rounds-{slug}-{jax.device_count()}dev{'-quick' if args.quick else ''}")
     meta = {"machine": human, "date": dt.date.today().isoformat(), "jax": jax.__version__,
-            "workload": f"W2, cohort {args.cohort} of {args.population} clients, {rounds} "
-                        f"rounds a run, K={k}, one device",
+            "workload": f"W2, cohorts of {args.population} clients, {rounds} rounds a run, "
+                        f"{jax.device_count()} device(s)", "chunk_size": chunk_sizes,
             "repeats": repeats, "scan_equals_round_by_round": bool(same),
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "cpus": os.cpu_count()}
@@ -108,10 +131,11 @@ def main() -> None:
              f"runs of {rounds} rounds; load average {load_before[0]:.1f} before, "
              f"{meta['load_average_after'][0]:.1f} after, on {meta['cpus']} CPUs. The scan's "
              f"params equal its round-by-round twin's: {same}.", "",
-             "| system | s per run | ms/round | speedup over host sampler | compile s |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['system']} | {r['s_per_run']:.3f} | {r['ms_per_round']:.2f} | "
-              f"{r['speedup']:.2f}x | {r['compile_s']:.1f} |" for r in rows]
+             "| cohort | K | system | s per run | ms/round | speedup over host sampler | "
+             "compile s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['cohort']} | {r['chunk_size']} | {r['system']} | {r['s_per_run']:.3f} | "
+              f"{r['ms_per_round']:.2f} | {r['speedup']:.2f}x | {r['compile_s']:.1f} |"
+              for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

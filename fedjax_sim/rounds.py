@@ -207,19 +207,21 @@ class ScanRunner:
                              "program need one that draws on the device "
                              "(fs.sampling.on_device)")
         self.runner, self.length, self.compiled = runner, length, None
-        data, seed, draw, round_fn = packer.data, runner.seed, sampler.device, runner.round_fn
-        packings = tuple(DevicePacking.for_population(data, b, shape, sampler.max_size, seed)
+        data, draw, round_fn = packer.data, sampler.device, runner.round_fn
+        packings = tuple(DevicePacking.for_population(data, b, shape, sampler.max_size)
                          for b, shape in zip(packer.passes, packer.shapes, strict=True))
         self.tables = replicate(tuple(p.tables(data) for p in packings),
                                 Engine(1, runner.engine.mesh))
 
-        def program(state, store, pool, tables, count, *, engine):
+        # The seed is an input, as the state's key is: one program serves every seed.
+        def program(state, store, pool, tables, seed, count, *, engine):
             def one_round(carry):
                 state, store = carry
-                ids = draw(seed, state.round)
-                main = packings[-1].pack(tables[-1], ids, state.round)
+                r = state.round
+                ids = draw(seed, r)
+                main = packings[-1].pack(tables[-1], ids, seed=seed, round_num=r)
                 ordered = main.client_ids[: ids.shape[0]]
-                others = [p.pack(t, ordered, state.round, sort=False)
+                others = [p.pack(t, ordered, seed=seed, round_num=r, sort=False)
                           for p, t in zip(packings[:-1], tables[:-1], strict=True)]
                 inputs = RoundInputs((*others, main), pool, data.num_clients)
                 state, store, metrics = round_fn(state, store, inputs, engine=engine)
@@ -244,7 +246,8 @@ class ScanRunner:
                              "(client_store='device'), not a HostStore")
         if not 0 <= count <= self.length:
             raise ValueError(f"a call runs 0 to {self.length} rounds, got {count}")
-        return store, self.runner.packer.pool, self.tables, np.int32(count)
+        return (store, self.runner.packer.pool, self.tables, np.uint32(self.runner.seed),
+                np.int32(count))
 
     def compile(self, state, store) -> float:
         """Compiles the program ahead of time, for `__call__`; returns the seconds."""

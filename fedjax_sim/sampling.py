@@ -48,8 +48,8 @@ class Sampler(NamedTuple):
     participation: how clients take part, for the privacy accountant; None where no
       accountant covers the sampling (with replacement, by size).
     device: `(seed, round) -> i32[max_size]` in jnp, the same draw as `sample` for a traced
-      round number, run inside a compiled program; None for a sampler that draws on the
-      host only.
+      seed (uint32) and round number, run inside a compiled program; None for a sampler
+      that draws on the host only.
     """
 
     sample: Callable[[int, int], np.ndarray]
@@ -102,10 +102,10 @@ def on_device(num_clients: int, cohort_size: int) -> Sampler:
         return jax.random.choice(key, num_clients, (cohort_size,),
                                  replace=False).astype(jnp.int32)
 
-    drawn = jax.jit(device, static_argnums=0)
+    drawn = jax.jit(device)  # one program for every seed and round
 
     def sample(seed, round_num):
-        return np.asarray(drawn(seed, np.int32(round_num)), np.int64)
+        return np.asarray(drawn(np.uint32(seed), np.int32(round_num)), np.int64)
 
     return Sampler(sample, cohort_size, f"on_device({cohort_size})",
                    Participation("fixed", num_clients, cohort_size), device)

@@ -53,9 +53,9 @@ def test_mix_is_splitmix64_on_word_pairs():
 ])
 def test_device_packing_equals_the_numpy_packer(population, batching, cohort, multiple):
     shape = CohortShape.for_population(population, batching, cohort, multiple)
-    packing = DevicePacking.for_population(population, batching, shape, cohort, seed=11)
+    packing = DevicePacking.for_population(population, batching, shape, cohort)
     tables = jax.tree.map(jnp.asarray, packing.tables(population))
-    pack = jax.jit(lambda t, i, r: packing.pack(t, i, r))
+    pack = jax.jit(lambda t, i, r: packing.pack(t, i, seed=jnp.uint32(11), round_num=r))
     rng = np.random.default_rng(2)
     for round_num in (0, 5, 2**31 - 1):
         ids = rng.choice(population.num_clients, cohort, replace=False)
@@ -70,14 +70,15 @@ def test_a_second_pass_keeps_the_first_pass_order(population):
     host `Packer` lines them up."""
     train, full = Batching(5, num_epochs=2), Batching(None)
     shapes = [CohortShape.for_population(population, b, 10) for b in (full, train)]
-    packings = [DevicePacking.for_population(population, b, s, 10, seed=3)
+    packings = [DevicePacking.for_population(population, b, s, 10)
                 for b, s in zip((full, train), shapes, strict=True)]
 
     @jax.jit
     def pack(ids, r):
-        main = packings[1].pack(packings[1].tables(population), ids, r)
-        first = packings[0].pack(packings[0].tables(population), main.client_ids[:10], r,
-                                 sort=False)
+        seed = jnp.uint32(3)
+        main = packings[1].pack(packings[1].tables(population), ids, seed=seed, round_num=r)
+        first = packings[0].pack(packings[0].tables(population), main.client_ids[:10],
+                                 seed=seed, round_num=r, sort=False)
         return first, main
 
     ids = np.random.default_rng(4).choice(40, 10, replace=False)
@@ -92,12 +93,13 @@ def test_stragglers_are_refused_on_the_device(population):
     batching = Batching(5, straggler_fraction=0.5)
     shape = CohortShape.for_population(population, batching, 4)
     with pytest.raises(ValueError, match="straggler_fraction draws stragglers on the host"):
-        DevicePacking.for_population(population, batching, shape, 4, seed=0)
+        DevicePacking.for_population(population, batching, shape, 4)
 
 
 def test_on_device_sampler_draws_alike_on_host_and_device():
     sampler = fs.sampling.on_device(50, 7)
-    drawn = jax.jit(jax.vmap(lambda r: sampler.device(9, r)))(jnp.arange(300, dtype=jnp.int32))
+    drawn = jax.jit(jax.vmap(lambda r: sampler.device(jnp.uint32(9), r)))(
+        jnp.arange(300, dtype=jnp.int32))
     for r in (0, 1, 299):
         np.testing.assert_array_equal(sampler.sample(9, r), np.asarray(drawn[r]))
     drawn = np.asarray(drawn)

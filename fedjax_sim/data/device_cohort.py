@@ -10,9 +10,9 @@ program serves every round. Stragglers (`Batching.straggler_fraction`) and per-c
 caps (a device model's) are host-only.
 
 Example:
-  >>> packing = DevicePacking.for_population(train, batching, shape, cohort_size=10,
-  ...                                        seed=0)                      # doctest: +SKIP
-  >>> cohort = packing.pack(packing.tables(), ids, jnp.int32(3))          # doctest: +SKIP
+  >>> packing = DevicePacking.for_population(train, batching, shape, 10)  # doctest: +SKIP
+  >>> cohort = packing.pack(packing.tables(train), ids, seed=jnp.uint32(0),
+  ...                       round_num=jnp.int32(3))                      # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -104,19 +104,20 @@ class DevicePacking:
       shape: its cohorts' fixed shapes (`CohortShape`: C, B, the order's capacity L).
       run_capacity: entries of the largest possible cohort's epochs before each client is cut
         at its length (the shuffle sorts this many).
-      seed: the run's seed (the shuffles' and `pack_cohort`'s).
       num_clients: the population N (padding clients get ids N, N + 1, ...).
+
+    The run's seed (the shuffles', as `pack_cohort`'s) is an input of `pack`, so one program
+    serves every seed.
     """
 
     batching: Batching
     shape: CohortShape
     run_capacity: int
-    seed: int
     num_clients: int
 
     @staticmethod
     def for_population(data: FederatedData, batching: Batching, shape: CohortShape,
-                       cohort_size: int, seed: int) -> DevicePacking:
+                       cohort_size: int) -> DevicePacking:
         """The packing of `cohort_size` clients of `data` into `shape`."""
         check_packable(data, (batching,))
         n = batching.examples_used(data.num_examples)
@@ -124,7 +125,7 @@ class DevicePacking:
         run = n * -(-length // n)
         take = min(cohort_size, data.num_clients)
         capacity = int(np.sort(run)[::-1][:take].sum())
-        return DevicePacking(batching, shape, max(capacity, 1), int(seed), data.num_clients)
+        return DevicePacking(batching, shape, max(capacity, 1), data.num_clients)
 
     def tables(self, data: FederatedData) -> dict[str, np.ndarray]:
         """The population's per-client tables the packing reads (pass them to the program
@@ -132,11 +133,11 @@ class DevicePacking:
         return {"num_examples": self.batching.examples_used(data.num_examples).astype(np.int32),
                 "offsets": np.asarray(data.offsets, np.int32)}
 
-    def pack(self, tables: dict[str, jax.Array], ids: jax.Array, round_num: jax.Array, *,
-             sort: bool = True) -> Cohort:
+    def pack(self, tables: dict[str, jax.Array], ids: jax.Array, *, seed: jax.Array,
+             round_num: jax.Array, sort: bool = True) -> Cohort:
         """The cohort of the clients at population positions `ids` (i32[c], distinct, c <= C)
-        in round `round_num`, with `order` indexing the resident population's rows: what
-        `resident_order(*pack_cohort(data, ids, ...))` gives. `sort=False` keeps the given
+        in round `round_num` of the run seeded `seed` (uint32), with `order` indexing the
+        resident population's rows: what `resident_order(*pack_cohort(data, ids, ...))` gives. `sort=False` keeps the given
         order (another pass of the round, whose clients line up with the first's)."""
         shape, b = self.shape, self.shape.batch_size
         c = ids.shape[0]
@@ -163,7 +164,7 @@ class DevicePacking:
             seg = jnp.where(valid, (jnp.cumsum(epochs) - epochs)[client] + epoch,
                             jnp.iinfo(jnp.int32).max)
             round_u = jnp.broadcast_to(_u32(round_num), (c,))
-            base = mix(_xor(mix((round_u, jnp.full((c,), self.seed, jnp.uint32))),
+            base = mix(_xor(mix((round_u, jnp.broadcast_to(_u32(seed), (c,)))),
                             (jnp.zeros((c,), jnp.uint32), _u32(ids))))
             key = mix((base[0][client] ^ (_u32(epoch) << 8), base[1][client]))
             key = mix((key[0], key[1] ^ _u32(j)))
