@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fedjax_sim as fs
+from fedjax_sim.data import device_cohort
 from fedjax_sim.data.cohort import Batching, CohortShape, _mix, pack_cohort, resident_order
 from fedjax_sim.data.device_cohort import DevicePacking, mix
 
@@ -51,7 +52,11 @@ def test_mix_is_splitmix64_on_word_pairs():
                  marks=pytest.mark.slow),
     pytest.param(Batching(3, shuffle=False, num_epochs=2), 8, 1, marks=pytest.mark.slow),
 ])
-def test_device_packing_equals_the_numpy_packer(population, batching, cohort, multiple):
+@pytest.mark.parametrize("shuffle_by", ["rank", "sort"])
+def test_device_packing_equals_the_numpy_packer(population, batching, cohort, multiple,
+                                                shuffle_by, monkeypatch):
+    if shuffle_by == "sort":  # the shuffle of large clients
+        monkeypatch.setattr(device_cohort, "RANK_LIMIT", 0)
     shape = CohortShape.for_population(population, batching, cohort, multiple)
     packing = DevicePacking.for_population(population, batching, shape, cohort)
     tables = jax.tree.map(jnp.asarray, packing.tables(population))

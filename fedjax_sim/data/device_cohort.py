@@ -95,6 +95,33 @@ def check_packable(data: FederatedData, passes) -> None:
                          "row indices a resident pool uses")
 
 
+# Shuffles of up to this many (entry, segment entry) pairs rank by counting, not by sorting.
+RANK_LIMIT = 1 << 21
+
+
+def _sort_by_rank(hi, lo, j, size, valid, width: int) -> jax.Array:
+    """Each segment's within-segment indices `j` (0, 1, ..., size - 1 at positions
+    begin, ...) reordered by the (hi, lo) keys, ties by position: a stable sort within each
+    segment, by counting each entry's rank among its segment's `size <= width` entries.
+    O(T x width) comparisons and no comparator calls: 3x faster than XLA:CPU's sort of W2's
+    cohorts. A loop over the width, not one [T, width] comparison: the loop takes the keys
+    materialized, where XLA fused their hashing into the [T, width] gather and ran it per
+    pair (100 ms a round)."""
+    total = j.shape[0]
+    t = jnp.arange(total, dtype=jnp.int32)
+    begin = t - j
+
+    def count(m, rank):
+        p = jnp.minimum(begin + m, total - 1)
+        hp, lp = hi[p], lo[p]
+        before = (m < size) & ((hp < hi) | ((hp == hi) & ((lp < lo) | ((lp == lo) & (m < j)))))
+        return rank + before.astype(jnp.int32)
+
+    rank = lax.fori_loop(0, width, count, jnp.zeros(total, jnp.int32))
+    dest = jnp.where(valid, begin + rank, total + t)
+    return jnp.zeros(total, jnp.int32).at[dest].set(j, mode="drop", unique_indices=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class DevicePacking:
     """What packing one pass's cohorts on the device needs, all of it static.
@@ -105,6 +132,7 @@ class DevicePacking:
       run_capacity: entries of the largest possible cohort's epochs before each client is cut
         at its length (the shuffle sorts this many).
       num_clients: the population N (padding clients get ids N, N + 1, ...).
+      largest: the most examples a client uses (the longest shuffled segment).
 
     The run's seed (the shuffles', as `pack_cohort`'s) is an input of `pack`, so one program
     serves every seed.
@@ -114,6 +142,7 @@ class DevicePacking:
     shape: CohortShape
     run_capacity: int
     num_clients: int
+    largest: int
 
     @staticmethod
     def for_population(data: FederatedData, batching: Batching, shape: CohortShape,
@@ -125,7 +154,8 @@ class DevicePacking:
         run = n * -(-length // n)
         take = min(cohort_size, data.num_clients)
         capacity = int(np.sort(run)[::-1][:take].sum())
-        return DevicePacking(batching, shape, max(capacity, 1), data.num_clients)
+        return DevicePacking(batching, shape, max(capacity, 1), data.num_clients,
+                             int(n.max()))
 
     def tables(self, data: FederatedData) -> dict[str, np.ndarray]:
         """The population's per-client tables the packing reads (pass them to the program
@@ -137,8 +167,9 @@ class DevicePacking:
              round_num: jax.Array, sort: bool = True) -> Cohort:
         """The cohort of the clients at population positions `ids` (i32[c], distinct, c <= C)
         in round `round_num` of the run seeded `seed` (uint32), with `order` indexing the
-        resident population's rows: what `resident_order(*pack_cohort(data, ids, ...))` gives. `sort=False` keeps the given
-        order (another pass of the round, whose clients line up with the first's)."""
+        resident population's rows: what `resident_order(*pack_cohort(data, ids, ...))`
+        gives. `sort=False` keeps the given order (another pass of the round, whose clients
+        line up with the first's)."""
         shape, b = self.shape, self.shape.batch_size
         c = ids.shape[0]
         if c > shape.size:
@@ -161,8 +192,6 @@ class DevicePacking:
         w = t - (run_end - run)[client]
         epoch, j = w // n[client], w % n[client]
         if self.batching.shuffle:
-            seg = jnp.where(valid, (jnp.cumsum(epochs) - epochs)[client] + epoch,
-                            jnp.iinfo(jnp.int32).max)
             round_u = jnp.broadcast_to(_u32(round_num), (c,))
             base = mix(_xor(mix((round_u, jnp.broadcast_to(_u32(seed), (c,)))),
                             (jnp.zeros((c,), jnp.uint32), _u32(ids))))
@@ -171,7 +200,12 @@ class DevicePacking:
             # pack_cohort sorts the segment (high bits) over the key's top bits, stably.
             shift = jnp.maximum(_bit_length(jnp.maximum(jnp.sum(epochs) - 1, 0)), 1)
             hi, lo = _shr(key, _u32(shift))
-            j = lax.sort((seg, hi, lo, j), num_keys=3, is_stable=True)[3]
+            if self.run_capacity * self.largest <= RANK_LIMIT:
+                j = _sort_by_rank(hi, lo, j, n[client], valid, self.largest)
+            else:
+                seg = jnp.where(valid, (jnp.cumsum(epochs) - epochs)[client] + epoch,
+                                jnp.iinfo(jnp.int32).max)
+                j = lax.sort((seg, hi, lo, j), num_keys=3, is_stable=True)[3]
         keep = valid & (w < length[client])
         start = jnp.cumsum(length) - length
         # Entries past a client's length go to distinct places past the end (dropped).
