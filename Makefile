@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow test-all lint bench bench-peers bench-gpu clean
+.PHONY: run test test-slow test-all test-notebooks docs lint bench bench-peers bench-gpu clean
 
 $(BIN)/fedjax-sim: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,23 @@ test-slow: $(BIN)/fedjax-sim
 test-all: $(BIN)/fedjax-sim
 	$(BIN)/pytest -q $(XDIST)
 
+# The docs and notebook tools are extras of their own: installed into .venv on first use.
+$(VENV)/.docs: $(BIN)/fedjax-sim pyproject.toml
+	$(BIN)/pip install --quiet -e ".[docs]"
+	touch $@
+
+$(VENV)/.notebooks: $(BIN)/fedjax-sim pyproject.toml
+	$(BIN)/pip install --quiet -e ".[notebooks]"
+	touch $@
+
+# Every notebook run top to bottom on the CPU with its small settings (each under a minute).
+test-notebooks: $(VENV)/.notebooks
+	$(BIN)/pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=300 notebooks/
+
+# The API reference and the pages of docs/ into site/; any warning fails the build.
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: $(BIN)/fedjax-sim
 	$(BIN)/ruff check .
 
@@ -43,4 +60,4 @@ bench-gpu: $(BIN)/fedjax-sim
 	$(BIN)/python benchmarks/suite.py gpu
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

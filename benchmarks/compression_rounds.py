@@ -46,6 +46,8 @@ def chains() -> dict:
                "top-k 1% + error feedback": [comp.top_k(0.01)],
                "top-k 1%, no feedback": [comp.top_k(0.01, error_feedback=False)],
                "top-k ~1% sampled threshold + error feedback": [comp.top_k(0.01, exact=False)],
+               "top-k ~1% sampled threshold, no feedback": [
+                   comp.top_k(0.01, exact=False, error_feedback=False)],
                "sign (majority vote)": [comp.sign_sgd()]}
     return {name: agg.chain(agg.weight_by("uniform"), *stages, agg.mean())
             for name, stages in members.items()}

@@ -243,8 +243,11 @@ class AsyncSimulation:
       num_aggregations: the aggregations planned (they fix the stack of versions).
       seed: every random choice derives from it (draws, shuffles, keys).
       params: initial params (default `model.init(key(seed))`).
-      eval_data, eval_every, eval_clients, eval_batch_size: the global model evaluated every
-        `eval_every` aggregations and after a run's last, as `fs.Simulation` does.
+      eval_data: the global model is evaluated on it every `eval_every` aggregations and
+        after a run's last, as `fs.Simulation` does.
+      eval_every: aggregations between evaluations (0: only after the last).
+      eval_clients: evaluate a sample of this many clients (None: all of them).
+      eval_batch_size: the evaluation's batch size.
       chunk_size: K_vmap, clients vectorized side by side (results agree whatever it is, to
         float summation order).
       mesh: `fs.client_mesh()` to split each aggregation's clients over devices.

@@ -58,9 +58,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.aggregators import Aggregator, stage
+from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.checks import check_data, check_integer, check_number
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.privacy import Ledger, check_delta, default_delta
+from fedjax_sim.sampling import Sampler
+from fedjax_sim.simulation import SimulationResult
 
 CANARY_PREFIX = "canary:"
 
@@ -344,7 +347,8 @@ def _log_mass(mean: float, std: float, intervals: list[tuple[float, float]]) -> 
     return float(np.logaddexp.reduce(logs)) if logs else -math.inf
 
 
-def report(initial_params: Any, result, canaries: Canaries, algorithm, sampler, *,
+def report(initial_params: Any, result: SimulationResult, canaries: Canaries,
+           algorithm: FederatedAlgorithm, sampler: Sampler, *,
            delta: float | None = None, num_held_out: int = 1000, significance: float = 0.05,
            verbose: bool = True) -> dict:
     """The empirical epsilon of a finished run beside the accountant's, at one delta.
@@ -352,14 +356,16 @@ def report(initial_params: Any, result, canaries: Canaries, algorithm, sampler, 
     Args:
       initial_params: the params the run started from.
       result: its `SimulationResult` (the final params and the rounds run).
-      canaries, algorithm, sampler: the run's (`with_canaries`, its algorithm, its sampler).
+      canaries: the run's canaries (`with_canaries`).
+      algorithm: the run's algorithm.
+      sampler: the run's sampler.
       delta: default the accountant's (`fs.privacy.default_delta(N)`).
       verbose: print one line: the estimate, the confident lower bound and the accountant's
         epsilon (inf for a run whose chain has no DP stage).
 
     Returns:
-      {"empirical_epsilon", "epsilon_lower_bound", "accountant_epsilon", "delta", "rounds",
-       "audit"} (`audit` the full `Audit`).
+      A dict of "empirical_epsilon", "epsilon_lower_bound", "accountant_epsilon", "delta",
+        "rounds" and "audit" (the full `Audit`).
     """
     rounds = int(np.asarray(result.state.round))
     event = algorithm.aggregator.privacy

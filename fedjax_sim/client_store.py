@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -122,6 +123,37 @@ def scatter(store: ClientStore, ids: jax.Array, rows: Any, num_clients: int,
     table = jax.tree.map(lambda t, r: t.at[ids].set(r.astype(t.dtype), mode="drop"),
                          store.table, rows)
     return ClientStore(table, store.written.at[ids].set(True, mode="drop"))
+
+
+def gather_few(store: ClientStore, ids: jax.Array, initial: Any) -> Any:
+    """`gather` for a chunk's few ids, one dynamic slice a row: on XLA:CPU that reads a
+    chunk of K wide rows about twice as fast as `take`."""
+    last = store.num_rows - 1
+    known = jnp.take(store.written, ids, mode="fill", fill_value=False)
+    rows = jax.tree.map(lambda t: jnp.stack([lax.dynamic_index_in_dim(
+        t, jnp.minimum(i, last), keepdims=False) for i in ids]), store.table)
+    return fill(CohortRows(rows, known), initial)
+
+
+def scatter_few(store: ClientStore, ids: jax.Array, rows: Any, num_clients: int,
+                writes: jax.Array | None = None) -> ClientStore:
+    """`scatter` for a chunk's few ids, one dynamic update a row (on XLA:CPU about twice as
+    fast as a scatter of K wide rows). A row that must not be written rewrites what its
+    clamped index holds now, so it changes nothing even where that index is a client
+    written earlier in the chunk."""
+    keep = ids < num_clients if writes is None else (ids < num_clients) & writes
+    at = jnp.minimum(ids, store.num_rows - 1)
+
+    def write(t, r):
+        for j in range(ids.shape[0]):
+            old = lax.dynamic_index_in_dim(t, at[j], keepdims=True)
+            new = jnp.where(keep[j], r[j][None].astype(t.dtype), old)
+            t = lax.dynamic_update_index_in_dim(t, new, at[j], 0)
+        return t
+
+    table = jax.tree.map(write, store.table, rows)
+    dropped = jnp.where(keep, ids, store.num_rows)
+    return ClientStore(table, store.written.at[dropped].set(True, mode="drop"))
 
 
 def check_template(template: Any, expected: Any) -> None:

@@ -280,14 +280,13 @@ def top_k(fraction: float | None = None, *, k: int | None = None,
 
     def client(output, weight, ctx, state):
         x = _flatten(output)
-        v = x + _flatten(ctx.state) if error_feedback else x
+        v = x + ctx.state if error_feedback else x
         sent = sparsify(v)
         metrics = {} if exact else {"topk_sent": jnp.sum(sent != 0, dtype=jnp.int32)}
         if not error_feedback:
             return _unflatten(sent, output), weight, metrics
-        residual = jnp.where(weight > 0, v - sent, _flatten(ctx.state))
         return (_unflatten(sent, output), weight, metrics,
-                _unflatten(residual, ctx.state))
+                jnp.where(weight > 0, v - sent, ctx.state))
 
     def upload_bits(n):
         count = _top_k_count(n, k, fraction)
@@ -295,8 +294,8 @@ def top_k(fraction: float | None = None, *, k: int | None = None,
 
     residual = None
     if error_feedback:
-        def residual(template):
-            return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), template)
+        def residual(template):  # flat, as the client works on it: no copy in or out
+            return jnp.zeros(sum(x.size for x in jax.tree.leaves(template)), jnp.float32)
 
     return stage("top_k", client=client, client_state=residual, upload_bits=upload_bits)
 

@@ -216,9 +216,9 @@ def run_clients(
     def store_chunk(bcast, rows, x, store):
         """A chunk that reads its clients' rows from `store` and writes their new ones."""
         ids = x[4]
-        states = client_store.gather(store, ids, client_states.initial)
+        states = client_store.gather_few(store, ids, client_states.initial)
         partial, (metrics, new, *rest) = chunk(bcast, rows, (*x[:7], states))
-        store = client_store.scatter(store, ids, new, client_states.num_clients,
+        store = client_store.scatter_few(store, ids, new, client_states.num_clients,
                                      metrics.get("finite"))
         return partial, (metrics, (), *rest), store
 

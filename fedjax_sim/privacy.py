@@ -32,6 +32,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from fedjax_sim.checks import check_integer, check_number
+from fedjax_sim.data.cohort import Batching
 from fedjax_sim.sampling import Participation
 
 Accountant = Literal["pld", "rdp"]
@@ -290,7 +291,8 @@ def local_epsilon(noise_multiplier: float, participations: int, delta: float, *,
     return _epsilon_of(local_event(z, participations), delta, accountant)
 
 
-def worst_case_batches(num_examples: int, batching, batch_size: int | None = None) -> list[int]:
+def worst_case_batches(num_examples: int, batching: Batching,
+                       batch_size: int | None = None) -> list[int]:
     """How often one example can appear in each local batch of one round, at worst: the
     counts `k` of the batches it appears in, for the arrangement of its client's shuffles that
     maximizes sum k^2 (the composed Gaussian's exponent: a batch where it appears k times
@@ -349,7 +351,8 @@ def example_event(noise_multiplier: float, num_examples: int, participations: in
     return dp.SelfComposedDpEvent(one_round, participations)
 
 
-def example_epsilon(noise_multiplier: float, batching, num_examples, participations,
+def example_epsilon(noise_multiplier: float, batching: Batching,
+                    num_examples: int | np.ndarray, participations: int | np.ndarray,
                     delta: float, *, batch_size: int | None = None,
                     accountant: Accountant = "pld") -> np.ndarray:
     """Each client's example-level (epsilon, `delta`) under DP-SGD in its local steps

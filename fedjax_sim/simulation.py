@@ -148,13 +148,13 @@ class Simulation:
       progress: show a tqdm progress bar with rounds/s and the latest metrics.
       callbacks: `(simulation, record) -> stop?` after each round; a truthy return ends
         the run after that round (early stopping).
-      delta, target_epsilon, accountant: for an aggregation chain with a DP stage
-        (`fs.aggregators.dp_mean`, ...), a `fs.privacy.Ledger` accounts for every round
-        under the sampler's participation (a sampler no accountant covers is refused):
-        each record has its "epsilon" at `delta` (default 1 / N^1.1 for N clients; one of
-        1 / N or more is warned about), and a run stops before a round that would spend
-        more than `target_epsilon`. `accountant`: "rdp" (default; about 0.07 s a round, on
-        the background thread) or "pld" (tighter, about 1 s a round).
+      delta: for an aggregation chain with a DP stage (`fs.aggregators.dp_mean`, ...), a
+        `fs.privacy.Ledger` accounts for every round under the sampler's participation (a
+        sampler no accountant covers is refused): each record has its "epsilon" at `delta`
+        (default 1 / N^1.1 for N clients; one of 1 / N or more is warned about).
+      target_epsilon: with a DP stage, the run stops before a round that would spend more.
+      accountant: with a DP stage, "rdp" (default; about 0.07 s a round, on the background
+        thread) or "pld" (tighter, about 1 s a round).
       devices: a `fs.devices.DeviceModel`: per-client device profiles and the round policy
         (deadline, over-selection, dropouts, availability) on a virtual clock. Clients that
         do not report become padding and a cut-off client's steps are capped when the

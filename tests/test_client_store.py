@@ -38,6 +38,32 @@ def test_gather_gives_the_initial_state_until_written_and_padding_never_writes(m
         assert store.table["c"].sharding.spec[0] == "clients"
 
 
+def test_the_chunk_gather_and_scatter_equal_the_cohort_ones():
+    """`gather_few` / `scatter_few` (a chunk's rows one by one) against `gather` / `scatter`,
+    with padding ids, a client excluded from writing, and a padding id whose clamped index
+    is the last row, which a real client of the same chunk writes first."""
+    engine = Engine(1, None)
+    template = {"c": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    n = 6
+    store = client_store.create(n, template, engine)
+    last = store.num_rows - 1
+    init = {"c": jnp.full(3, -1.0)}
+    first = {"c": jnp.arange(18.0).reshape(6, 3)}
+    store = client_store.scatter(store, jnp.array([0, 2, 5], jnp.int32),
+                                 {"c": first["c"][:3]}, n)
+    ids = jnp.array([last, 2, n + 3, 4, 1, n], jnp.int32)
+    writes = jnp.array([True, False, True, True, True, True])
+    rows = {"c": 100.0 + jnp.arange(18.0).reshape(6, 3)}
+    np.testing.assert_array_equal(client_store.gather_few(store, ids, init)["c"],
+                                  client_store.gather(store, ids, init)["c"])
+    few = client_store.scatter_few(store, ids, rows, n, writes)
+    whole = client_store.scatter(store, ids, rows, n, writes)
+    np.testing.assert_array_equal(few.table["c"], whole.table["c"])
+    np.testing.assert_array_equal(few.written, whole.written)
+    np.testing.assert_array_equal(few.table["c"][last], rows["c"][0])  # not undone by padding
+    np.testing.assert_array_equal(few.table["c"][2], first["c"][1])  # excluded: kept
+
+
 def test_a_client_state_of_another_structure_is_named():
     with pytest.raises(ValueError, match="client state structure differs from the store's"):
         client_store.check_template({"c": jnp.zeros(3)}, ({"c": jnp.zeros(3)},))

@@ -127,14 +127,20 @@ def fedopt(
         schedules; an optax schedule inside it runs over local steps.
       server_optimizer: applied to the averaged pseudo-gradient; default `optax.sgd(1.0)`
         (FedAvg). Optax schedules in it run over rounds.
-      batch_size, num_epochs, max_steps, drop_remainder, max_examples_per_client, shuffle: how
-        each client walks its data (see `Batching`); `batch_size=None` is one full batch.
+      batch_size: examples per local step (see `Batching`); None is one full batch.
+      num_epochs: passes over each client's data.
+      max_steps: a cap on each client's local steps (None: no cap).
+      drop_remainder: drop a client's last, partial batch instead of masking it.
+      max_examples_per_client: a larger client uses its first this-many examples.
+      shuffle: a fresh permutation of each client's examples every epoch.
       client_weighting: weight clients by example count or uniformly (in the default
         aggregator).
       aggregator: an `fs.aggregators` chain (a single stage is chained); default
         `aggregators.default(client_weighting)`.
       mu: FedProx's proximal coefficient (`fedprox`); 0 is FedAvg.
-      straggler_fraction, drop_stragglers: per-client variable local work (see `Batching`).
+      straggler_fraction: the chance that a client is a straggler in a round, running
+        fewer epochs (see `Batching`).
+      drop_stragglers: leave the stragglers' partial work out of the aggregate.
       example_dp: example-level DP-SGD in every local step (`ExampleDP(clip_norm,
         noise_multiplier)`, Abadi et al. 2016), accounted per client by
         `fs.privacy.example_epsilon`; None trains on plain gradients.

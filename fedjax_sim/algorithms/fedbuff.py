@@ -155,11 +155,17 @@ def fedbuff(
     ...)` (buffer_size <= M is checked there).
 
     Args:
-      model, client_optimizer, batch_size, num_epochs, max_steps, drop_remainder,
-        max_examples_per_client, shuffle: the clients' local training, as in `fedopt`.
+      model: the model to train.
+      client_optimizer: the clients' optax optimizer, as in `fedopt`.
       server_optimizer: applied to each buffer's aggregate; default `optax.sgd(1.0)`.
       buffer_size: K, the arrivals each aggregation takes.
       staleness: "sqrt" (s(tau) = 1/sqrt(1 + tau), the paper's) or "constant" (s = 1).
+      batch_size: how each client walks its data, as in `fedopt`.
+      num_epochs: as in `fedopt`.
+      max_steps: as in `fedopt`.
+      drop_remainder: as in `fedopt`.
+      max_examples_per_client: as in `fedopt`.
+      shuffle: as in `fedopt`.
       client_weighting: "num_examples" (FedAvg's weighted mean, the default, so K = M with
         equal client times is FedAvg) or "uniform" (the paper's `sum s(tau) delta / K`).
       aggregator: an `fs.aggregators` chain; default `aggregators.default(client_weighting)`.
