@@ -129,6 +129,8 @@ KEY_FLAGS = (
     ("--chunk-size", _positive_int, "run.chunk_size",
      "clients vectorized side by side; unset: an earlier run's choice for the same program, "
      "else timed on round 1. A run's chunk_size reproduces it exactly"),
+    ("--rounds-per-call", _positive_int, "run.rounds_per_call",
+     "run up to this many rounds in one compiled program, cohorts drawn on the device"),
     ("--seed", _non_negative_int, "run.seed", "the seed every random choice derives from"),
     ("--output-dir", str, "output.dir", "the run directory; one holding an earlier run is "
      "kept and this run goes to the next free <dir>-N"),

@@ -1598,6 +1598,19 @@ class BySize(Sampler, name="by_size"):
 
 
 @dataclass(frozen=True)
+class OnDevice(Sampler, name="on_device"):
+    """fs.sampling.on_device: uniform without replacement, drawn with `jax.random`, so a
+    compiled program can draw it (`run.rounds_per_call` > 1 draws this way by itself; this
+    runs the same draws round by round).
+
+    Attributes:
+      cohort_size: clients per round.
+    """
+
+    cohort_size: int = 100
+
+
+@dataclass(frozen=True)
 class Cyclic(Sampler, name="cyclic"):
     """fs.sampling.cyclic: the population in fixed groups, one after another (DP-FTRL's).
 
@@ -1752,6 +1765,10 @@ class Run:
       client_store: "device", "host" or a directory for per-client state (None: device when
         it fits).
       mesh: split each cohort over all local devices.
+      rounds_per_call: run up to this many rounds in one compiled program (a `lax.scan`
+        drawing and packing each cohort on the device; calls end at evaluations and
+        checkpoints). Needs a resident population, a uniform or on_device sampler and no
+        device model.
     """
 
     rounds: int = 200
@@ -1760,6 +1777,7 @@ class Run:
     resident: bool | None = None
     client_store: str | None = None
     mesh: bool = False
+    rounds_per_call: int = 1
 
 
 @dataclass(frozen=True)
@@ -2121,6 +2139,19 @@ def check(config: Config) -> None:
     if config.server_optimizer.schedule.over == "rounds":
         raise ConfigError("server_optimizer.schedule.over: the server steps once a round, so "
                           "its schedule is over steps (\"rounds\" is for client optimizers)")
+    if config.run.rounds_per_call < 1:
+        raise ConfigError(f"run.rounds_per_call must be >= 1, got {config.run.rounds_per_call}")
+    if config.run.rounds_per_call > 1:
+        if not isinstance(config.sampler, Uniform | OnDevice):
+            raise ConfigError("run.rounds_per_call > 1 draws each cohort on the device, "
+                              "uniformly: it takes sampler \"uniform\" or \"on_device\", "
+                              f"not {config.sampler.name!r}")
+        if not isinstance(config.devices, NoDevices) or isinstance(algo, FedBuff):
+            raise ConfigError("run.rounds_per_call > 1 cannot run a device model (its plans "
+                              "follow the virtual clock on the host)")
+        if config.run.resident is False or config.run.client_store not in (None, "device"):
+            raise ConfigError("run.rounds_per_call > 1 needs the population and the client "
+                              "store on the device (run.resident, run.client_store)")
     for name in config.output.sinks:
         if name not in sinks.SINKS:
             close = difflib.get_close_matches(name, sinks.SINKS, n=1)

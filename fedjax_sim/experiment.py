@@ -490,6 +490,8 @@ def build_sampler(cfg: C.Config, train) -> sampling.Sampler | None:
         return sampling.by_size(train.num_examples, m)
     if isinstance(spec, C.Cyclic):
         return sampling.cyclic(n, m)
+    if isinstance(spec, C.OnDevice):
+        return sampling.on_device(n, m)
     raise TypeError(f"no builder for sampler {spec.name!r}")
 
 
@@ -735,7 +737,8 @@ def build(cfg: C.Config) -> Experiment:
         eval_clients=ev.clients, eval_batch_size=ev.batch_size, eval_rolling=ev.rolling,
         fine_tune=tune, eval_extra=chain.eval_extra, chunk_size=run.chunk_size,
         mesh=_mesh(run), resident=run.resident, client_store=run.client_store,
-        checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep,
+        rounds_per_call=run.rounds_per_call, checkpoint_every=cfg.checkpoint.every,
+        keep_checkpoints=cfg.checkpoint.keep,
         devices=build_device_model(cfg.devices, chain.train.num_clients, seed),
         params=initial_params(cfg.model, model, seed))
     return Experiment(cfg, loaded, chain.train, eval_data, model, algo, chain, simulation)

@@ -1,6 +1,8 @@
 """From a sampled cohort to a finished round: `Packer` turns the cohort's population positions
 into the round's device inputs (one `Cohort` per pass and the pool of examples), and
 `RoundRunner` runs the compiled round on them, gathering and scattering the client store.
+`ScanRunner` runs many rounds in one program, each sampling and packing its cohort on the
+device.
 
 Simulation, evaluation, the tests and the benchmarks all go through `Packer`, so the
 pack-then-place sequence is written once.
@@ -17,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import multihost_utils
 
 from fedjax_sim import client_store
@@ -29,6 +32,7 @@ from fedjax_sim.data.cohort import (
     pack_cohort,
     resident_order,
 )
+from fedjax_sim.data.device_cohort import DevicePacking
 from fedjax_sim.data.federated import FederatedData, check_rows
 from fedjax_sim.engine import Engine, place_cohort, place_rows, replicate
 
@@ -136,6 +140,7 @@ class RoundRunner:
                 store = client_store.CohortRows(rows, known)
             return state, store, metrics
 
+        self.round_fn, self.donate = round_fn, donate
         self.fn = jax.jit(round_fn, static_argnames=("engine",),
                           donate_argnums=(1,) if donate else ())
 
@@ -176,6 +181,89 @@ class RoundRunner:
                             jax.tree.map(_host, new.rows))
             new = store
         return state, new, metrics
+
+
+class ScanRunner:
+    """Up to `length` rounds in one compiled program, for a population resident on the
+    device: a `lax.scan` over rounds, each drawing its cohort with the sampler's `device` draw
+    for the state's round number, packing it on the device (`DevicePacking`: the host
+    packer's cohorts, bit for bit) and running `runner`'s round program on it. The program
+    takes how many rounds to run (at most `length`; the scan passes the state through the
+    rest), so a shorter call (up to an evaluation, a checkpoint or the run's end) compiles
+    nothing new; it returns every round's metrics stacked `[length, ...]`.
+
+    Example:
+      >>> scan = ScanRunner(runner, fs.sampling.on_device(1000, 100), 50)  # doctest: +SKIP
+      >>> state, store, metrics = scan(state, store, 20)  # rounds 0-19    # doctest: +SKIP
+    """
+
+    def __init__(self, runner: RoundRunner, sampler: Any, length: int):
+        packer = runner.packer
+        if packer.pool is None:
+            raise ValueError("rounds in one program need the population resident on the "
+                             "device (resident=True)")
+        if sampler.device is None:
+            raise ValueError(f"the sampler {sampler.name} draws on the host; rounds in one "
+                             "program need one that draws on the device "
+                             "(fs.sampling.on_device)")
+        self.runner, self.length, self.compiled = runner, length, None
+        data, draw, round_fn = packer.data, sampler.device, runner.round_fn
+        packings = tuple(DevicePacking.for_population(data, b, shape, sampler.max_size)
+                         for b, shape in zip(packer.passes, packer.shapes, strict=True))
+        self.tables = replicate(tuple(p.tables(data) for p in packings),
+                                Engine(1, runner.engine.mesh))
+
+        # The seed is an input, as the state's key is: one program serves every seed.
+        def program(state, store, pool, tables, seed, count, *, engine):
+            def one_round(carry):
+                state, store = carry
+                r = state.round
+                ids = draw(seed, r)
+                main = packings[-1].pack(tables[-1], ids, seed=seed, round_num=r)
+                ordered = main.client_ids[: ids.shape[0]]
+                others = [p.pack(t, ordered, seed=seed, round_num=r, sort=False)
+                          for p, t in zip(packings[:-1], tables[:-1], strict=True)]
+                inputs = RoundInputs((*others, main), pool, data.num_clients)
+                state, store, metrics = round_fn(state, store, inputs, engine=engine)
+                return (state, store), metrics
+
+            shapes = jax.eval_shape(one_round, (state, store))[1]
+            nothing = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+            def body(carry, i):
+                return lax.cond(i < count, one_round, lambda c: (c, nothing), carry)
+
+            (state, store), metrics = lax.scan(body, (state, store),
+                                               jnp.arange(length, dtype=jnp.int32))
+            return state, store, metrics
+
+        self.fn = jax.jit(program, static_argnames=("engine",),
+                          donate_argnums=(1,) if runner.donate else ())
+
+    def _args(self, store, count: int) -> tuple:
+        if isinstance(store, client_store.HostStore):
+            raise ValueError("rounds in one program need the client store on the device "
+                             "(client_store='device'), not a HostStore")
+        if not 0 <= count <= self.length:
+            raise ValueError(f"a call runs 0 to {self.length} rounds, got {count}")
+        return (store, self.runner.packer.pool, self.tables, np.uint32(self.runner.seed),
+                np.int32(count))
+
+    def compile(self, state, store) -> float:
+        """Compiles the program ahead of time, for `__call__`; returns the seconds."""
+        start = time.perf_counter()
+        self.compiled = self.fn.lower(state, *self._args(store, 0),
+                                      engine=self.runner.engine).compile()
+        return time.perf_counter() - start
+
+    def __call__(self, state, store, count: int) -> tuple[Any, Any, Any]:
+        """Runs rounds `state.round` to `state.round + count - 1`; returns the state, the
+        store and the metrics stacked over the program's `length` rounds (the first `count`
+        are the rounds run)."""
+        args = self._args(store, count)
+        if self.compiled is not None:
+            return self.compiled(state, *args)
+        return self.fn(state, *args, engine=self.runner.engine)
 
 
 def _host(x: jax.Array) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 A `Sampler` returns the population positions of round r's cohort; every round's program is
 compiled for `max_size` clients, and a draw of fewer (Poisson sampling) is padded with clients
-of weight 0, so the cohort's size may vary round to round without a recompile.
+of weight 0, so the cohort's size may vary round to round without a recompile. A sampler with
+a `device` draw (`on_device`) can also run inside a compiled program, which is how many rounds
+run in one call (`Simulation(rounds_per_call=...)`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.checks import check_integer
@@ -43,12 +47,16 @@ class Sampler(NamedTuple):
     name: e.g. "uniform(100)", for records and errors.
     participation: how clients take part, for the privacy accountant; None where no
       accountant covers the sampling (with replacement, by size).
+    device: `(seed, round) -> i32[max_size]` in jnp, the same draw as `sample` for a traced
+      seed (uint32) and round number, run inside a compiled program; None for a sampler
+      that draws on the host only.
     """
 
     sample: Callable[[int, int], np.ndarray]
     max_size: int
     name: str
     participation: Participation | None = None
+    device: Callable[[int, jax.Array], jax.Array] | None = None
 
 
 def uniform(num_clients: int, cohort_size: int) -> Sampler:
@@ -64,6 +72,43 @@ def uniform(num_clients: int, cohort_size: int) -> Sampler:
 
     return Sampler(sample, cohort_size, f"uniform({cohort_size})",
                    Participation("fixed", num_clients, cohort_size))
+
+
+# Folded into the seed's key before the round: the round's training key is the seed's key
+# folded with the round alone (`base.round_key`), which the cohort's draw must not reuse.
+_COHORT_KEY = 0x636F686F  # "coho"
+
+
+def on_device(num_clients: int, cohort_size: int) -> Sampler:
+    """`cohort_size` clients uniformly without replacement, drawn with `jax.random` from the
+    round's key (`fold_in(fold_in(key(seed), salt), round)`), so a compiled program can draw
+    them itself: `Simulation(rounds_per_call=N)` runs N rounds in one `lax.scan`. Round by
+    round (`sample`) it draws the same clients on the host, so the two runs are comparable.
+    Other draws than `uniform`'s (numpy's), for the same seed.
+
+    Example:
+      >>> s = on_device(1000, 10)
+      >>> ids = s.sample(0, 3)                      # numpy, i64[10]
+      >>> same = s.device(0, jnp.int32(3))          # jnp, also inside jit or lax.scan
+    """
+    check_integer("cohort_size", cohort_size, 1)
+    if cohort_size > num_clients:
+        raise ValueError(f"cohort_size {cohort_size} is larger than the population of "
+                         f"{num_clients} clients")
+
+    def device(seed, round_num):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _COHORT_KEY),
+                                 round_num)
+        return jax.random.choice(key, num_clients, (cohort_size,),
+                                 replace=False).astype(jnp.int32)
+
+    drawn = jax.jit(device)  # one program for every seed and round
+
+    def sample(seed, round_num):
+        return np.asarray(drawn(np.uint32(seed), np.int32(round_num)), np.int64)
+
+    return Sampler(sample, cohort_size, f"on_device({cohort_size})",
+                   Participation("fixed", num_clients, cohort_size), device)
 
 
 def with_replacement(num_clients: int, cohort_size: int) -> Sampler:

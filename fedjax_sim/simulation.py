@@ -46,13 +46,14 @@ from fedjax_sim.checks import (
 )
 from fedjax_sim.client_store import HostStore
 from fedjax_sim.data.cohort import planned_work
+from fedjax_sim.data.device_cohort import check_packable
 from fedjax_sim.data.federated import FederatedData, check_labels
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.devices import DeviceModel, RoundPlan
 from fedjax_sim.engine import Engine, replicate
 from fedjax_sim.evaluation import Evaluator, FineTune, fairness
-from fedjax_sim.health import Monitor
-from fedjax_sim.rounds import RoundRunner, new_store, resident_limit, resident_pool
+from fedjax_sim.health import DivergedError, Monitor
+from fedjax_sim.rounds import RoundRunner, ScanRunner, new_store, resident_limit, resident_pool
 
 # A callback sees the simulation and each round's record; a truthy return stops the run.
 Callback = Callable[["Simulation", dict], Any]
@@ -164,6 +165,15 @@ class Simulation:
         cohort is packed, so the compiled round stays one program. Over-selection and
         availability draw the cohort themselves (uniformly among the available clients):
         give `cohort_size` (the clients counted), not a sampler.
+      rounds_per_call: run this many rounds in one compiled program (a `lax.scan` whose
+        rounds draw their cohorts with `jax.random` and pack them on the device), so a small
+        model pays no host round trip a round; the records, evaluations (every
+        `eval_every`), checkpoints and health checks are those of a run round by round with
+        `sampler=fs.sampling.on_device(N, cohort_size)`, which is the sampler used (give
+        `cohort_size`, or an on-device sampler). A call ends at every evaluation and
+        checkpoint round; its records all carry the call's "wall_time", and callbacks,
+        signals and a diverged run stop it only after the call. Needs a resident population
+        and a device client store; refuses a device model and a target epsilon.
     """
 
     def __init__(self, algorithm: FederatedAlgorithm, train: FederatedData, *,
@@ -183,11 +193,17 @@ class Simulation:
                  callbacks: Sequence[Callback] = (), delta: float | None = None,
                  target_epsilon: float | None = None,
                  accountant: privacy.Accountant | None = None,
-                 devices: DeviceModel | None = None):
+                 devices: DeviceModel | None = None, rounds_per_call: int = 1):
         if not isinstance(algorithm, FederatedAlgorithm):
             raise TypeError(f"algorithm must be a FederatedAlgorithm (e.g. fs.algorithms."
                             f"fedavg(model, optax.sgd(0.1))), got {type(algorithm).__name__}")
         train = check_not_empty(check_data("train", train), "train")
+        self.rounds_per_call = check_integer("rounds_per_call", rounds_per_call, 1)
+        if rounds_per_call > 1:
+            check_packable(train, algorithm.passes)
+            sampler = _scan_sampler(train, sampler, cohort_size, devices=devices,
+                                    target_epsilon=target_epsilon, resident=resident,
+                                    client_store=client_store)
         self.devices = devices
         if devices is not None:
             sampler, self._target = _device_sampler(devices, train, sampler, cohort_size)
@@ -236,6 +252,10 @@ class Simulation:
                                 "key and returns the params") from e
         if resident is None:
             resident = is_in_memory(train) and train.nbytes <= resident_limit()
+            if rounds_per_call > 1 and not resident:
+                raise ValueError("rounds_per_call > 1 needs train resident on the device, but "
+                                 "it is streamed (not in memory) or over resident_limit(); use "
+                                 "rounds_per_call=1")
         check_model_fits(algorithm.model, train, params,
                          algorithm.batching.resolve_batch_size(train), finite=resident)
         for feature, num_ids in algorithm.id_features:
@@ -266,6 +286,10 @@ class Simulation:
             raise TypeError(f"client_store must be 'device', 'host', a directory or None, got "
                             f"{client_store!r}"[:200])
         self.store = new_store(algorithm, train, params, one, where)
+        if rounds_per_call > 1 and isinstance(self.store, HostStore):
+            raise ValueError("rounds_per_call > 1 needs the client store on the device; its "
+                             "table is over resident_limit(), so it went to the host: use "
+                             "rounds_per_call=1")
         self.round, self.history = 0, []
         self.link_bits = _link_bits(algorithm, params)
         if devices is not None:  # what each client downloads and uploads, for its clock
@@ -332,6 +356,8 @@ class Simulation:
             runner = RoundRunner(algorithm, train, sampler.max_size, Engine(chunk_size, mesh),
                                  seed, self.pool, donate=self.store is not None)
         self.runner, self.chunk_size, self.chunk_size_source = runner, chunk_size, source
+        self.scanner = (ScanRunner(runner, sampler, rounds_per_call) if rounds_per_call > 1
+                        else None)
         self.recorder = None if not sinks else sinks_lib.Recorder(sinks, output_dir)
         if self.recorder is not None:
             earlier = self.recorder.existing()
@@ -391,8 +417,18 @@ class Simulation:
                           num_available=available)
 
     def compile(self, packed=None) -> float:
-        """Compiles the round program (for `packed`, default the next round's inputs) unless
-        it is compiled already (a search's winner is); returns the seconds it took."""
+        """Compiles the program `run` runs (the round program, for `packed`, default the
+        next round's inputs; with `rounds_per_call` > 1 the scanned rounds') unless it is
+        compiled already (a search's winner is); returns the seconds it took."""
+        if self.scanner is not None and packed is None:
+            if self.scanner.compiled is not None:
+                return 0.0
+            seconds = self.scanner.compile(self.state, self.store)
+            self.timings["compile_s"] += seconds
+            return seconds
+        return self._compile_round(packed)
+
+    def _compile_round(self, packed=None) -> float:
         if self.runner.compiled is not None:
             return 0.0
         packed = self.pack(self.round) if packed is None else packed
@@ -404,7 +440,7 @@ class Simulation:
         """XLA's memory analysis of the compiled round program (`temp_size_in_bytes`: the
         temporary buffers a round needs), compiling it first if needed; None where the
         backend gives none."""
-        self.compile()
+        self._compile_round()
         return self.runner.compiled.memory_analysis()
 
     def step(self, packed=None, *, evaluate: bool | None = None) -> dict:
@@ -420,7 +456,7 @@ class Simulation:
             raise RuntimeError(f"round {r} would spend epsilon {self.ledger.epsilon(r + 1):.4g}"
                                f", past the target {self.ledger.target_epsilon:g}")
         packed = self.pack(r) if packed is None else packed
-        self.compile(packed)
+        self._compile_round(packed)
         t = time.perf_counter()
         self.state, self.store, metrics = self.runner(self.state, self.store, packed)
         plan = None
@@ -437,7 +473,12 @@ class Simulation:
         if plan is not None:
             record.update(self.devices.record(plan))
         self.timings["rounds_s"] += time.perf_counter() - t
-        self.round = r + 1
+        return self._keep(record, evaluate)
+
+    def _keep(self, record: dict, evaluate: bool | None) -> dict:
+        """The rest of a round once its record is built (a scanned call's rounds come here
+        one by one): accounting, health checks, evaluation, history, checkpoint."""
+        self.round = record["round"] + 1
         if self.ledger is not None:
             record["epsilon"] = self.ledger.epsilon(self.round)
         self.monitor.check(record)
@@ -481,7 +522,10 @@ class Simulation:
         restore_signals = self._catch_signals()
         bar = tqdm(total=num_rounds, desc="rounds", unit="round", disable=not self.progress)
         try:
-            upcoming = prefetch.submit(self._prepare, self.round, end) if num_rounds else None
+            if self.scanner is not None:  # leaves nothing to the round-by-round loop
+                end = self._run_scanned(end, bar)
+            upcoming = (prefetch.submit(self._prepare, self.round, end) if self.round < end
+                        else None)
             while self.round < end and not self._over_budget(self.round + 1):
                 packed = upcoming.result()
                 last = self.round + 1 == end or self._over_budget(self.round + 2)
@@ -511,6 +555,47 @@ class Simulation:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         return self.result()
+
+    def _run_scanned(self, end: int, bar) -> int:
+        """Rounds up to `end` in calls of the scanned program, each ending at an evaluation
+        or checkpoint round at the latest; each round's record is then kept as `step` keeps
+        it. Returns the round the run stopped at (`end`, or earlier when stopped)."""
+        self.compile()
+        while self.round < end:
+            count = min(self.rounds_per_call, end - self.round)
+            for every, on in ((self.eval_every, self.evaluator is not None),
+                              (self.checkpoint_every, self.checkpoints is not None)):
+                if every and on:
+                    count = min(count, every - self.round % every)
+            t = time.perf_counter()
+            self.state, self.store, stacked = self.scanner(self.state, self.store, count)
+            stacked = _to_host(stacked)  # one transfer for the call's rounds
+            wall = time.perf_counter() - self._start
+            records = [_round_record(self.round + i, jax.tree.map(lambda a, i=i: a[i], stacked),
+                                     self.train, wall, self.chunk_size) for i in range(count)]
+            self.timings["rounds_s"] += time.perf_counter() - t
+            diverged, stop = None, False
+            for record in records:
+                record.update(self.link_bits)
+                self._keep(record, True if record["round"] + 1 == end else None)
+                bar.update(1)
+                bar.set_postfix(_postfix(record), refresh=False)
+                if diverged is None:
+                    stop = any([bool(cb(self, record)) for cb in self.callbacks]) or stop
+                # An early stop evaluates the call's last round before the sinks see it.
+                if (stop and record is records[-1] and self.evaluator is not None
+                        and "eval" not in record):
+                    record.update(self._evaluate())
+                try:
+                    self._commit(record)
+                except DivergedError as e:  # the call ran on: keep its rounds, then raise
+                    diverged = diverged or e
+            if diverged is not None:
+                diverged.result = self.result()
+                raise diverged
+            if self._stop is not None or stop:
+                break
+        return self.round
 
     def result(self) -> SimulationResult:
         self.timings["total_s"] = time.perf_counter() - self._start
@@ -650,6 +735,33 @@ def _check_secure_aggregation(record: dict) -> None:
         warnings.warn(f"round {record['round']}: the secure sum may have wrapped around its "
                       f"ring (overflow bound {server['secagg_overflow_bound']:.3g} > 1); "
                       "lower the scale or raise the bits", stacklevel=3)
+
+
+def _scan_sampler(train, sampler, cohort_size, *, devices, target_epsilon, resident,
+                  client_store) -> sampling.Sampler:
+    """The on-device sampler of a run with rounds_per_call > 1, refusing what it cannot run."""
+    refused = [(devices is not None, "a device model (devices=): its plans are made on the "
+                                     "host"),
+               (target_epsilon is not None, "target_epsilon: the run stops before a round "
+                                            "past it, which a call cannot"),
+               (resident is False, "resident=False: cohorts are packed from the resident "
+                                   "population"),
+               (client_store not in ("device", None), f"client_store={client_store!r}: a "
+                                                      "host store's rows are read each round")]
+    for bad, why in refused:
+        if bad:
+            raise ValueError(f"rounds_per_call > 1 cannot take {why}; use rounds_per_call=1")
+    if sampler is None:
+        if cohort_size is None:
+            raise TypeError("give cohort_size (clients per round) or a sampler")
+        return sampling.on_device(train.num_clients, check_integer("cohort_size",
+                                                                   cohort_size, 1))
+    if not isinstance(sampler, sampling.Sampler) or sampler.device is None:
+        name = sampler.name if isinstance(sampler, sampling.Sampler) else type(sampler).__name__
+        raise ValueError(f"rounds_per_call > 1 draws each cohort inside the program: the "
+                         f"sampler {name} draws on the host; give cohort_size (or "
+                         "sampler=fs.sampling.on_device(N, cohort_size))")
+    return sampler
 
 
 def _device_sampler(devices, train, sampler, cohort_size) -> tuple[Any, int | None]:

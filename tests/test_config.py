@@ -107,6 +107,12 @@ def test_another_kind_replaces_the_old_kinds_options_and_keeps_the_rest():
      "devices.deadline is a policy of synchronous rounds"),
     (["aggregation.attack.malicious_fraction=1.5"], "malicious_fraction must be in [0, 1]"),
     (["server_optimizer.schedule.over=rounds"], "the server steps once a round"),
+    (["run.rounds_per_call=4", "sampler=poisson"],
+     "run.rounds_per_call > 1 draws each cohort on the device, uniformly"),
+    (["run.rounds_per_call=4", "devices=lognormal"],
+     "run.rounds_per_call > 1 cannot run a device model"),
+    (["run.rounds_per_call=4", "run.client_store=host"],
+     "run.rounds_per_call > 1 needs the population and the client store on the device"),
     (["output.sinks=['jsonl', 'tensorbord']"],
      "output.sinks: unknown sink 'tensorbord' (did you mean 'tensorboard'?)"),
 ])

@@ -69,6 +69,25 @@ def test_rerunning_a_run_directorys_config_gives_the_same_history_bit_for_bit(fi
     assert (rerun / "params.msgpack").read_bytes() == (run_dir / "params.msgpack").read_bytes()
 
 
+def test_rounds_per_call_equals_the_on_device_sampler_round_by_round(tmp_path):
+    """`run.rounds_per_call` from a config: one scanned program, the same records as the
+    round-by-round run that draws with `sampler = "on_device"`."""
+    runs = []
+    for name, extra in (("scan", ["run.rounds_per_call=3"]), ("rounds", ["sampler=on_device",
+                                                                       "sampler.cohort_size=10"])):
+        cfg = C.load(overrides=[*TINY, "run.rounds=5", "run.chunk_size=2", *extra,
+                                f"output.dir={str(tmp_path / name)!r}"])
+        runs.append(E.run(cfg, progress=False, announce=lambda _: None))
+    scan, rounds = runs
+    assert scan.experiment.simulation["rounds_per_call"] == 3
+    assert len({r["wall_time"] for r in scan.result.history}) < 5  # fewer calls than rounds
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 scan.result.params, rounds.result.params)
+    for a, b in zip(_records(scan.output_dir), _records(rounds.output_dir), strict=True):
+        assert a["round"] == b["round"]
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+
+
 def test_an_unknown_key_on_the_command_line_stops_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["run", str(CONFIGS / "quick_start.toml"), "--set", "run.round=3",
