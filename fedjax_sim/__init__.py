@@ -26,11 +26,13 @@ from fedjax_sim import (
     robust,
     sampling,
     secagg,
+    sweep,
 )
 from fedjax_sim.engine import ClientContext, ClientResult, ClientUpdate, Engine, client_mesh
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
 from fedjax_sim.health import DivergedError
 from fedjax_sim.simulation import Simulation, SimulationResult, simulate
+from fedjax_sim.sweep import Sweep, SweepResult, simulate_sweep
 
 __all__ = [
     "ClientContext",
@@ -41,6 +43,8 @@ __all__ = [
     "Evaluation",
     "Simulation",
     "SimulationResult",
+    "Sweep",
+    "SweepResult",
     "aggregators",
     "algorithms",
     "asynchronous",
@@ -62,4 +66,6 @@ __all__ = [
     "sampling",
     "secagg",
     "simulate",
+    "simulate_sweep",
+    "sweep",
 ]
