@@ -225,8 +225,11 @@ class Sweep:
         hyperparameter as "client.<name>" / "server.<name>" (`traceable`).
       params: the initial params of every run; default each run's
         `algorithm.model.init(key(seed))`, as `fs.Simulation` does.
-      eval_data, eval_every, eval_clients, eval_batch_size, eval_rolling: as `Simulation`'s;
-        each run is evaluated every `eval_every` rounds and after the last.
+      eval_data: the population each run is evaluated on (as `Simulation`'s).
+      eval_every: evaluate each run every this many rounds, and after the last.
+      eval_clients: evaluate this many clients of `eval_data` (as `Simulation`'s).
+      eval_batch_size: examples per evaluation batch.
+      eval_rolling: a fresh sample of `eval_clients` at each evaluation.
       chunk_size: K; default the K `fs.Simulation` would choose for one run (its cache, or a
         timed search).
       devices: how many devices to split the run axis over (default every local device, at
@@ -235,8 +238,9 @@ class Sweep:
         accelerator's memory, 4 GiB on a CPU); a larger sweep runs in groups.
       output_dir: where `sweep.json` and one run directory per run go (`history.jsonl`,
         `clients.jsonl`, `summary.json`, `params.msgpack`).
-      delta, accountant: for a chain with a DP stage, each run's records hold its "epsilon"
-        (`fs.Simulation`'s); a swept noise multiplier is accounted per run.
+      delta: for a chain with a DP stage, each run's records hold its "epsilon" at this
+        delta (`fs.Simulation`'s); a swept noise multiplier is accounted per run.
+      accountant: "rdp" (default) or "pld", as `Simulation`'s.
       progress: a tqdm progress bar over the rounds.
     """
 
