@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from fedjax_sim import chunk_size as chunk_size_lib
-from fedjax_sim import privacy, sampling
+from fedjax_sim import client_store, privacy, sampling
 from fedjax_sim.algorithms.base import (
     FederatedAlgorithm,
     RoundInputs,
@@ -394,13 +394,27 @@ class Sweep:
         return runs, states, stores
 
     def _compile(self, size: int):
-        """(the compiled program for groups of `size` runs, its mesh, padded size, pool)."""
+        """(the compiled program for groups of `size` runs, its mesh, padded size, pool).
+        It is lowered on the inputs' shapes only: nothing of a group too large for the
+        budget is allocated to find out that it is."""
         mesh, padded = self._layout(size)
-        runs, states, stores = self._inputs(self.runs[:size], mesh, padded)
+        sharded = NamedSharding(mesh, P(RUNS))
+        abstract = lambda x: jax.ShapeDtypeStruct((padded, *x.shape), x.dtype, sharding=sharded)
+        state = jax.eval_shape(lambda: self._state(self.runs[0]))
+        stores = None
+        if self._stateful:
+            row = jax.eval_shape(self.algorithm.client_state, state.params)
+            stores = jax.eval_shape(lambda: client_store.ClientStore(
+                jax.tree.map(lambda x: jnp.zeros((self.train.num_clients, *x.shape), x.dtype),
+                             row), jnp.zeros((self.train.num_clients,), bool)))
+        cohorts = self._pack(self.runs[:1], 0)
+        cohorts = jax.tree.map(lambda x: abstract(jax.ShapeDtypeStruct(x.shape[1:], x.dtype)),
+                               cohorts)
         pool = jax.device_put(self.pool, NamedSharding(mesh, P()))
-        cohorts = jax.device_put(self._pack(runs, 0), NamedSharding(mesh, P(RUNS)))
         t = time.perf_counter()
-        compiled = self._program(mesh).lower(states, stores, cohorts, pool).compile()
+        compiled = self._program(mesh).lower(
+            jax.tree.map(abstract, state), jax.tree.map(abstract, stores), cohorts,
+            pool).compile()
         self.timings["compile_s"] += time.perf_counter() - t
         return compiled, mesh, padded, pool
 
@@ -619,7 +633,7 @@ def _bytes(compiled) -> int | None:
 
 def _state_bytes(sweep: Sweep, runs: int) -> int:
     """Without a memory analysis: `runs` runs' states and stores, and the shared population."""
-    state = jax.eval_shape(sweep._state, sweep.runs[0])
+    state = jax.eval_shape(lambda: sweep._state(sweep.runs[0]))
     row = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
     if sweep._stateful:
         table = jax.eval_shape(sweep.algorithm.client_state, state.params)
