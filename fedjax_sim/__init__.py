@@ -30,11 +30,13 @@ from fedjax_sim import (
     sampling,
     secagg,
     sinks,
+    sweep,
 )
 from fedjax_sim.engine import ClientContext, ClientResult, ClientUpdate, Engine, client_mesh
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
 from fedjax_sim.health import DivergedError
 from fedjax_sim.simulation import Simulation, SimulationResult, simulate
+from fedjax_sim.sweep import Sweep, SweepResult, simulate_sweep
 
 __all__ = [
     "ClientContext",
@@ -45,6 +47,8 @@ __all__ = [
     "Evaluation",
     "Simulation",
     "SimulationResult",
+    "Sweep",
+    "SweepResult",
     "aggregators",
     "algorithms",
     "asynchronous",
@@ -70,4 +74,6 @@ __all__ = [
     "secagg",
     "simulate",
     "sinks",
+    "simulate_sweep",
+    "sweep",
 ]

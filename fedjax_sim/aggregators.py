@@ -238,21 +238,41 @@ def weighted_sum() -> Aggregator:
     return stage("weighted_sum", client=_accumulate, server=server, reduction="sum")
 
 
+class ClipState(NamedTuple):
+    """`clip`'s state: its bound, traced so that a sweep (`fs.sweep`) can vary it."""
+
+    clip_norm: jax.Array
+
+
 def clip(max_norm: float) -> Aggregator:
     """Scales each client's output to an L2 norm of at most `max_norm` (all leaves together),
     so one client moves the sum by at most that much: DP-FedAvg's per-client clipping
-    (McMahan et al. 2018). Reports "clipped" per client.
+    (McMahan et al. 2018). Reports "clipped" per client. The bound lives in the stage's
+    state (`ClipState.clip_norm`), so one compiled round serves every value.
     """
     from fedjax_sim.checks import check_number  # not at the top: checks must load after data
 
     max_norm = check_number("max_norm", max_norm, above=0)
 
     def client(output, weight, ctx, state):
-        scale, norm = clip_scale(output, max_norm)
-        output = jax.tree.map(lambda o: (o * scale).astype(o.dtype), output)
-        return output, weight, {"clipped": norm > max_norm}
+        return clip_output(output, weight, state.clip_norm)
 
-    return stage("clip", client=client)
+    return stage("clip", client=client, init=lambda template: ClipState(jnp.float32(max_norm)))
+
+
+def clip_output(output, weight, max_norm) -> tuple[Any, jax.Array, dict]:
+    """`clip`'s per-client part at a bound `max_norm`: (clipped output, weight, metrics)."""
+    scale, norm = clip_scale(output, max_norm)
+    output = jax.tree.map(lambda o: (o * scale).astype(o.dtype), output)
+    return output, weight, {"clipped": norm > max_norm}
+
+
+class DPMeanState(NamedTuple):
+    """`dp_mean`'s state: its noise multiplier and clip norm, traced so that a sweep
+    (`fs.sweep`) can vary them."""
+
+    noise_multiplier: jax.Array
+    clip_norm: jax.Array
 
 
 def dp_mean(noise_multiplier: float, clip_norm: float, expected_weight: float) -> Aggregator:
@@ -275,17 +295,23 @@ def dp_mean(noise_multiplier: float, clip_norm: float, expected_weight: float) -
     expected = check_number("expected_weight", expected_weight, above=0)
 
     def server(reduced, state, key):
+        # The values the stage was built with take the product computed on the host, so a
+        # run that sweeps nothing has the bits of a constant z * C.
+        built = (state.noise_multiplier == jnp.float32(z)) & (state.clip_norm == jnp.float32(c))
+        traced = state.noise_multiplier * state.clip_norm
+        stddev = jnp.where(built, jnp.float32(z * c), traced)
         value = jax.tree.map(lambda s, n: (s + n) / expected, reduced.output,
-                             gaussian_noise(key, reduced.output, z * c))
-        return value, state, {"weight_sum": reduced.weight,
-                              "noise_stddev": jnp.float32(z * c / expected)}
+                             gaussian_noise(key, reduced.output, stddev))
+        return value, state, {"weight_sum": reduced.weight, "noise_stddev": jnp.where(
+            built, jnp.float32(z * c / expected), traced / expected)}
 
-    def privacy(participation, rounds):
+    def privacy(participation, rounds, noise_multiplier=z):
         from fedjax_sim.privacy import gaussian_event
-        return gaussian_event(z, participation, rounds)
+        return gaussian_event(noise_multiplier, participation, rounds)
 
     return stage("dp_mean", client=_accumulate, server=server, reduction="sum",
-                 privacy=privacy)
+                 privacy=privacy,
+                 init=lambda template: DPMeanState(jnp.float32(z), jnp.float32(c)))
 
 
 def adaptive_dp_mean(noise_multiplier: float, expected_weight: float, *,
@@ -381,10 +407,8 @@ def local_dp(noise_multiplier: float, clip_norm: float) -> Aggregator:
 
     z = check_number("noise_multiplier", noise_multiplier, at_least=0)
     c = check_number("clip_norm", clip_norm, above=0)
-    clipping = clip(c)
-
     def client(output, weight, ctx, state):
-        output, weight, metrics = clipping.client(output, weight, ctx, state)
+        output, weight, metrics = clip_output(output, weight, c)
         output = jax.tree.map(lambda o: o.astype(_accumulator(o.dtype)), output)
         noise = gaussian_noise(jax.random.fold_in(ctx.key, _LOCAL_DP_SALT), output, z * c)
         return jax.tree.map(jnp.add, output, noise), weight, metrics

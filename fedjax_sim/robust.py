@@ -398,7 +398,8 @@ def norm_bound(max_norm: float) -> Aggregator:
       >>> agg = fs.aggregators.chain(norm_bound(1.0), fs.aggregators.weight_by("uniform"),
       ...                            fs.aggregators.mean())
     """
-    return stage("norm_bound", client=clip(max_norm).client)
+    clipping = clip(max_norm)  # its bound in the state, as clip's (a sweep's "clip_norm")
+    return stage("norm_bound", client=clipping.client, init=clipping.init)
 
 
 def centered_clipping(tau: float, iters: int = 1) -> Aggregator:

@@ -606,25 +606,9 @@ class Simulation:
                                 timings=dict(self.timings), store=self.store, privacy=spent)
 
     def _evaluate(self) -> dict:
-        """The record's evaluation: the global model per client and, where clients have their
-        own models (personal or fine-tuned), theirs; the pooled metrics on `eval_extra`."""
-        out = {name: {k: v["weighted_mean"] for k, v in ev(self.state.params).summary.items()}
-               for name, ev in self.extra_evaluators.items()}
-        ev = self.evaluator(self.state.params, personalized=False, round_num=self.round)
-        out.update({"eval": ev.summary,
-                    "eval_clients": {k: v.tolist() for k, v in ev.clients.items()}})
-        own = None
-        if self.evaluator.personalized:
-            own = self.evaluator(self.state.params, self.store, round_num=self.round)
-            out["eval_personal"] = own.summary
-            out["eval_personal_clients"] = {k: v.tolist() for k, v in own.clients.items()}
-        if "accuracy" in ev.clients:
-            out["eval_fairness"] = fairness(ev.clients["accuracy"], ev.clients["num_examples"])
-            if own is not None:
-                out["eval_personal_fairness"] = fairness(
-                    own.clients["accuracy"], own.clients["num_examples"],
-                    baseline=ev.clients["accuracy"])
-        return out
+        """The record's evaluation (`evaluation_record`)."""
+        return evaluation_record(self.evaluator, self.extra_evaluators, self.state.params,
+                                 self.store, self.round)
 
     def _over_budget(self, rounds: int) -> bool:
         return self.ledger is not None and self.ledger.over(rounds)
@@ -711,6 +695,30 @@ def simulate(algorithm: FederatedAlgorithm, train: FederatedData, *, rounds: int
     rounds = check_integer("rounds", rounds, 0)
     sim = Simulation(algorithm, train, **kwargs)
     return sim.run(max(rounds - sim.round, 0))
+
+
+def evaluation_record(evaluator: Evaluator, extra_evaluators: dict, params, store,
+                      round_num: int) -> dict:
+    """A record's evaluation: the global model per client and, where clients have their own
+    models (personal or fine-tuned), theirs; the pooled metrics on each `extra_evaluators`
+    set. Shared by `Simulation` and `fs.sweep`, so their records agree."""
+    out = {name: {k: v["weighted_mean"] for k, v in ev(params).summary.items()}
+           for name, ev in extra_evaluators.items()}
+    ev = evaluator(params, personalized=False, round_num=round_num)
+    out.update({"eval": ev.summary,
+                "eval_clients": {k: v.tolist() for k, v in ev.clients.items()}})
+    own = None
+    if evaluator.personalized:
+        own = evaluator(params, store, round_num=round_num)
+        out["eval_personal"] = own.summary
+        out["eval_personal_clients"] = {k: v.tolist() for k, v in own.clients.items()}
+    if "accuracy" in ev.clients:
+        out["eval_fairness"] = fairness(ev.clients["accuracy"], ev.clients["num_examples"])
+        if own is not None:
+            out["eval_personal_fairness"] = fairness(
+                own.clients["accuracy"], own.clients["num_examples"],
+                baseline=ev.clients["accuracy"])
+    return out
 
 
 def _check_secure_aggregation(record: dict) -> None:

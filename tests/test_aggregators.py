@@ -206,8 +206,8 @@ def test_every_clipped_contribution_is_within_the_clip():
     stage = agg.clip(0.3)
     ctx = ClientContext(jnp.int32(0), jax.random.key(0), jnp.int32(1), jnp.int32(1))
     for dtype in (jnp.float32, jnp.bfloat16):
-        out, _, m = jax.vmap(lambda o: stage.client({"a": o, "b": o[:2]}, 1.0, ctx, ()))(
-            jnp.asarray(x, dtype))
+        out, _, m = jax.vmap(lambda o: stage.client({"a": o, "b": o[:2]}, 1.0, ctx,
+                                                    stage.init(None)))(jnp.asarray(x, dtype))
         norms = np.sqrt(np.sum(np.square(np.asarray(out["a"], np.float64)), 1)
                         + np.sum(np.square(np.asarray(out["b"], np.float64)), 1))
         assert np.all(norms <= 0.3 * (1 + 1e-2 if dtype == jnp.bfloat16 else 1 + 1e-6))
