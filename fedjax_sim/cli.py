@@ -186,12 +186,6 @@ def _quick_start_value(key: str):
     return obj
 
 
-def _nested(key: str, value) -> dict:
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,10 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
                          "describes (no config: the quick start, FedAvg on Synthetic(1,1)); "
                          "the flags are shorthands for config keys, applied over the config, "
                          "and --set applies last.")
-    add = run.add_argument
+    _add_experiment_flags(run, "a run directory's config.toml reruns that run")
+    run.add_argument("--resume", action="store_true", help="continue the run in --output-dir "
+                     "from its newest checkpoint, up to --rounds")
+    run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
+    sweep = sub.add_parser("sweep", help="seeds x a grid of hyperparameters of a config, as "
+                           "one vmapped program", description="Runs a config's [sweep] "
+                           "(sweep.seeds runs of every combination of sweep.grid) as one "
+                           "vmapped program; --grid and --seeds set them. The sweep directory "
+                           "holds sweep.json and one run directory per run, each with its "
+                           "own config.toml; `fedjax-sim plot DIR` draws seed means and bands.")
+    _add_experiment_flags(sweep, "a sweep directory's config.toml reruns that sweep")
+    sweep.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...",
+                       help="sweep.grid.FIELD: the values of one field, repeatable (fields: "
+                       f"{', '.join(C.SWEEP_FIELDS)}, client.<option>, server.<option>), "
+                       "e.g. --grid client_lr=0.01,0.03,0.1")
+    sweep.add_argument("--seeds", type=_positive_int, default=None,
+                       help="sweep.seeds: runs per grid point, seeded --seed, --seed + 1, ...")
+    sweep.set_defaults(subparser=sweep)
+    _plot_parser(sub)
+    return parser
+
+
+def _add_experiment_flags(parser: argparse.ArgumentParser, rerun: str) -> None:
+    """The config, --set and the shorthand flags, shared by `run` and `sweep`."""
+    add = parser.add_argument
     add("config", nargs="?", default=None,
-        help="a TOML config (fedjax_sim.config; `fedjax-sim list` names the kinds); a run "
-        "directory's config.toml reruns that run")
+        help=f"a TOML config (fedjax_sim.config; `fedjax-sim list` names the kinds); {rerun}")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="set a config key, e.g. --set aggregation.rule.name=krum (the value a TOML "
         "literal; a bare word is a string); repeatable, applied after the flags")
@@ -214,8 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved config and build the experiment (data, model, algorithm) "
         "without training")
     add("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
-    add("--resume", action="store_true",
-        help="continue the run in --output-dir from its newest checkpoint, up to --rounds")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--model", choices=sorted(MODELS), default=None,
         help="the model trained (default: logistic)")
@@ -267,14 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
             help=text + shown)
     for flag, _, text in SWITCHES:
         add(flag, action="store_true", default=None, help=text)
-    run.set_defaults(subparser=run)  # errors found after parsing print run's own usage
+
+
+def _plot_parser(sub) -> None:
     plot = sub.add_parser("plot", help="plot run directories (curves, per-client "
                           "distributions, seeds as mean and band)",
                           description=plots.__doc__.split("\n\n")[0],
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     plots.add_arguments(plot)
     plot.set_defaults(subparser=plot)
-    return parser
 
 
 def _kind_updates(args: argparse.Namespace, base: C.Config) -> list[dict]:
@@ -360,18 +376,51 @@ def flag_updates(args: argparse.Namespace, base: C.Config) -> list[dict]:
     for flag, _, key, _ in KEY_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
-            updates.append(_nested(key, value))
+            updates.append(C.nested(key, value))
     for flag, key, _ in SWITCHES:
         if getattr(args, flag[2:].replace("-", "_")):
-            updates.append(_nested(key, True))
+            updates.append(C.nested(key, True))
     return updates
 
 
+# `fedjax-sim sweep` with no config: the quick start's task, evaluated without fine-tuning
+# (a sweep evaluates the global models).
+SWEEP_START = C.replace(C.QUICK_START, evaluation=C.Evaluation(),
+                        output=C.Output(dir="runs/sweep"))
+
+
 def resolve(args: argparse.Namespace) -> C.Config:
-    """The config a `run` command line describes: the file (or the quick start), the flags,
-    then --set."""
-    base = C.QUICK_START if args.config is None else C.load(args.config)
-    return C.load(updates=flag_updates(args, base), overrides=args.overrides, base=base)
+    """The config a `run` or `sweep` command line describes: the file (or the quick start),
+    the flags, then --set."""
+    sweeping = args.command == "sweep"
+    if args.config is not None:
+        base = C.load(args.config)
+    else:
+        base = SWEEP_START if sweeping else C.QUICK_START
+    updates = flag_updates(args, base)
+    if sweeping:
+        updates += [{"sweep": {"grid": dict([_grid_values(text)])}} for text in args.grid]
+        if args.seeds is not None:
+            updates.append({"sweep": {"seeds": args.seeds}})
+    cfg = C.load(updates=updates, overrides=args.overrides, base=base)
+    if sweeping and not cfg.sweep.grid and cfg.sweep.seeds == 1:
+        raise C.ConfigError("a sweep of one run: give --grid FIELD=V1,V2,... or --seeds N "
+                            "(sweep.grid, sweep.seeds)")
+    if not sweeping and (cfg.sweep.grid or cfg.sweep.seeds > 1):
+        raise C.ConfigError("this config describes a sweep (sweep.grid or sweep.seeds): run it "
+                            "with `fedjax-sim sweep`")
+    return cfg
+
+
+def _grid_values(text: str) -> tuple[str, list[float]]:
+    name, sep, values = text.partition("=")
+    try:
+        numbers = [float(v) for v in values.split(",")] if sep and values else None
+    except ValueError:
+        numbers = None
+    if not name.strip() or numbers is None or not all(map(math.isfinite, numbers)):
+        raise C.ConfigError(f"--grid takes FIELD=V1,V2,... with numbers, got {text!r}")
+    return name.strip(), numbers
 
 
 def report(outcome: experiment.Outcome) -> None:
@@ -477,6 +526,35 @@ def _written(outcome: experiment.Outcome) -> str:
     return ", ".join(files) or "none (output.sinks is empty)"
 
 
+def report_sweep(outcome: experiment.SweepOutcome) -> None:
+    """Each grid point's final train loss and test accuracy over its seeds, as the mean and
+    its 95% confidence interval (Student's t)."""
+    result, cfg = outcome.result, outcome.experiment.config
+    t = result.timings
+    print(f"\n{len(result.runs)} runs x {cfg.run.rounds} rounds in {len(result.groups)} "
+          f"vmapped group(s) of K = {result.chunk_size}: compile {t['compile_s']:.1f} s, "
+          f"rounds {t['rounds_s']:.1f} s, evaluation {t['eval_s']:.1f} s")
+    points: dict[str, list[int]] = {}
+    for i, run in enumerate(result.runs):
+        label = ", ".join(f"{k}={v:g}" for k, v in run.values.items()) or "(seeds)"
+        points.setdefault(label, []).append(i)
+    for label, runs in points.items():
+        finals = [result.histories[i][-1] for i in runs]
+        parts = [_mean_ci("train loss", [f["train_loss"] for f in finals])]
+        if all("eval" in f for f in finals):
+            parts.append(_mean_ci(f"{cfg.evaluation.on} accuracy",
+                                  [f["eval"]["accuracy"]["weighted_mean"] for f in finals]))
+        print(f"  {label}: {'; '.join(parts)} ({len(runs)} seeds)")
+    print(f"sweep: {outcome.output_dir}/sweep.json and a directory per run (each reruns alone "
+          f"with `fedjax-sim run RUN_DIR/config.toml`); `fedjax-sim plot {outcome.output_dir}` "
+          "draws the seeds' means and bands")
+
+
+def _mean_ci(name: str, values: list[float]) -> str:
+    mean, low, high = plots.mean_band(values)
+    return f"{name} {float(mean):.4f} +- {float(high - mean):.4f}"
+
+
 def _describe_data(exp: experiment.Experiment) -> str:
     spec = exp.config.data
     name = (f"Synthetic({spec.alpha:g},{spec.beta:g})" if isinstance(spec, C.Synthetic)
@@ -491,6 +569,11 @@ def run(args: argparse.Namespace) -> dict | None:
         print(C.dumps(cfg), end="")
         exp = experiment.build(cfg)
         print(f"# built: {_describe_data(exp)}\n# model and algorithm ready; nothing trained")
+        return None
+    if args.command == "sweep":
+        outcome = experiment.sweep(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+        print(_describe_data(outcome.experiment))
+        report_sweep(outcome)
         return None
     outcome = experiment.run(cfg, overwrite=args.overwrite, resume=args.resume,
                              progress=not args.no_progress)

@@ -1759,6 +1759,9 @@ class Run:
     Attributes:
       rounds: training rounds (FedBuff: aggregations).
       seed: the seed every random choice derives from.
+      data_seed: the seed of the population alone (generated data, splits, the malicious
+        clients; None: `seed`), so runs of several seeds can share one population (a
+        sweep's runs do).
       chunk_size: clients vectorized side by side (None: an earlier run's choice for the
         same program, else timed on round 1; the run's config.toml records the K used).
       resident: keep the population on the device (None: when it fits).
@@ -1773,6 +1776,7 @@ class Run:
 
     rounds: int = 200
     seed: int = 0
+    data_seed: int | None = None
     chunk_size: int | None = None
     resident: bool | None = None
     client_store: str | None = None
@@ -1834,6 +1838,30 @@ class Output:
     sinks: tuple[str, ...] = ("jsonl",)
 
 
+# The grid fields a sweep can trace besides "client.<option>" and "server.<option>".
+SWEEP_FIELDS = ("client_lr", "server_lr", "mu", "clip_norm", "noise_multiplier")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Many runs of this config as one vmapped program (`fedjax-sim sweep`, `fs.Sweep`).
+
+    Attributes:
+      seeds: runs per grid point, seeded run.seed, run.seed + 1, ...
+      grid: `{field = [values]}`, every combination run with every seed. Fields: client_lr,
+        server_lr, mu (fedprox), clip_norm (a DP clip or norm_bound), noise_multiplier, and
+        client.<option> / server.<option> (an optimizer's option, e.g. server.b1).
+      devices: split the runs over this many local devices (None: all).
+      memory_budget: bytes a device may hold for one group of runs (None: three quarters
+        of an accelerator's memory, 4 GiB on a CPU); a larger sweep runs in groups.
+    """
+
+    seeds: int = 1
+    grid: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+    devices: int | None = None
+    memory_budget: int | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     """One run: what trains on what, how it aggregates, how it is sampled, evaluated and
@@ -1852,6 +1880,7 @@ class Config:
       evaluation: per-client evaluation (`Evaluation`).
       checkpoint: checkpoints (`Checkpoint`).
       output: the run directory (`Output`).
+      sweep: seeds and a grid for `fedjax-sim sweep` (`Sweep`).
     """
 
     data: Dataset = Synthetic()
@@ -1866,6 +1895,7 @@ class Config:
     evaluation: Evaluation = Evaluation()
     checkpoint: Checkpoint = Checkpoint()
     output: Output = Output()
+    sweep: Sweep = Sweep()
 
 
 # The README's quick start, `fedjax-sim run` with no config: FedAvg on Synthetic(1,1), 1,000
@@ -1908,6 +1938,15 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        inner = typing.get_args(tp)[1]
+        flat = {}  # `--set sweep.grid.server.b1=[...]` nests what TOML writes "server.b1"
+        for k, v in value.items():
+            nested = v.items() if isinstance(v, Mapping) else [(None, v)]
+            flat.update({k if sub is None else f"{k}.{sub}": w for sub, w in nested})
+        return {k: _coerce(v, inner, f"{key}.{k}") for k, v in flat.items()}
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
@@ -2036,10 +2075,19 @@ def parse_override(text: str) -> dict:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    nested: Any = value
+    return nested(key, value)
+
+
+def nested(key: str, value: Any) -> dict:
+    """A dotted key's value as nested tables, as `load`'s `updates` take them.
+
+    Example:
+      >>> nested("run.seed", 3)
+      {'run': {'seed': 3}}
+    """
     for part in reversed(key.split(".")):
-        nested = {part: nested}
-    return nested
+        value = {part: value}
+    return value
 
 
 def load(path: str | Path | None = None, *, text: str | None = None,
@@ -2158,7 +2206,33 @@ def check(config: Config) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"output.sinks: unknown sink {name!r}{hint}; the sinks are "
                               f"{', '.join(sinks.SINKS)}")
+    _check_sweep(config)
     _check_paths(config)
+
+
+def _check_sweep(config: Config) -> None:
+    """The sweep's seeds and field names (whether the built state traces each field is
+    `fs.sweep.check_grid`'s check, also before any compile)."""
+    sweep = config.sweep
+    if sweep.seeds < 1:
+        raise ConfigError(f"sweep.seeds must be >= 1, got {sweep.seeds}")
+    for name, values in sweep.grid.items():
+        side, _, option = name.partition(".")
+        spec = {"client": config.client_optimizer, "server": config.server_optimizer}.get(side)
+        if spec is not None and option:
+            fields = [f.name for f in dataclasses.fields(spec)
+                      if _hints(type(spec))[f.name] is float]
+            if option not in fields:
+                raise ConfigError(f"sweep.grid.{name}: {spec.name!r} has no number option "
+                                  f"{option!r} (its options: {', '.join(fields)})")
+        elif name not in SWEEP_FIELDS:
+            close = difflib.get_close_matches(name, SWEEP_FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"sweep.grid.{name}: not a field a sweep can vary{hint} (the "
+                              f"fields: {', '.join(SWEEP_FIELDS)}, client.<option>, "
+                              "server.<option>)")
+        if not values:
+            raise ConfigError(f"sweep.grid.{name} is empty")
 
 
 def _attacked(config: Config) -> bool:
@@ -2201,6 +2275,8 @@ def to_dict(obj) -> dict:
             value = to_dict(value)
         elif isinstance(value, tuple):
             value = list(value)
+        elif isinstance(value, dict):
+            value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
         out[f.name] = value
     return out
 
@@ -2241,5 +2317,6 @@ def _show(value) -> str:
         value, bool) else str(value)
 
 
-__all__ = ["Config", "ConfigError", "GROUPS", "QUICK_START", "Variant", "check", "describe",
-           "dumps", "load", "parse_override", "schema_keys", "to_dict", "replace"]
+__all__ = ["Config", "ConfigError", "GROUPS", "QUICK_START", "SWEEP_FIELDS", "Sweep", "Variant",
+           "check", "describe", "dumps", "load", "nested", "parse_override", "schema_keys",
+           "to_dict", "replace"]

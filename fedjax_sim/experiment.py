@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import json
 import platform
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from fedjax_sim.data import storage
 from fedjax_sim.simulation import Simulation, SimulationResult
 
 # What a run writes; a directory holding any of them holds an earlier run.
-RUN_FILES = ("config.toml", "summary.json", "params.msgpack", "checkpoints",
+RUN_FILES = ("config.toml", "summary.json", "params.msgpack", "checkpoints", "sweep.json",
              *(f for sink in sinks_lib.SINKS.values() for f in sink.files))
 
 
@@ -308,16 +309,42 @@ def _transformation(spec: C.Optimizer, lr) -> optax.GradientTransformation:
     raise TypeError(f"no builder for optimizer {spec.name!r}")
 
 
-def build_optimizer(spec: C.Optimizer, *, per_round: bool = True):
+def build_optimizer(spec: C.Optimizer, *, per_round: bool = True, traced: Sequence[str] = ()):
     """The optax optimizer of an `[*_optimizer]` section; a client schedule over rounds is a
     function of the round (the algorithms' per-round client optimizers), or with
-    `per_round=False` the plain optimizer at the initial learning rate."""
+    `per_round=False` the plain optimizer at the initial learning rate. `traced` options
+    (a sweep's grid) are injected hyperparameters in the optimizer state, so one compiled
+    program runs every value."""
+    if traced:
+        if not isinstance(spec.schedule, C.Constant):
+            raise ConfigError(f"a sweep over {spec.name}'s {', '.join(traced)} needs a "
+                              f"constant schedule, not {spec.schedule.name!r}")
+
+        def factory(**values):
+            lr = values.pop("learning_rate", spec.learning_rate)
+            return _transformation(dataclasses.replace(spec, **values), lr)
+
+        # inject_hyperparams reads the factory's parameters by name from its signature.
+        factory.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in traced])
+        return optax.inject_hyperparams(factory)(**{n: getattr(spec, n) for n in traced})
     if spec.schedule.over == "rounds":
         if not per_round:
             return _transformation(spec, spec.learning_rate)
         lr = schedule(spec.schedule, spec.learning_rate)
         return lambda round_num: _transformation(spec, lr(round_num))
     return _transformation(spec, schedule(spec.schedule, spec.learning_rate))
+
+
+def _traced(cfg: C.Config, side: str) -> list[str]:
+    """The options of the `side` optimizer that the sweep's grid varies."""
+    out = []
+    for name in cfg.sweep.grid:
+        if name == f"{side}_lr":
+            out.append("learning_rate")
+        elif name.startswith(f"{side}."):
+            out.append(name.split(".", 1)[1])
+    return out
 
 
 def _sgd_lr(cfg: C.Config) -> float:
@@ -335,8 +362,8 @@ def build_algorithm(cfg: C.Config, model: models.Model, aggregator):
     the aggregation chain (None: the algorithm's own default for the weighting)."""
     spec = cfg.algorithm
     weighting = cfg.aggregation.weighting
-    client = lambda: build_optimizer(cfg.client_optimizer)
-    server = build_optimizer(cfg.server_optimizer)
+    client = lambda: build_optimizer(cfg.client_optimizer, traced=_traced(cfg, "client"))
+    server = build_optimizer(cfg.server_optimizer, traced=_traced(cfg, "server"))
     local = dict(batch_size=spec.batch_size, num_epochs=spec.num_epochs,
                  max_steps=spec.max_steps)
     chain = dict(aggregator=aggregator,
@@ -564,7 +591,8 @@ def build_chain(cfg: C.Config, loaded: Data, test, image_shape=None) -> Chain:
     if not C._attacked(cfg):
         return Chain(None if chain is None else aggregators.chain(*chain), sampling_kw, train,
                      noise_multiplier=z)
-    adversary = attacks.Adversary.choose(n, attack.malicious_fraction, seed=cfg.run.seed)
+    adversary = attacks.Adversary.choose(n, attack.malicious_fraction,
+                                         seed=population_seed(cfg))
     per_round = attack.malicious_per_round
     if sampler is None:  # uniform: the same share of malicious clients in every cohort
         per_round = (round(attack.malicious_fraction * cfg.sampler.cohort_size)
@@ -593,7 +621,7 @@ def build_chain(cfg: C.Config, loaded: Data, test, image_shape=None) -> Chain:
     poisoned, extra = train, None
     poison = _data_attack(attack.data, loaded, image_shape)
     if poison is not None:
-        poisoned = attacks.poison(train, adversary, poison, seed=cfg.run.seed)
+        poisoned = attacks.poison(train, adversary, poison, seed=population_seed(cfg))
         extra = {"attack_success": poison.success_data(test)} if test is not None else None
     return Chain(aggregators.chain(*first, *chain), sampling_kw, poisoned, extra, z, adversary,
                  per_round)
@@ -692,6 +720,12 @@ def _eval_data(cfg: C.Config, loaded: Data):
     return loaded.test
 
 
+def population_seed(cfg: C.Config) -> int:
+    """The seed of what a run trains on (generated data, splits, the malicious clients):
+    `run.data_seed`, else the run's seed."""
+    return cfg.run.seed if cfg.run.data_seed is None else cfg.run.data_seed
+
+
 def build(cfg: C.Config) -> Experiment:
     """The data, model, algorithm and Simulation arguments of `cfg`; reads the data, builds
     the objects and compiles nothing.
@@ -701,7 +735,7 @@ def build(cfg: C.Config) -> Experiment:
         population, a model that does not fit, ...).
     """
     seed = cfg.run.seed
-    loaded = load_data(cfg.data, seed)
+    loaded = load_data(cfg.data, population_seed(cfg))
     x = loaded.train.features.get("x")
     image_shape = None if x is None else tuple(np.shape(x)[1:])
     if isinstance(cfg.model, _DENSE):
@@ -868,6 +902,106 @@ def _summary(exp: Experiment, result: SimulationResult) -> dict:
     }
 
 
+# What a sweep runs differently from `Simulation` (by `Experiment.simulation` key): refused.
+_NOT_IN_A_SWEEP = {
+    "fine_tune": "evaluation.fine_tune_steps (a sweep evaluates the global models)",
+    "eval_extra": "an attack's success metric (aggregation.attack)",
+    "mesh": "run.mesh (a sweep splits its runs over the devices: sweep.devices)",
+    "devices": "a device model ([devices])",
+    "target_epsilon": "aggregation.privacy.target_epsilon (give noise_multiplier)",
+}
+
+
+def _sweep_arguments(exp: Experiment) -> dict:
+    """`fs.Sweep`'s arguments beside the algorithm, train, seeds and grid; a config option a
+    sweep cannot run is refused, naming it, before anything compiles."""
+    cfg, sim = exp.config, dict(exp.simulation)
+    if isinstance(cfg.algorithm, C.FedBuff):
+        raise ConfigError("algorithm fedbuff cannot be swept (its rounds run on the host's "
+                          "virtual clock)")
+    for key, what in _NOT_IN_A_SWEEP.items():
+        if sim.pop(key, None) not in (None, {}, ()):
+            raise ConfigError(f"a sweep cannot run {what}")
+    if cfg.run.rounds_per_call > 1 or cfg.checkpoint.every or cfg.run.resident is False or \
+            cfg.run.client_store not in (None, "device"):
+        raise ConfigError("a sweep keeps every run resident and round by round: it takes no "
+                          "run.rounds_per_call, checkpoint.every, run.resident = false or "
+                          "run.client_store")
+    for key in ("seed", "resident", "client_store", "rounds_per_call", "checkpoint_every",
+                "keep_checkpoints"):
+        sim.pop(key, None)
+    return dict(**sim, devices=cfg.sweep.devices, memory_budget=cfg.sweep.memory_budget,
+                sinks=cfg.output.sinks)
+
+
+def _grid_key(cfg: C.Config, name: str) -> str:
+    """The config key a sweep's grid field sets, for each run's own config.toml."""
+    side, _, option = name.partition(".")
+    if option:
+        return f"{side}_optimizer.{option}"
+    if name == "clip_norm":
+        return ("aggregation.rule.max_norm" if isinstance(cfg.aggregation.rule, C.NormBound)
+                else "aggregation.privacy.clip")
+    return {"client_lr": "client_optimizer.learning_rate",
+            "server_lr": "server_optimizer.learning_rate", "mu": "algorithm.mu",
+            "noise_multiplier": "aggregation.privacy.noise_multiplier"}[name]
+
+
+def run_config(cfg: C.Config, values: dict, seed: int, output_dir: Path,
+               chunk_size: int) -> C.Config:
+    """The config of one run of a sweep: its grid values and seed set, no sweep, and the
+    sweep's population pinned (`run.data_seed`), so `fedjax-sim run RUN_DIR/config.toml`
+    makes that run alone."""
+    updates = [C.nested(_grid_key(cfg, name), value) for name, value in values.items()]
+    updates.append({"run": {"seed": seed, "chunk_size": chunk_size,
+                            "data_seed": population_seed(cfg)},
+                    "output": {"dir": str(output_dir)}})
+    return C.load(base=C.replace(cfg, sweep=C.Sweep()), updates=updates)
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """A finished sweep.
+
+    Attributes:
+      experiment: what the config built (its algorithm with the grid's fields traced).
+      result: the `fs.sweep.SweepResult`.
+      output_dir: the sweep directory: config.toml, sweep.json, one directory per run.
+    """
+
+    experiment: Experiment
+    result: Any
+    output_dir: Path
+
+
+def sweep(cfg: C.Config, *, overwrite: bool = False, progress: bool = True,
+          announce: Callable[[str], Any] = print) -> SweepOutcome:
+    """Runs `cfg`'s `[sweep]` (seeds x grid) as one vmapped program into its directory
+    (`output.dir`, or the next free `<dir>-N`): the sweep's config.toml and sweep.json, and
+    per run a directory with the sinks' records, summary.json, params.msgpack and the
+    run's own config.toml."""
+    from fedjax_sim.sweep import Sweep
+
+    exp = build(cfg)
+    kwargs = _sweep_arguments(exp)
+    seeds = list(range(cfg.run.seed, cfg.run.seed + cfg.sweep.seeds))
+    grid = {k: list(v) for k, v in cfg.sweep.grid.items()}
+    output_dir = fresh_output_dir(cfg.output.dir, overwrite, announce)
+    runner = Sweep(exp.algorithm, exp.train, seeds=seeds, grid=grid, output_dir=output_dir,
+                   progress=progress, **kwargs)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, output_dir)
+    result = runner.run(cfg.run.rounds)
+    env = environment()
+    for run in result.runs:
+        path = output_dir / run.name
+        write_config(run_config(cfg, run.values, run.seed, path, result.chunk_size), path)
+        summary = json.loads((path / "summary.json").read_text())
+        (path / "summary.json").write_text(json.dumps({**summary, "environment": env},
+                                                      indent=2))
+    return SweepOutcome(exp, result, output_dir)
+
+
 def _run_async(exp: Experiment, output_dir: Path) -> tuple[Any, dict, float]:
     """FedBuff in virtual time, beside synchronous FedAvg's clock for as many rounds."""
     cfg = exp.config
@@ -896,4 +1030,4 @@ __all__ = ["Chain", "Data", "Experiment", "Outcome", "RUN_FILES", "build", "buil
            "build_chain", "build_device_model", "build_model", "build_optimizer",
            "build_profiles", "build_sampler", "compression_stages", "environment",
            "fresh_output_dir", "initial_params", "load_data", "rule_stages",
-           "run", "schedule"]
+           "run", "run_config", "schedule", "sweep", "SweepOutcome"]

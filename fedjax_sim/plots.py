@@ -12,9 +12,9 @@ clients.jsonl (the "jsonl" sink's files) and draws:
 
 Runs that differ only in their seed form one group, drawn as the mean over its runs with a
 95% confidence band for that mean (Student's t over the runs): runs with a config.toml
-are grouped by it minus its "seed" and "output_dir" keys, runs of a sweep (a directory with
-sweep.json) by their sweep.json values minus "seed", and any other run stands alone. A
-sweep directory given as a RUN_DIR stands for all its runs.
+are grouped by it minus its run.seed, output.dir and run.chunk_size keys, runs of a sweep
+(a directory with sweep.json) by their sweep.json values minus "seed", and any other run
+stands alone. A sweep directory given as a RUN_DIR stands for all its runs.
 
 Example:
   >>> paths = fs.plots.plot_runs(["runs/a", "runs/b"], out="plots")  # doctest: +SKIP
@@ -37,8 +37,9 @@ from fedjax_sim.sinks import EVALUATIONS, flatten
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 FORMATS = ("png", "svg", "pdf")
-# Keys of a config or sweep entry that differ between seeds of one experiment.
-_UNGROUPED = ("seed", "output_dir")
+# Keys of a config or sweep entry that differ between seeds of one experiment (the chunk
+# size changes no result, only the speed).
+_UNGROUPED = ("seed", "run.seed", "output.dir", "run.chunk_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -529,7 +530,7 @@ def _sweep_values(directory: Path) -> dict | None:
 
 
 def _without_seed(values: dict) -> dict:
-    return {k: v for k, v in values.items() if k.split(".")[-1] not in _UNGROUPED}
+    return {k: v for k, v in values.items() if k not in _UNGROUPED}
 
 
 def _frozen(values: dict) -> str:

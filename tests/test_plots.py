@@ -37,8 +37,8 @@ def write_run(directory, seed, lr, *, config=True, clock=False, personal=False,
     (directory / "clients.jsonl").write_text("".join(json.dumps(x) + "\n" for x in evals))
     if config:
         (directory / "config.toml").write_text(
-            f'seed = {seed}\noutput_dir = "{directory}"\n\n[client_optimizer]\n'
-            f'learning_rate = {lr}\nname = "sgd"\n')
+            f'[run]\nseed = {seed}\nchunk_size = {seed + 1}\n\n[output]\ndir = "{directory}"\n'
+            f'\n[client_optimizer]\nlearning_rate = {lr}\nname = "sgd"\n')
     return directory
 
 
