@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_sim import cli
+from fedjax_sim import cli, plots
 from fedjax_sim import config as C
 from fedjax_sim import experiment as E
 
@@ -143,3 +143,64 @@ def test_a_dry_run_prints_the_resolved_config_and_trains_nothing(tmp_path, capsy
     printed = C.load(text=out.split("# built:")[0])
     assert printed.aggregation.rule == C.TrimmedMean(beta=0.2)
     assert "nothing trained" in out and not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """`fedjax-sim sweep`: two client learning rates x two seeds, one vmapped program."""
+    out = tmp_path_factory.mktemp("sweeps") / "s"
+    assert cli.main(["sweep", "--rounds", "3", "--num-clients", "40", "--cohort-size", "10",
+                     "--eval-every", "2", "--chunk-size", "2", "--grid", "client_lr=0.03,0.1",
+                     "--seeds", "2", "--seed", "5", "--output-dir", str(out),
+                     "--no-progress"]) == 0
+    return out
+
+
+def test_a_sweep_directory_holds_every_run_and_its_own_config(swept, capsys):
+    sweep = json.loads((swept / "sweep.json").read_text())
+    names = [r["name"] for r in sweep["runs"]]
+    assert names == ["client_lr=0.03,seed=5", "client_lr=0.03,seed=6",
+                     "client_lr=0.1,seed=5", "client_lr=0.1,seed=6"]
+    assert C.load(swept / "config.toml").sweep == C.Sweep(seeds=2,
+                                                          grid={"client_lr": (0.03, 0.1)})
+    for name in names:
+        cfg = C.load(swept / name / "config.toml")
+        assert cfg.sweep == C.Sweep() and cfg.run.data_seed == 5  # the sweep's population
+        assert f"client_lr={cfg.client_optimizer.learning_rate:g},seed={cfg.run.seed}" == name
+        assert {"history.jsonl", "clients.jsonl", "summary.json", "params.msgpack"} <= {
+            p.name for p in (swept / name).iterdir()}
+    groups = plots.group_runs(plots.load_runs([swept]))
+    assert [len(g.runs) for g in groups] == [2, 2]  # the seeds of each learning rate
+
+
+def test_a_run_of_a_sweep_rerun_alone_gives_the_same_history(swept, tmp_path, capsys):
+    run_dir = swept / "client_lr=0.1,seed=6"
+    assert cli.main(["run", str(run_dir / "config.toml"), "--output-dir", str(tmp_path / "one"),
+                     "--no-progress"]) == 0
+    alone, swept_records = _records(tmp_path / "one"), _records(run_dir)
+    assert [r["round"] for r in alone] == [r["round"] for r in swept_records] == [0, 1, 2]
+    for a, b in zip(alone, swept_records, strict=True):
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
+        if "eval" in a:
+            np.testing.assert_allclose(a["eval"]["accuracy"]["weighted_mean"],
+                                       b["eval"]["accuracy"]["weighted_mean"], atol=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--grid", "client_lr=0.1,fast"], "--grid takes FIELD=V1,V2,... with numbers"),
+    (["sweep", "--grid", "client_rl=0.1,0.2"], "did you mean 'client_lr'?"),
+    (["sweep", "--grid", "mu=0.1,1.0"], "grid over 'mu': this algorithm cannot trace it"),
+    (["sweep", "--grid", "client_lr=0.1,0.2", "--fine-tune-steps", "5"],
+     "a sweep cannot run evaluation.fine_tune_steps"),
+    (["sweep", "--rounds", "3"], "a sweep of one run: give --grid"),
+    (["run", "--set", "sweep.seeds=3"], "this config describes a sweep"),
+])
+def test_a_sweep_that_cannot_run_is_refused_before_anything_compiles(argv, message, tmp_path,
+                                                                     capsys, monkeypatch):
+    import fedjax_sim.sweep as sweep_lib
+
+    monkeypatch.setattr(sweep_lib.Sweep, "run", lambda *a, **k: pytest.fail("it ran"))
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--num-clients", "40", "--cohort-size", "10",
+                  "--output-dir", str(tmp_path / "s"), "--no-progress"])
+    assert message in capsys.readouterr().err
