@@ -378,18 +378,19 @@ def test_cli_runs_an_attack_against_a_defence_and_reports_its_success(tmp_path, 
     summary = json.loads((tmp_path / "summary.json").read_text())["attack"]
     assert len(summary["malicious_clients"]) == 9 and 0 <= summary["success"] <= 1
     # ALIE wraps the defence; an update attack goes first, before the mask.
-    args = cli.build_parser().parse_args(CLI_ARGS + ["--attack", "alie", "--aggregator", "median"])
-    train, test = fs.data.synthetic(1.0, 1.0, num_clients=30, seed=0)
-    settings = cli._attack_settings(args, train, test, None, cli.robust_aggregator(args))
-    assert settings["aggregator"].reduction == "rows"
-    args = cli.build_parser().parse_args(CLI_ARGS + ["--attack", "scaling"])
-    settings = cli._attack_settings(args, train, test, None, None)
-    assert settings["aggregator"].reduction == "sum"
-    assert sum(at.Adversary(np.array(settings["malicious"]), 30).mask[
-        settings["sampler"].sample(0, 1)]) == 1  # round(0.1 x 10)
+    from fedjax_sim import experiment
+
+    def chain(*flags):
+        return experiment.build(cli.resolve(cli.build_parser().parse_args(
+            CLI_ARGS + list(flags)))).chain
+
+    assert chain("--attack", "alie", "--aggregator", "median").aggregator.reduction == "rows"
+    scaling = chain("--attack", "scaling")
+    assert scaling.aggregator.reduction == "sum"
+    assert sum(scaling.adversary.mask[scaling.sampling["sampler"].sample(0, 1)]) == 1
     for flags, message in [(["--malicious-fraction", "1.5"], "must be in \\[0, 1\\]"),
                            (["--aggregator", "median", "--dp-clip", "1", "--noise-multiplier",
-                             "1"], "replaces the mean DP-FedAvg noises")]:
+                             "1"], "replaces the mean that dp_fedavg noises")]:
         with pytest.raises(SystemExit):
             cli.main(CLI_ARGS + ["--attack", "sign_flip", *flags, "--output-dir",
                                  str(tmp_path / "x")])

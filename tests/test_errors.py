@@ -711,7 +711,7 @@ def test_outliers_by_robust_z_score_of_log_norms():
     (["run", "--eval-every", "-2"], "argument --eval-every: must be >= 0, got -2"),
     (["run", "--rounds", "2.5"], "argument --rounds: must be an integer, got '2.5'"),
     (["run", "--cohort-size", "200", "--num-clients", "100"],
-     "--cohort-size 200 is larger than --num-clients 100"),
+     "sampler.cohort_size 200 is larger than the population of 100 clients"),
 ])
 def test_cli_errors_print_the_run_usage_not_a_traceback(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
