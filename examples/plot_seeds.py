@@ -35,7 +35,7 @@ def main() -> None:
     overrides = [] if args.rounds is None else [f"run.rounds={args.rounds}"]
     cfg = C.load(CONFIG, overrides=overrides)
     outcome = experiment.sweep(cfg, overwrite=args.overwrite, progress=False)
-    for run, history in zip(outcome.result.runs, outcome.result.histories):
+    for run, history in zip(outcome.result.runs, outcome.result.histories, strict=True):
         final = history[-1]
         print(f"{run.name}: train loss {final['train_loss']:.3f}, test accuracy "
               f"{final['eval']['accuracy']['weighted_mean']:.3f} (median client "
