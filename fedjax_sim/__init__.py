@@ -36,7 +36,7 @@ from fedjax_sim.engine import ClientContext, ClientResult, ClientUpdate, Engine,
 from fedjax_sim.evaluation import Evaluation, evaluate, evaluate_pooled
 from fedjax_sim.health import DivergedError
 from fedjax_sim.simulation import Simulation, SimulationResult, simulate
-from fedjax_sim.sweep import Sweep, SweepResult, simulate_sweep
+from fedjax_sim.sweep import Sweep, simulate_sweep
 
 __all__ = [
     "ClientContext",
@@ -48,7 +48,6 @@ __all__ = [
     "Simulation",
     "SimulationResult",
     "Sweep",
-    "SweepResult",
     "aggregators",
     "algorithms",
     "asynchronous",

@@ -254,9 +254,10 @@ class AsyncSimulation:
       chunk_size: K_vmap, clients vectorized side by side (results agree whatever it is, to
         float summation order).
       mesh: `fs.client_mesh()` to split each aggregation's clients over devices.
-      output_dir, sinks: where the records go as the run goes, as `fs.Simulation` writes
-        them (`fs.sinks`; default history.jsonl and clients.jsonl in `output_dir`), each
-        record's step its "aggregation"; `restore` rewrites them to the restored history.
+      output_dir: the run directory the records go to as the run goes, as `fs.Simulation`
+        writes them, each record's step its "aggregation"; `restore` rewrites them to the
+        restored history.
+      sinks: the sinks (`fs.sinks`; default history.jsonl and clients.jsonl).
     """
 
     def __init__(self, algorithm: BufferedAlgorithm, train: FederatedData, devices: Devices,

@@ -267,7 +267,10 @@ class WandB(Sink):
     bits). `WANDB_MODE=offline` (or "disabled") runs without a network.
 
     Args:
-      project, entity, name, config: as `wandb.init` takes them.
+      project: the W&B project, as `wandb.init` takes it.
+      entity: the W&B entity (user or team).
+      name: the run's display name.
+      config: the hyperparameters shown with the run.
       **init_kwargs: anything else `wandb.init` takes (tags, group, mode, ...).
 
     Example:
@@ -279,7 +282,7 @@ class WandB(Sink):
     files = ("wandb", "wandb_run_id")
 
     def __init__(self, project: str | None = None, *, entity: str | None = None,
-                 name: str | None = None, config: dict | None = None, **init_kwargs):
+                 name: str | None = None, config: dict | None = None, **init_kwargs: Any):
         try:
             import wandb
         except ImportError as e:
