@@ -326,16 +326,15 @@ class Sweep:
         self.link_bits = _link_bits(algorithm, base)
         chunk_size_lib.use_compilation_cache()
         self.pool = resident_pool(train, None)
-        self.evaluator = None
+        self.evaluator, self._evaluators = None, {}
         if eval_data is not None:
-            self.evaluator = Evaluator(algorithm.model, eval_data, batch_size=eval_batch_size,
-                                       num_clients=eval_clients, engine=Engine(1),
-                                       seed=seeds[0], name="eval_data",
-                                       train=train if algorithm.personal else None,
-                                       personal=algorithm.personal,
-                                       client_state=algorithm.client_state,
-                                       rolling=eval_rolling,
-                                       personal_pass=algorithm.personal_pass)
+            self._evaluator_args = dict(
+                model=algorithm.model, data=eval_data, batch_size=eval_batch_size,
+                num_clients=eval_clients, engine=Engine(1), name="eval_data",
+                train=train if algorithm.personal else None, personal=algorithm.personal,
+                client_state=algorithm.client_state, rolling=eval_rolling,
+                personal_pass=algorithm.personal_pass)
+            self.evaluator = self._evaluator(seeds[0])
             self.evaluator.check(base)
         if chunk_size is None:
             state = self._state(self.runs[0])
@@ -524,6 +523,18 @@ class Sweep:
             if self._stateful:
                 stores[i] = jax.tree.map(lambda x, j=j: x[j], store)
 
+    def _evaluator(self, seed: int) -> Evaluator:
+        """Run `seed`'s evaluator: the evaluator seeds its client sample and its personal
+        passes' shuffles as `Simulation(seed=seed)`'s does, so a seed that changes neither
+        shares the first one's."""
+        if self._evaluators and not self._evaluator_args["train"] and (
+                self._evaluator_args["num_clients"] in (None, self._evaluator_args[
+                    "data"].num_clients)):
+            return next(iter(self._evaluators.values()))
+        if seed not in self._evaluators:
+            self._evaluators[seed] = Evaluator(seed=seed, **self._evaluator_args)
+        return self._evaluators[seed]
+
     def _evaluate(self, group, states, store, round_num, histories) -> None:
         """Each run's evaluation, one run after another through the one compiled evaluation
         program (`evaluation_record`, so the records are `Simulation`'s)."""
@@ -532,7 +543,8 @@ class Sweep:
         for j, i in enumerate(group):
             own = None if store is None else jax.tree.map(lambda x, j=j: x[j], store)
             histories[i][-1].update(evaluation_record(
-                self.evaluator, {}, jax.tree.map(lambda x, j=j: x[j], host), own, round_num))
+                self._evaluator(self.runs[i].seed), {}, jax.tree.map(lambda x, j=j: x[j], host),
+                own, round_num))
         self.timings["eval_s"] += time.perf_counter() - t
 
     # -- output ---------------------------------------------------------------------------

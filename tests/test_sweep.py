@@ -182,3 +182,20 @@ def test_a_field_that_cannot_be_traced_is_refused_before_compiling(data, model):
         A.clip(0.1), A.weight_by("uniform"), A.dp_mean(1.0, 0.1, COHORT)))
     with pytest.raises(ValueError, match="clip_norm"):
         fs.Sweep(dp, train, cohort_size=COHORT, grid={"clip_norm": [0.0]})
+
+
+def test_each_seed_evaluates_the_client_sample_its_run_alone_would(data, model):
+    """A sampled evaluation is seeded by the run's seed, as `Simulation(seed=...)` seeds it."""
+    train, test = data
+    algo = fs.algorithms.fedavg(model, optax.sgd(0.1), batch_size=4)
+    res = fs.simulate_sweep(algo, train, rounds=ROUNDS, cohort_size=COHORT, seeds=[0, 7],
+                            chunk_size=K, eval_data=test, eval_every=1, eval_clients=5,
+                            progress=False)
+    samples = []
+    for i, run in enumerate(res.runs):
+        alone = _alone(algo, train, run.seed, eval_data=test, eval_every=1, eval_clients=5)
+        _same_run(res.params[i], res.histories[i], alone)
+        ids = [h["eval_clients"]["client_id"] for h in res.histories[i]]
+        assert ids == [h["eval_clients"]["client_id"] for h in alone.history]
+        samples.append(ids[0])
+    assert samples[0] != samples[1]  # the two seeds draw different samples
