@@ -278,6 +278,23 @@ def check_some_client_trains(batching, data: FederatedData) -> None:
                          "drop_remainder off")
 
 
+def check_algorithm_fits(algorithm, train: FederatedData, params: Any, cohort_size: int, *,
+                         finite: bool = True) -> None:
+    """An algorithm against its training population before anything compiles: the model on
+    the data and params, its id features' ranges, its own data check, a client that trains,
+    and a chain stage's cohort bound (Krum's n > 2f + 2)."""
+    check_model_fits(algorithm.model, train, params,
+                     algorithm.batching.resolve_batch_size(train), finite=finite)
+    for feature, num_ids in algorithm.id_features:
+        check_labels(train, feature, num_ids, what=feature)
+    if algorithm.check_data is not None:
+        algorithm.check_data(train)
+    check_some_client_trains(algorithm.batching, train)
+    cohort_check = getattr(algorithm.aggregator, "check", None)
+    if cohort_check is not None:
+        cohort_check(cohort_size)
+
+
 def check_model_fits(model, data: FederatedData, params: Any, batch_size: int,
                      name: str = "train", *, finite: bool = True) -> None:
     """Fails early, with a clear message, on a model that does not fit the data or params;

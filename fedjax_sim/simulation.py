@@ -34,20 +34,19 @@ from fedjax_sim import sinks as sinks_lib
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState, tree_norm
 from fedjax_sim.checkpoints import Checkpoints
 from fedjax_sim.checks import (
+    check_algorithm_fits,
     check_bool,
     check_data,
     check_eval_clients,
     check_integer,
     check_mesh,
-    check_model_fits,
     check_not_empty,
     check_output_dir,
-    check_some_client_trains,
 )
 from fedjax_sim.client_store import HostStore
 from fedjax_sim.data.cohort import planned_work
 from fedjax_sim.data.device_cohort import check_packable
-from fedjax_sim.data.federated import FederatedData, check_labels
+from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.devices import DeviceModel, RoundPlan
 from fedjax_sim.engine import Engine, replicate
@@ -256,17 +255,7 @@ class Simulation:
                 raise ValueError("rounds_per_call > 1 needs train resident on the device, but "
                                  "it is streamed (not in memory) or over resident_limit(); use "
                                  "rounds_per_call=1")
-        check_model_fits(algorithm.model, train, params,
-                         algorithm.batching.resolve_batch_size(train), finite=resident)
-        for feature, num_ids in algorithm.id_features:
-            check_labels(train, feature, num_ids, what=feature)
-        if algorithm.check_data is not None:
-            algorithm.check_data(train)
-        check_some_client_trains(algorithm.batching, train)
-        # A stage that needs enough clients (Krum's n > 2f + 2) is checked before compiling.
-        cohort_check = getattr(algorithm.aggregator, "check", None)
-        if cohort_check is not None:
-            cohort_check(sampler.max_size)
+        check_algorithm_fits(algorithm, train, params, sampler.max_size, finite=resident)
         self.ledger = _ledger(algorithm, sampler, delta, target_epsilon, accountant)
 
         self.algorithm, self.train, self.sampler, self.seed = algorithm, train, sampler, seed

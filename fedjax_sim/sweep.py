@@ -52,17 +52,16 @@ from fedjax_sim.algorithms.base import (
     with_hparams,
 )
 from fedjax_sim.checks import (
+    check_algorithm_fits,
     check_data,
     check_eval_clients,
     check_integer,
-    check_model_fits,
     check_not_empty,
     check_number,
     check_output_dir,
-    check_some_client_trains,
 )
 from fedjax_sim.data.cohort import resident_order
-from fedjax_sim.data.federated import FederatedData, check_labels
+from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.data.storage import is_in_memory
 from fedjax_sim.engine import Engine
 from fedjax_sim.evaluation import Evaluator
@@ -308,16 +307,7 @@ class Sweep:
         template = algorithm.init(base, jax.random.key(seeds[0]))
         self.grid = check_grid(grid, template)
         self.runs = runs_of(self.grid, seeds)
-        check_model_fits(algorithm.model, train, base,
-                         algorithm.batching.resolve_batch_size(train), finite=True)
-        for feature, num_ids in algorithm.id_features:
-            check_labels(train, feature, num_ids, what=feature)
-        if algorithm.check_data is not None:
-            algorithm.check_data(train)
-        check_some_client_trains(algorithm.batching, train)
-        cohort_check = getattr(algorithm.aggregator, "check", None)
-        if cohort_check is not None:
-            cohort_check(sampler.max_size)
+        check_algorithm_fits(algorithm, train, base, sampler.max_size)
         self.ledgers = _ledgers(algorithm, sampler, self.runs, delta, accountant)
 
         self.algorithm, self.train, self.sampler, self.params = algorithm, train, sampler, params
