@@ -278,6 +278,20 @@ def check_some_client_trains(batching, data: FederatedData) -> None:
                          "drop_remainder off")
 
 
+def check_evaluation(eval_data: FederatedData | None, eval_every: int,
+                     eval_clients: int | None) -> FederatedData | None:
+    """The evaluation arguments of a run (`Simulation`'s, a sweep's): the population checked,
+    and eval_every or eval_clients refused without it."""
+    if eval_data is not None:
+        eval_data = check_not_empty(check_data("eval_data", eval_data), "eval_data")
+    elif eval_every or eval_clients is not None:
+        raise ValueError(f"{'eval_every' if eval_every else 'eval_clients'} is set but no "
+                         "eval_data was given")
+    if eval_clients is not None:
+        check_eval_clients(eval_clients, eval_data, "eval_clients")
+    return eval_data
+
+
 def check_algorithm_fits(algorithm, train: FederatedData, params: Any, cohort_size: int, *,
                          finite: bool = True) -> None:
     """An algorithm against its training population before anything compiles: the model on

@@ -37,7 +37,7 @@ from fedjax_sim.checks import (
     check_algorithm_fits,
     check_bool,
     check_data,
-    check_eval_clients,
+    check_evaluation,
     check_integer,
     check_mesh,
     check_not_empty,
@@ -224,13 +224,7 @@ class Simulation:
         if resident is not None:
             resident = check_bool("resident", resident)
         check_mesh(mesh)
-        if eval_data is not None:
-            eval_data = check_not_empty(check_data("eval_data", eval_data), "eval_data")
-        elif eval_every or eval_clients is not None:
-            raise ValueError(f"{'eval_every' if eval_every else 'eval_clients'} is set but no "
-                             "eval_data was given")
-        if eval_clients is not None:
-            check_eval_clients(eval_clients, eval_data, "eval_clients")
+        eval_data = check_evaluation(eval_data, eval_every, eval_clients)
         devices = 1 if mesh is None else mesh.shape["clients"]
         per_device = -(-sampler.max_size // devices)
         if chunk_size is not None and check_integer("chunk_size", chunk_size, 1) > per_device:

@@ -54,7 +54,7 @@ from fedjax_sim.algorithms.base import (
 from fedjax_sim.checks import (
     check_algorithm_fits,
     check_data,
-    check_eval_clients,
+    check_evaluation,
     check_integer,
     check_not_empty,
     check_number,
@@ -282,13 +282,7 @@ class Sweep:
             raise TypeError(f"seeds must be a count or a non-empty list of seeds, got {seeds!r}")
         self.eval_every = check_integer("eval_every", eval_every, 0)
         eval_batch_size = check_integer("eval_batch_size", eval_batch_size, 1)
-        if eval_data is not None:
-            eval_data = check_not_empty(check_data("eval_data", eval_data), "eval_data")
-        elif eval_every or eval_clients is not None:
-            raise ValueError(f"{'eval_every' if eval_every else 'eval_clients'} is set but no "
-                             "eval_data was given")
-        if eval_clients is not None:
-            check_eval_clients(eval_clients, eval_data, "eval_clients")
+        eval_data = check_evaluation(eval_data, eval_every, eval_clients)
         if chunk_size is not None:
             check_integer("chunk_size", chunk_size, 1, sampler.max_size)
         if devices is not None:
